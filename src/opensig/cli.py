@@ -1,0 +1,124 @@
+"""`opensig`: one command per pipeline stage, plus predict and demo-data."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from opensig.config import DEFAULT_PARAMS, ConfigError, load_config
+
+app = typer.Typer(
+    help="Image classifiers that can say 'none of the above'.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("opensig")
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+
+
+def _run_stage(name: str, params: Path) -> None:
+    from opensig import stages
+
+    try:
+        cfg = load_config(params)
+        stages.STAGES[name](cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log.error("%s: %s", name, err)
+        raise typer.Exit(code=2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def ingest(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Scan data/, validate images, drop duplicates, split by content hash."""
+    _run_stage("ingest", params)
+
+
+@app.command()
+def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Train the sigmoid-head classifier (best and last checkpoints)."""
+    _run_stage("train", params)
+
+
+@app.command()
+def tune(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Tune one threshold per class on the validation split."""
+    _run_stage("tune", params)
+
+
+@app.command()
+def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Open-set metrics and plots on the test split."""
+    _run_stage("evaluate", params)
+
+
+@app.command()
+def register(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Log to MLflow, register the model, set challenger/champion aliases."""
+    _run_stage("register", params)
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
+    model: Annotated[str, typer.Option(help="models:/name@alias, runs:/id/model, or a folder")],
+    out: Annotated[Path, typer.Option(help="output .csv or .jsonl")] = Path("predictions.csv"),
+    thresholds: Annotated[
+        Path | None,
+        typer.Option(help="thresholds.json, for a training output folder (artifacts/model)"),
+    ] = None,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> None:
+    """Label images as a known class or 'unknown'; unreadable files get an error row."""
+    from opensig.predict import Bundle, collect_images, resolve_model_dir, write_predictions
+
+    if out.suffix not in (".csv", ".jsonl"):
+        raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
+    files = collect_images(inputs)
+    if not files:
+        raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
+    bundle = Bundle.load(resolve_model_dir(model), thresholds, device)
+    frame = bundle.predict(files, batch_size=batch_size)
+    write_predictions(frame, out)
+    failed = int((frame["error"] != "").sum())
+    log.info(
+        "wrote %d predictions to %s (%s unknown, %d unreadable)",
+        len(frame),
+        out,
+        int((frame["label"] == "unknown").sum()),
+        failed,
+    )
+
+
+class DemoSource(str, Enum):
+    digits = "digits"
+    fashion_mnist = "fashion-mnist"
+
+
+@app.command("demo-data")
+def demo_data(
+    source: Annotated[DemoSource, typer.Option(help="which bundled data set")] = DemoSource.digits,
+    out: Annotated[Path, typer.Option(help="data folder to write")] = Path("data"),
+    per_class: Annotated[int, typer.Option(help="fashion-mnist: images per class")] = 1000,
+) -> None:
+    """Write a real demo data set (known classes, unknown and held-out unknown sources)."""
+    from opensig.data import demo
+
+    if source is DemoSource.digits:
+        counts = demo.write_digits(out)
+    else:
+        counts = demo.write_fashion_mnist(out, per_class=per_class)
+    log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)

@@ -1,0 +1,152 @@
+"""params.yaml -> one typed, validated config object.
+
+Every knob of the pipeline lives in params.yaml, grouped by stage (DVC's convention), and
+is validated here before any work starts, so a typo fails in a second with the key's name
+instead of an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    root: Path = Path("data")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    holdout_unknown: list[str] = Field(
+        default_factory=list,
+        description="unknown sources (sub-folders of data/unknown) kept for the test split only",
+    )
+    split_seed: int = 0
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_train(cls, v: float, info) -> float:
+        if v + info.data.get("val_fraction", 0.0) >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 to leave a train split")
+        return v
+
+
+class AugmentConfig(_Section):
+    scale_min: float = Field(0.8, gt=0.0, le=1.0, description="RandomResizedCrop area range")
+    rotate: float = Field(10.0, ge=0.0, le=180.0, description="max rotation, degrees")
+    hflip: bool = False
+    brightness_contrast: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class ModelConfig(_Section):
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    pretrained_file: Path | None = None
+    image_size: int = Field(32, ge=8)
+    in_chans: Literal[1, 3] = 3
+
+
+class TrainConfig(_Section):
+    method: Literal["sigmoid_bce"] = "sigmoid_bce"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    unknown_weight: float = Field(1.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TuneConfig(_Section):
+    strategy: Literal["f1", "precision", "fixed"] = "f1"
+    target_precision: float = Field(0.95, gt=0.0, le=1.0)
+    fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="null: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db"
+    )
+    experiment: str = "opensig"
+    registered_model: str = "opensig"
+
+
+class PromoteConfig(_Section):
+    metric: Literal[
+        "macro_f1",
+        "known_ccr",
+        "unknown_recall",
+        "auroc",
+        "oscr",
+        "fpr95",
+        "ece",
+        "known_accuracy",
+    ] = "macro_f1"
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling against params.yaml docs)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: Path = DEFAULT_PARAMS) -> Config:
+    """Validate an already-loaded params mapping; errors name `source` and the key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: Path = DEFAULT_PARAMS) -> Config:
+    """Read and validate a params file. Paths inside stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: params file not found (run from the project folder or pass --params)"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (data:, model:, ...) at top level"
+        )
+    return parse_config(raw, path)

@@ -1,0 +1,1 @@
+"""Data: scanning image folders, splitting, the torch dataset and the demo writers."""

@@ -1,0 +1,104 @@
+"""Torch dataset over image files, and THE preprocessing (train and eval transforms).
+
+Evaluation, tuning, predict and the MLflow pyfunc all feed images through
+``eval_transform(spec)``, so a model is never scored on inputs prepared differently from
+the ones it was validated on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import time
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from opensig.config import AugmentConfig
+from opensig.model import ModelSpec
+
+ImageSource = str | Path | bytes
+
+
+def load_image(source: ImageSource, in_chans: int) -> np.ndarray:
+    """Decode a file path or raw bytes to an HxWxC uint8 array (RGB, or L for 1 channel)."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(handle) as img:
+        img = img.convert("L" if in_chans == 1 else "RGB")
+        array = np.asarray(img)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _to_tensor(spec: ModelSpec) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0), A.ToTensorV2()]
+
+
+def eval_transform(spec: ModelSpec) -> A.Compose:
+    """Resize to the model's square input and normalise with its mean/std."""
+    size = spec.image_size
+    return A.Compose([A.Resize(size, size), *_to_tensor(spec)])
+
+
+def train_transform(spec: ModelSpec, augment: AugmentConfig, seed: int | None = None) -> A.Compose:
+    """Mild geometric and photometric augmentation; flips only when the classes allow it."""
+    size = spec.image_size
+    steps: list[A.BasicTransform] = [
+        A.RandomResizedCrop(size=(size, size), scale=(augment.scale_min, 1.0), ratio=(0.9, 1.1)),
+        A.Affine(rotate=(-augment.rotate, augment.rotate), p=0.5 if augment.rotate else 0.0),
+    ]
+    if augment.hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if augment.brightness_contrast:
+        steps.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=augment.brightness_contrast,
+                contrast_limit=augment.brightness_contrast,
+                p=0.5,
+            )
+        )
+    return A.Compose([*steps, *_to_tensor(spec)], seed=seed)
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels (class index, or -1 for unknown).
+
+    A file that cannot be read yields a zero image and its error text instead of raising,
+    so one bad file in a folder of thousands costs one row in predict, not the whole run.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ImageSource],
+        labels: Sequence[int] | None,
+        transform: A.Compose,
+        in_chans: int,
+    ) -> None:
+        self.sources = list(sources)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.sources)
+        self.transform = transform
+        self.in_chans = in_chans
+        self._blank: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        label = int(self.labels[index])
+        try:
+            image = self.transform(image=load_image(self.sources[index], self.in_chans))["image"]
+            error = ""
+        except Exception as err:
+            image, error = self._blank_image(), f"{type(err).__name__}: {err}"
+        return {"image": image, "label": label, "error": error}
+
+    def _blank_image(self) -> torch.Tensor:
+        if self._blank is None:
+            blank = np.zeros((8, 8, self.in_chans), dtype=np.uint8)
+            self._blank = self.transform(image=blank)["image"] * 0
+        return self._blank

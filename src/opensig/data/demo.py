@@ -1,0 +1,151 @@
+"""Write the demo data sets as a `known/` + `unknown/` PNG tree that `scan_folder` reads.
+
+Both writers overwrite files of the same name and leave any other file in `out` alone, so
+rerunning them is safe, but stray files from elsewhere stay part of the data set.
+
+Files are byte-for-byte reproducible, so `dvc add` gives the same hash on every machine:
+PNGs are written uncompressed (zlib level 0, i.e. stored deflate blocks), because compressed
+output differs between zlib builds (Pillow's wheels switched to zlib-ng), and Pillow adds no
+metadata or timestamps unless asked to.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DIGITS_KNOWN = range(6)
+DIGITS_HOLDOUT = ("8", "9")
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Folder per Fashion-MNIST label 0..9; labels 0..5 are known, 6..9 become unknown sources.
+FASHION_CLASSES = (
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
+FASHION_KNOWN = FASHION_CLASSES[:6]
+FASHION_HOLDOUT = ("bag", "ankle_boot")
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(pixels))
+
+
+def write_digits(out: Path) -> dict[str, int]:
+    """Write scikit-learn's bundled 8x8 digits (1797 images) as 32x32 PNGs under `out`.
+
+    Digits 0..5 are the known classes; 6..9 go to `unknown/<digit>/`, so each digit is an
+    unknown source: train on 6 and 7, hold out 8 and 9 (`holdout_unknown: ["8", "9"]`).
+    Returns the number of images per folder, e.g. {"known/0": 178, ..., "unknown/9": 180}.
+    """
+    from sklearn.datasets import load_digits  # heavy import, only needed here
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    counts: Counter[str] = Counter()
+    for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
+        folder = f"known/{target}" if int(target) in DIGITS_KNOWN else f"unknown/{target}"
+        big = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.NEAREST))
+        _write_png(Path(out) / folder / f"digit_{index:04d}.png", big)
+        counts[folder] += 1
+    log.info("wrote %d digit images to %s", sum(counts.values()), out)
+    return dict(sorted(counts.items()))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (the MNIST format), gzipped or not: magic 0 0 <dtype> <ndim>, then
+    ndim big-endian uint32 sizes, then the data in C order."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path}: IDX header implies {expected} bytes for shape {shape}, file has {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+
+
+def _find_idx(idx_dir: Path, stem: str) -> Path:
+    dotted = stem.replace("-idx", ".idx")  # some mirrors name them train-images.idx3-ubyte
+    for name in (stem, f"{stem}.gz", dotted, f"{dotted}.gz"):
+        if (idx_dir / name).is_file():
+            return idx_dir / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {idx_dir}: install it with "
+        "`apt-get install dataset-fashion-mnist`, or pass the folder holding the IDX files"
+    )
+
+
+def write_fashion_mnist(
+    out: Path, idx_dir: Path = FASHION_DIR, per_class: int | None = 1000
+) -> dict[str, int]:
+    """Write Fashion-MNIST as 28x28 PNGs under `out`, `per_class` images of each class.
+
+    Takes the first `per_class` images of each class from the train file, then the test file,
+    in file order (None: all 7000). Known: tshirt_top, trouser, pullover, dress, coat, sandal;
+    unknown sources: shirt and sneaker (trained on), bag and ankle_boot (to hold out). Files
+    are named `<train|test>_<index in that file:05d>.png`. Returns the images per folder.
+    """
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be a positive number or None, got {per_class}")
+    idx_dir = Path(idx_dir)
+    if not idx_dir.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {idx_dir} does not exist: install it with "
+            "`apt-get install dataset-fashion-mnist`, or pass the folder holding the IDX files"
+        )
+    counts: Counter[str] = Counter()
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_find_idx(idx_dir, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find_idx(idx_dir, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"{idx_dir}: {part} images {images.shape} and labels {labels.shape} do not match"
+            )
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            name = FASHION_CLASSES[label]
+            folder = f"known/{name}" if name in FASHION_KNOWN else f"unknown/{name}"
+            if per_class is not None and counts[folder] >= per_class:
+                continue
+            _write_png(Path(out) / folder / f"{part}_{index:05d}.png", image)
+            counts[folder] += 1
+    log.info("wrote %d Fashion-MNIST images to %s", sum(counts.values()), out)
+    return dict(sorted(counts.items()))

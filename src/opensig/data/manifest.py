@@ -1,0 +1,62 @@
+"""The manifest: one row per usable image (path, hash, label, source, split, novel).
+
+Written by ingest, read by every later stage. It is the one place that knows the class
+list before a model exists; afterwards the model's spec carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from opensig.data.scan import UNKNOWN_LABEL
+from opensig.io import atomic_write
+from opensig.thresholds import UNKNOWN
+
+COLUMNS = ["path", "hash", "label", "source", "split", "novel"]
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found; run `opensig ingest` first")
+    df = pd.read_parquet(path)
+    missing = set(COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(
+            f"{path}: manifest lacks columns {sorted(missing)}; rerun `opensig ingest`"
+        )
+    return df
+
+
+def known_classes(df: pd.DataFrame) -> list[str]:
+    """Sorted known class names: the order of the model's outputs."""
+    return sorted(set(df["label"]) - {UNKNOWN_LABEL})
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Class names -> indices 0..K-1, ``unknown`` -> UNKNOWN (-1).
+
+    A label the model was not trained on is an error rather than a silent 'unknown': it
+    means the data changed since training and the pipeline must be rerun.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    index[UNKNOWN_LABEL] = UNKNOWN
+    stray = sorted(set(labels) - set(index))
+    if stray:
+        raise ValueError(
+            f"labels {stray} are not among the model's classes {list(classes)}; "
+            "the data changed since training: rerun the pipeline (dvc repro)"
+        )
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
+    return df[df["split"] == split].reset_index(drop=True)

@@ -1,0 +1,97 @@
+"""Hash-stable train/val/test splits, with held-out unknown sources kept for testing only."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from opensig.data.scan import UNKNOWN_LABEL
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _unit_interval(content_hash: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).hexdigest()
+    return int(digest[:16], 16) / 2**64
+
+
+def assign_splits(
+    records: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    holdout_sources: Sequence[str],
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Return a copy of `records` with a `split` column (train/val/test) and a `novel` column.
+
+    An image's split depends only on its content hash, the seed and the fractions: it maps to
+    u = sha256(f"{seed}:{hash}")[:16 hex] / 2**64 in [0, 1), and goes to test if
+    u < test_fraction, else to val if u < test_fraction + val_fraction, else to train. Adding
+    or removing images therefore never moves another image to a different split, and since
+    every class uses the same fractions the split is stratified in expectation (not exactly:
+    a class with few images can end up with none in val or test; see `split_summary`).
+
+    Unknown images whose `source` is in `holdout_sources` are novel: they always go to test,
+    so the model is never trained or tuned on them, and `novel` is True for them only.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction + test_fraction must be below 1 to leave images for training, "
+            f"got {val_fraction} + {test_fraction}"
+        )
+    if isinstance(holdout_sources, str):
+        raise TypeError(f"holdout_sources must be a list of names, not {holdout_sources!r}")
+
+    # numpy masks throughout: the records' index may have duplicates (e.g. after a concat)
+    is_unknown = (records["label"] == UNKNOWN_LABEL).to_numpy()
+    found = sorted(records.loc[is_unknown, "source"].unique())
+    missing = [s for s in holdout_sources if s not in found]
+    if missing:
+        raise ValueError(
+            f"data.holdout_unknown names unknown source(s) {missing} that do not exist; "
+            f"sources found under unknown/: {found}"
+        )
+
+    u = np.array([_unit_interval(h, seed) for h in records["hash"]])
+    novel = is_unknown & records["source"].isin(list(holdout_sources)).to_numpy()
+    split = np.where(
+        u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")
+    )
+    out = records.copy()
+    out["split"] = np.where(novel, "test", split)
+    out["novel"] = novel
+    return out
+
+
+def split_summary(df: pd.DataFrame) -> dict:
+    """Count images per split and label, and warn about classes missing from a split.
+
+    Returns {"counts": {split: {label: n}}, "novel": n, "warnings": [...]}. Non-novel unknowns
+    are checked like classes, since threshold tuning needs them in val. Warnings are logged too.
+    """
+    sizes = df.groupby(["split", "label"]).size()
+    labels = sorted(df["label"].unique())
+    counts = {s: {lab: int(sizes.get((s, lab), 0)) for lab in labels} for s in SPLITS}
+
+    seen = df[~df["novel"].to_numpy()]
+    seen_sizes = seen.groupby(["split", "label"]).size()
+    warnings = []
+    for label in sorted(seen["label"].unique()):
+        for split in SPLITS:
+            if seen_sizes.get((split, label), 0) == 0:
+                if label == UNKNOWN_LABEL:
+                    warnings.append(f"no {split} images of unknowns from non-held-out sources")
+                else:
+                    warnings.append(f"class '{label}' has no {split} images")
+    for message in warnings:
+        log.warning(message)
+    return {"counts": counts, "novel": int(df["novel"].sum()), "warnings": warnings}

@@ -1,0 +1,117 @@
+"""The model: a timm backbone with a K-wide head, and its on-disk form.
+
+A model directory holds ``weights.safetensors`` (no pickle: loading it runs no code) and
+``config.json`` (the ModelSpec: backbone, classes, method and preprocessing). Everything
+that rebuilds a model (tune, evaluate, predict, the MLflow pyfunc) reads the spec from
+there, so the class list and the preprocessing are defined exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_model, save_model
+
+from opensig.io import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything besides the weights needed to rebuild and feed the model."""
+
+    backbone: str
+    classes: list[str]
+    method: str
+    num_outputs: int
+    image_size: int
+    in_chans: int
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def create_model(
+    backbone: str,
+    num_outputs: int,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    pretrained_file: Path | None = None,
+) -> torch.nn.Module:
+    """``timm.create_model`` with a fresh head; ``pretrained_file`` loads local weights offline."""
+    kwargs: dict = {"num_classes": num_outputs, "in_chans": in_chans}
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_file: {path} not found")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(backbone, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(
+                f"model.backbone: {backbone!r} is not a timm model (see timm.list_models())"
+            ) from None
+        raise
+
+
+def build_spec(
+    model: torch.nn.Module,
+    backbone: str,
+    classes: list[str],
+    method: str,
+    num_outputs: int,
+    image_size: int,
+    in_chans: int,
+) -> ModelSpec:
+    """Take mean/std from the backbone's pretrained config so local weights see their inputs."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(cfg.get("std", (0.229, 0.224, 0.225)))
+    if in_chans == 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return ModelSpec(backbone, list(classes), method, num_outputs, image_size, in_chans, mean, std)
+
+
+def save_model_dir(directory: Path, model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Write weights and spec atomically, so a reader never sees a half-written model."""
+    directory = Path(directory)
+    unwrapped = getattr(model, "module", model)
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_model(unwrapped, str(tmp)))
+    write_json(directory / SPEC_FILE, asdict(spec))
+
+
+def read_spec(directory: Path) -> ModelSpec:
+    return ModelSpec(**read_json(Path(directory) / SPEC_FILE))
+
+
+def load_model_dir(
+    directory: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the architecture from the spec and load the safetensors weights (eval mode)."""
+    directory = Path(directory)
+    spec = read_spec(directory)
+    model = create_model(spec.backbone, spec.num_outputs, spec.in_chans)
+    load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
+    return model.to(device).eval(), spec
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
+    return torch.device(name)

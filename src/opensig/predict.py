@@ -1,0 +1,170 @@
+"""Batch inference: a bundle (weights + spec + thresholds) turns images into labels.
+
+The same code serves ``opensig predict``, the tune and evaluate stages (through
+``score_sources``) and the MLflow pyfunc, so a registered model answers exactly as it
+was evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from opensig.data.dataset import ImageDataset, ImageSource, eval_transform
+from opensig.data.scan import UNKNOWN_LABEL
+from opensig.io import read_json, write_json
+from opensig.methods import get_method
+from opensig.model import ModelSpec, load_model_dir, resolve_device
+from opensig.thresholds import UNKNOWN, decide
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_FILE = "thresholds.json"
+BUNDLE_DIR = "bundle"  # the folder name inside a logged MLflow model's artifacts
+
+
+@torch.no_grad()
+def score_sources(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    sources: Sequence[ImageSource],
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str]]:
+    """Per-class scores (N, K) for images, plus one error string per image ('' if fine)."""
+    device = next(model.parameters()).device
+    method = get_method(spec.method)
+    dataset = ImageDataset(sources, None, eval_transform(spec), spec.in_chans)
+    scores, errors = [], []
+    model.eval()
+    for batch in tqdm(
+        DataLoader(dataset, batch_size=batch_size),
+        desc="scoring",
+        disable=not progress or None,
+        leave=False,
+    ):
+        logits = model(batch["image"].to(device))
+        scores.append(method.scores(logits).cpu().numpy())
+        errors.extend(batch["error"])
+    empty = np.zeros((0, spec.num_classes), dtype=np.float32)
+    return (np.concatenate(scores) if scores else empty), errors
+
+
+def write_thresholds(
+    path: Path, classes: Sequence[str], values: np.ndarray, strategy: str, options: dict
+) -> None:
+    write_json(
+        path,
+        {
+            "strategy": strategy,
+            "options": options,
+            "thresholds": {c: float(v) for c, v in zip(classes, values, strict=True)},
+        },
+    )
+
+
+def read_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
+    """Thresholds in the model's class order; a mismatch means files from two different runs."""
+    by_class = read_json(path)["thresholds"]
+    if sorted(by_class) != sorted(classes):
+        raise ValueError(
+            f"{path}: thresholds are for classes {sorted(by_class)}, "
+            f"the model has {list(classes)}; rerun `opensig tune`"
+        )
+    return np.array([by_class[c] for c in classes], dtype=np.float64)
+
+
+@dataclass
+class Bundle:
+    """A ready-to-use classifier: model, its spec and one threshold per class."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    thresholds: np.ndarray
+
+    @classmethod
+    def load(cls, model_dir: Path, thresholds: Path | None = None, device: str = "auto") -> Bundle:
+        model_dir = Path(model_dir)
+        thresholds = Path(thresholds) if thresholds else model_dir / THRESHOLDS_FILE
+        if not thresholds.is_file():
+            raise FileNotFoundError(
+                f"{thresholds}: no thresholds for model {model_dir}; pass --thresholds "
+                "(e.g. artifacts/thresholds.json) or use a registered model"
+            )
+        model, spec = load_model_dir(model_dir, resolve_device(device))
+        return cls(model, spec, read_thresholds(thresholds, spec.classes))
+
+    def predict(
+        self,
+        sources: Sequence[ImageSource],
+        names: Sequence[str] | None = None,
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """One row per image: path, label (class or 'unknown'), score, score_<class>, error."""
+        scores, errors = score_sources(self.model, self.spec, sources, batch_size, progress)
+        decided = decide(scores, self.thresholds)
+        classes = np.array([*self.spec.classes, UNKNOWN_LABEL], dtype=object)
+        labels = classes[np.where(decided == UNKNOWN, len(self.spec.classes), decided)]
+        top = np.where(decided == UNKNOWN, scores.argmax(axis=1) if len(scores) else 0, decided)
+        failed = np.array([bool(e) for e in errors], dtype=bool)
+        frame = pd.DataFrame(
+            {
+                "path": list(names) if names is not None else [str(s) for s in sources],
+                "label": np.where(failed, None, labels),
+                "score": np.where(failed, np.nan, scores[np.arange(len(scores)), top]),
+            }
+        )
+        for k, name in enumerate(self.spec.classes):
+            frame[f"score_{name}"] = np.where(failed, np.nan, scores[:, k])
+        frame["error"] = errors
+        return frame
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder."""
+    local = Path(model)
+    if local.exists():
+        return local / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        import mlflow  # heavy import, only for registry URIs
+
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        return downloaded / "artifacts" / BUNDLE_DIR
+    raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
+
+
+def collect_images(inputs: Iterable[Path]) -> list[Path]:
+    """Expand folders recursively (sorted, hidden files skipped); files are kept as given."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(
+                p
+                for p in sorted(item.rglob("*"))
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+        else:
+            found.append(item)  # a missing file becomes an error row, not a crash
+    return found
+
+
+def write_predictions(frame: pd.DataFrame, out: Path) -> None:
+    """CSV or JSON lines by the file's suffix."""
+    from opensig.io import atomic_write
+
+    if out.suffix == ".jsonl":
+        atomic_write(out, lambda tmp: frame.to_json(tmp, orient="records", lines=True))
+    elif out.suffix == ".csv":
+        atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
+    else:
+        raise ValueError(f"--out {out}: use a .csv or .jsonl file")

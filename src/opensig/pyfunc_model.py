@@ -1,0 +1,40 @@
+"""The MLflow pyfunc model, logged "from code": nothing pickled, weights as safetensors.
+
+MLflow stores this file beside the model and runs it at load time; the bundle (weights,
+spec with classes and preprocessing, thresholds) travels as a plain artifact folder and
+the opensig package as the model's code, so `mlflow.pyfunc.load_model` works anywhere
+torch and timm are installed.
+
+Input: a DataFrame with a ``path`` column (image files) or an ``image`` column (raw bytes).
+Output: one row per image with ``label`` (a class or ``unknown``), ``score``, one
+``score_<class>`` column per class and ``error`` (empty when the image was read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from opensig.predict import BUNDLE_DIR, Bundle
+
+
+class OpensigModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        self.bundle = Bundle.load(Path(context.artifacts[BUNDLE_DIR]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        if "image" in model_input.columns:
+            sources = list(model_input["image"])
+            names = [f"image[{i}]" for i in range(len(sources))]
+        elif "path" in model_input.columns:
+            sources = names = [str(p) for p in model_input["path"]]
+        else:
+            raise ValueError(
+                "input needs a 'path' column (image files) or an 'image' column (bytes)"
+            )
+        return self.bundle.predict(sources, names=names, progress=False)
+
+
+mlflow.models.set_model(OpensigModel())

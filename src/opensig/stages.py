@@ -1,0 +1,157 @@
+"""One thin function per DVC stage: read config and inputs, call the library, write outputs.
+
+Each reads like its entry in dvc.yaml; the paths below are the ones dvc.yaml declares.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from opensig.config import Config
+from opensig.data.manifest import label_indices, read_manifest, split_rows, write_manifest
+from opensig.data.scan import scan_folder
+from opensig.data.split import assign_splits, split_summary
+from opensig.evaluation import evaluate_bundle, score_rows
+from opensig.io import read_json, write_json
+from opensig.model import load_model_dir, resolve_device
+from opensig.plots import write_confusion, write_history, write_roc
+from opensig.predict import Bundle, resolve_model_dir, write_thresholds
+from opensig.thresholds import tune_thresholds
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS, REPORTS = Path("artifacts"), Path("reports")
+MANIFEST = ARTIFACTS / "manifest.parquet"
+MODEL_DIR = ARTIFACTS / "model"
+LAST_DIR = ARTIFACTS / "checkpoints" / "last"
+THRESHOLDS = ARTIFACTS / "thresholds.json"
+INGEST_REPORT = REPORTS / "ingest.json"
+TRAIN_REPORT = REPORTS / "train.json"
+TRAIN_PLOTS = REPORTS / "train"
+METRICS = REPORTS / "metrics.json"
+PLOTS = REPORTS / "plots"
+REGISTERED = REPORTS / "registered.json"
+
+
+def ingest(cfg: Config) -> dict:
+    """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
+    scan = scan_folder(cfg.data.root)
+    manifest = assign_splits(
+        scan.records,
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+        cfg.data.holdout_unknown,
+        cfg.data.split_seed,
+    )
+    write_manifest(manifest, MANIFEST)
+    report = {
+        "root": cfg.data.root,
+        "classes": scan.classes,
+        "images": len(manifest),
+        "splits": split_summary(manifest),
+        "skipped": scan.skipped,
+        "duplicates": scan.duplicates,
+        "conflicts": scan.conflicts,
+    }
+    write_json(INGEST_REPORT, report)
+    log.info(
+        "ingest: %d images, %d classes; skipped %d, duplicates %d, conflicts %d",
+        len(manifest),
+        len(scan.classes),
+        len(scan.skipped),
+        len(scan.duplicates),
+        len(scan.conflicts),
+    )
+    return report
+
+
+def train(cfg: Config) -> dict:
+    from opensig.train import train_model  # torch-heavy; keep `opensig --help` fast
+
+    result = train_model(cfg, read_manifest(MANIFEST), MODEL_DIR, LAST_DIR)
+    write_history(result.history, TRAIN_PLOTS)
+    report = {k: v for k, v in asdict(result).items() if k not in ("spec", "history")}
+    report["classes"] = result.spec.classes
+    write_json(TRAIN_REPORT, report)
+    return report
+
+
+def tune(cfg: Config) -> dict:
+    """Per-class thresholds from the validation split (never from test)."""
+    model, spec = load_model_dir(MODEL_DIR, resolve_device(cfg.train.device))
+    rows = split_rows(read_manifest(MANIFEST), "val")
+    if rows.empty:
+        raise ValueError(
+            "the val split is empty: thresholds need validation images (raise data.val_fraction)"
+        )
+    scores = score_rows(model, spec, rows, cfg.evaluate.batch_size)
+    options = {"target_precision": cfg.tune.target_precision, "value": cfg.tune.fixed_threshold}
+    values = tune_thresholds(
+        scores, label_indices(rows["label"].tolist(), spec.classes), cfg.tune.strategy, **options
+    )
+    write_thresholds(THRESHOLDS, spec.classes, values, cfg.tune.strategy, options)
+    return {
+        "strategy": cfg.tune.strategy,
+        "thresholds": dict(zip(spec.classes, values.tolist(), strict=True)),
+    }
+
+
+def evaluate(cfg: Config) -> dict:
+    """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
+    bundle = Bundle.load(MODEL_DIR, THRESHOLDS, cfg.train.device)
+    result = evaluate_bundle(
+        bundle, split_rows(read_manifest(MANIFEST), "test"), cfg.evaluate.batch_size
+    )
+    write_confusion(result.labels, result.preds, bundle.spec.classes, PLOTS)
+    write_roc(result.scores, result.labels, result.novel, PLOTS)
+    write_json(METRICS, result.metrics)
+    log.info("evaluate: %s", {k: v for k, v in result.metrics.items() if k != "novel"})
+    return result.metrics
+
+
+def register(cfg: Config) -> dict:
+    """Log the run to MLflow, register the model, move the aliases, write registered.json."""
+    from opensig import registry  # mlflow is a heavy import
+
+    metrics = read_json(METRICS)
+    pngs = sorted(PLOTS.glob("*.png")) + sorted(TRAIN_PLOTS.glob("*.png"))
+    run_id, version = registry.log_and_register(
+        cfg,
+        metrics,
+        MODEL_DIR,
+        THRESHOLDS,
+        [*pngs, METRICS, INGEST_REPORT, TRAIN_REPORT, THRESHOLDS],
+    )
+    test_rows = split_rows(read_manifest(MANIFEST), "test")
+
+    def champion_value(champion: str) -> float:
+        uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
+        champion_bundle = Bundle.load(resolve_model_dir(uri), device=cfg.train.device)
+        return evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size).metrics[
+            cfg.promote.metric
+        ]
+
+    promoted, comparison = registry.promote(
+        cfg, version, metrics[cfg.promote.metric], champion_value
+    )
+    out = registry.Registration(
+        cfg.mlflow.registered_model,
+        version,
+        run_id,
+        registry.aliases_of(cfg, version),
+        promoted,
+        comparison,
+    )
+    write_json(REGISTERED, out.to_dict())
+    return out.to_dict()
+
+
+STAGES = {
+    "ingest": ingest,
+    "train": train,
+    "tune": tune,
+    "evaluate": evaluate,
+    "register": register,
+}

@@ -1,0 +1,249 @@
+"""Tests for the decision rule, the macro-F1 helper and the threshold strategies."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from opensig.thresholds import (
+    STRATEGIES,
+    UNKNOWN,
+    decide,
+    f1,
+    fixed,
+    macro_f1,
+    precision,
+    tune_thresholds,
+)
+
+
+def _synthetic(
+    n: int, num_classes: int, seed: int, levels: tuple[float, float] = (0.2, 0.6)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid-like scores; the default true-class levels mostly sit below 0.5, a poor cut."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=n)
+    labels[rng.random(n) < 0.3] = UNKNOWN
+    scores = rng.beta(1.0, 8.0, size=(n, num_classes))
+    known = labels != UNKNOWN
+    # Each class gets its own confidence level so the best thresholds differ per class.
+    level = np.linspace(*levels, num_classes)[labels[known]]
+    scores[known, labels[known]] = np.clip(level + rng.normal(0.0, 0.12, known.sum()), 0.0, 1.0)
+    return scores, labels
+
+
+def _sk_macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
+    return float(f1_score(labels, preds, average="macro"))
+
+
+# --- decide -------------------------------------------------------------------------------------
+
+
+def test_decide_picks_highest_passing_class_else_unknown() -> None:
+    scores = np.array(
+        [
+            [0.9, 0.2, 0.1],  # only class 0 passes
+            [0.3, 0.4, 0.2],  # nothing passes
+            [0.6, 0.7, 0.1],  # both pass, class 1 higher
+            [0.8, 0.9, 0.1],  # class 1 higher but below its own threshold
+            [0.5, 0.1, 0.1],  # score equal to threshold passes
+        ]
+    )
+    thresholds = np.array([0.5, 0.5, 0.5])
+    thresholds_strict_1 = np.array([0.5, 0.95, 0.5])
+    preds = decide(scores, thresholds)
+    assert preds.dtype == np.int64
+    assert preds.tolist() == [0, UNKNOWN, 1, 1, 0]
+    assert decide(scores, thresholds_strict_1).tolist() == [0, UNKNOWN, 0, 0, 0]
+
+
+def test_decide_tie_goes_to_lowest_class_index() -> None:
+    scores = np.array([[0.2, 0.7, 0.7], [0.7, 0.7, 0.7]])
+    assert decide(scores, np.full(3, 0.5)).tolist() == [1, 0]
+
+
+def test_decide_all_unknown_when_no_class_passes() -> None:
+    scores = np.full((4, 3), 0.49)
+    assert decide(scores, np.full(3, 0.5)).tolist() == [UNKNOWN] * 4
+
+
+def test_decide_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError):
+        decide(np.zeros((2, 3)), np.zeros(2))
+
+
+# --- macro_f1 -----------------------------------------------------------------------------------
+
+
+def test_macro_f1_matches_sklearn_including_labels_only_predicted() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 3, size=200)
+    preds = rng.integers(-1, 5, size=200)  # classes 3 and 4 are predicted but never true
+    assert macro_f1(labels, preds) == pytest.approx(_sk_macro_f1(labels, preds))
+
+
+def test_macro_f1_hand_worked() -> None:
+    labels = np.array([0, 0, 1, UNKNOWN])
+    preds = np.array([0, 1, 1, 1])
+    # class 0: TP 1, FN 1 -> 2/3; class 1: TP 1, FP 2 -> 2/4; unknown: TP 0 -> 0
+    assert macro_f1(labels, preds) == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+
+
+# --- fixed --------------------------------------------------------------------------------------
+
+
+def test_fixed_defaults_to_half_and_takes_value() -> None:
+    scores, labels = np.zeros((5, 4)), np.zeros(5, dtype=int)
+    np.testing.assert_array_equal(fixed(scores, labels), np.full(4, 0.5))
+    np.testing.assert_array_equal(fixed(scores, labels, value=0.3), np.full(4, 0.3))
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+# Class 0 one-vs-rest precision by threshold: 0.95:1/1 0.85:2/2 0.75:2/3 0.65:3/4 0.55:4/5 0.45:4/6
+# Class 1 has a single positive scored below every negative: best precision 1/6 at 0.3.
+# Class 2 has no positive image at all.
+_P_SCORES = np.array(
+    [
+        [0.95, 0.9, 0.1],
+        [0.85, 0.8, 0.1],
+        [0.75, 0.3, 0.1],
+        [0.65, 0.7, 0.1],
+        [0.55, 0.6, 0.1],
+        [0.45, 0.5, 0.1],
+    ]
+)
+_P_LABELS = np.array([0, 0, 1, 0, 0, UNKNOWN])
+
+
+def test_precision_picks_lowest_threshold_reaching_target() -> None:
+    # 0.8 is reached at 0.95, 0.85 and 0.55 (precision is not monotone): the lowest is 0.55.
+    assert precision(_P_SCORES, _P_LABELS, target_precision=0.8)[0] == 0.55
+    assert precision(_P_SCORES, _P_LABELS, target_precision=1.0)[0] == 0.85
+    assert precision(_P_SCORES, _P_LABELS, target_precision=0.75)[0] == 0.55
+    assert precision(_P_SCORES, _P_LABELS, target_precision=0.5)[0] == 0.45
+
+
+def test_precision_unreachable_target_uses_most_precise_threshold_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="opensig.thresholds"):
+        thresholds = precision(_P_SCORES, _P_LABELS, target_precision=0.8)
+    assert thresholds[1] == 0.3
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("class 1 never reaches" in m for m in messages)
+    assert not any(m.startswith("class 0") for m in messages)
+
+
+def test_precision_class_without_positives_keeps_half_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="opensig.thresholds"):
+        thresholds = precision(_P_SCORES, _P_LABELS, target_precision=0.8)
+    assert thresholds[2] == 0.5
+    assert any("class 2 has no positive" in r.getMessage() for r in caplog.records)
+
+
+def test_precision_threshold_achieves_target_on_validation() -> None:
+    scores, labels = _synthetic(2000, 4, seed=1, levels=(0.6, 0.8))
+    thresholds = precision(scores, labels, target_precision=0.9)
+    for k in range(4):
+        accepted = scores[:, k] >= thresholds[k]
+        assert np.mean(labels[accepted] == k) >= 0.9
+        # The lowest qualifying threshold: one notch lower must miss the target.
+        below = np.max(scores[:, k][scores[:, k] < thresholds[k]])
+        assert np.mean(labels[scores[:, k] >= below] == k) < 0.9
+
+
+# --- f1 -----------------------------------------------------------------------------------------
+
+
+def test_f1_tuning_beats_fixed_half_on_synthetic_data() -> None:
+    scores, labels = _synthetic(3000, 4, seed=2)
+    baseline = _sk_macro_f1(labels, decide(scores, np.full(4, 0.5)))
+    tuned = _sk_macro_f1(labels, decide(scores, f1(scores, labels)))
+    assert tuned > baseline + 0.05
+
+
+def _coarse_ties(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores on a 0.1 grid, so equal scores across passing classes are common."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, 3, size=120)
+    scores = rng.integers(0, 8, size=(120, 3)) / 10
+    known = labels != UNKNOWN
+    scores[known, labels[known]] = rng.integers(4, 11, size=known.sum()) / 10
+    return scores, labels
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_synthetic(150, 3, seed=3), _coarse_ties(seed=5), _coarse_ties(seed=7)],
+    ids=["continuous", "coarse-ties-5", "coarse-ties-7"],
+)
+def test_f1_tuning_is_coordinatewise_optimal_by_brute_force(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Checks the vectorised sweep against sklearn on every candidate, not just the chosen one."""
+    scores, labels = data
+    thresholds = f1(scores, labels, max_rounds=50)
+    best = _sk_macro_f1(labels, decide(scores, thresholds))
+    for k in range(3):
+        values = np.unique(scores[:, k])
+        for t in np.concatenate([values, (values[:-1] + values[1:]) / 2]):
+            trial = thresholds.copy()
+            trial[k] = t
+            assert _sk_macro_f1(labels, decide(scores, trial)) <= best + 1e-9
+
+
+def test_f1_tuning_handles_large_input() -> None:
+    scores, labels = _synthetic(20000, 10, seed=4)
+    thresholds = f1(scores, labels)
+    assert thresholds.shape == (10,)
+    assert np.all(np.isfinite(thresholds))
+    baseline = macro_f1(labels, decide(scores, np.full(10, 0.5)))
+    assert macro_f1(labels, decide(scores, thresholds)) > baseline
+
+
+def test_f1_tuning_never_worse_than_half_when_already_good() -> None:
+    # Well-separated scores: 0.5 is already perfect, tuning must not lose that.
+    labels = np.array([0, 1, 2, UNKNOWN] * 10)
+    scores = np.full((40, 3), 0.1)
+    known = labels != UNKNOWN
+    scores[known, labels[known]] = 0.9
+    thresholds = f1(scores, labels)
+    assert macro_f1(labels, decide(scores, thresholds)) == 1.0
+
+
+# --- registry and dispatch ----------------------------------------------------------------------
+
+
+def test_registry_names() -> None:
+    assert {"fixed", "precision", "f1"} <= set(STRATEGIES)
+
+
+def test_tune_thresholds_dispatches_and_filters_options() -> None:
+    options = {"value": 0.3, "target_precision": 0.8}
+    np.testing.assert_array_equal(
+        tune_thresholds(_P_SCORES, _P_LABELS, "fixed", **options), np.full(3, 0.3)
+    )
+    np.testing.assert_array_equal(
+        tune_thresholds(_P_SCORES, _P_LABELS, "precision", **options),
+        precision(_P_SCORES, _P_LABELS, target_precision=0.8),
+    )
+
+
+def test_tune_thresholds_unknown_strategy_names_it_and_valid_ones() -> None:
+    with pytest.raises(ValueError, match="no_such_strategy") as err:
+        tune_thresholds(_P_SCORES, _P_LABELS, "no_such_strategy")
+    assert "f1" in str(err.value)
+    assert "precision" in str(err.value)
+
+
+def test_strategies_reject_out_of_range_labels() -> None:
+    with pytest.raises(ValueError):
+        f1(np.zeros((2, 2)), np.array([0, 2]))
+    with pytest.raises(ValueError):
+        precision(np.zeros((2, 2)), np.array([-2, 0]))
