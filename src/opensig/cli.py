@@ -27,8 +27,9 @@ def _run_stage(name: str, params: Path) -> None:
     try:
         cfg = load_config(params)
         stages.STAGES[name](cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        log.error("%s: %s", name, err)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # A message naming the key or file is what the user needs; -v adds the traceback.
+        log.error("%s failed: %s", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
         raise typer.Exit(code=2) from None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -34,12 +34,13 @@ class DataConfig(_Section):
     )
     split_seed: int = 0
 
-    @field_validator("test_fraction")
-    @classmethod
-    def _fractions_leave_train(cls, v: float, info) -> float:
-        if v + info.data.get("val_fraction", 0.0) >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1 to leave a train split")
-        return v
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction must be below 1 to leave a train split"
+            )
+        return self
 
 
 class AugmentConfig(_Section):

@@ -85,6 +85,23 @@ def build_spec(
     return ModelSpec(backbone, list(classes), method, num_outputs, image_size, in_chans, mean, std)
 
 
+def check_input_size(model: torch.nn.Module, image_size: int, in_chans: int) -> None:
+    """Fail before training, naming the key, when the backbone cannot take this input size."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(
+                torch.zeros(
+                    1, in_chans, image_size, image_size, device=next(model.parameters()).device
+                )
+            )
+    except RuntimeError as err:
+        raise ValueError(
+            f"model.image_size: {image_size} px is too small for this backbone ({err}); "
+            "raise model.image_size or pick another model.backbone"
+        ) from None
+
+
 def save_model_dir(directory: Path, model: torch.nn.Module, spec: ModelSpec) -> None:
     """Write weights and spec atomically, so a reader never sees a half-written model."""
     directory = Path(directory)

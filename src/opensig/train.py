@@ -20,7 +20,14 @@ from opensig.config import Config
 from opensig.data.dataset import ImageDataset, eval_transform, train_transform
 from opensig.data.manifest import known_classes, label_indices, split_rows
 from opensig.methods import Method, get_method, sample_weights
-from opensig.model import ModelSpec, build_spec, create_model, resolve_device, save_model_dir
+from opensig.model import (
+    ModelSpec,
+    build_spec,
+    check_input_size,
+    create_model,
+    resolve_device,
+    save_model_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ def train_model(
         cfg.model.in_chans,
     )
     model.to(device)
+    check_input_size(model, spec.image_size, spec.in_chans)
 
     train_rows = _rows_for(method, manifest, "train")
     val_rows = _rows_for(method, manifest, "val")

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small digits project in a temp folder with a shrunk params file.
+
+Like lightning-hydra-template's conftest: the real params.yaml, with only the knobs that
+make a run fast overridden, so the tests exercise the configuration users get.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own SQLite store
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and quick on 2 CPU cores, still a real convolutional net on real images.
+FAST_OVERRIDES = {
+    "model": {"backbone": "resnet10t", "image_size": 16},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "device": "cpu"},
+}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def write_params(folder: Path, overrides: dict | None = None) -> Path:
+    """The repo's params.yaml with the fast overrides (and any others) applied."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _merge(_merge(params, FAST_OVERRIDES), overrides or {})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits demo data set, written once per session."""
+    from opensig.data.demo import write_digits
+
+    root = tmp_path_factory.mktemp("digits") / "data"
+    write_digits(root)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder (data + shrunk params.yaml) that is also the working directory."""
+    shutil.copytree(digits_data, tmp_path / "data")
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

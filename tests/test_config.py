@@ -1,0 +1,141 @@
+"""Tests for params.yaml loading and validation (opensig.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opensig.config import Config, ConfigError, load_config, parse_config
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(tmp_path: Path, text: str) -> tuple[str, Path]:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value), path
+
+
+def test_repo_params_load() -> None:
+    cfg = load_config(REPO_PARAMS)
+    assert isinstance(cfg, Config)
+    assert cfg.train.method == "sigmoid_bce"
+    assert cfg.data.holdout_unknown == ["8", "9"]
+    assert cfg.model.pretrained_file is None
+    assert cfg.data.val_fraction + cfg.data.test_fraction < 1.0
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    msg, path = _error(tmp_path, "trian:\n  epochs: 3\n")
+    assert "trian" in msg
+    assert "unknown key" in msg
+    assert str(path) in msg
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    msg, path = _error(tmp_path, "train:\n  epoch: 3\n")
+    assert "train.epoch" in msg
+    assert "unknown key" in msg
+    assert str(path) in msg
+
+
+def test_unknown_deeply_nested_key(tmp_path: Path) -> None:
+    msg, _ = _error(tmp_path, "train:\n  augment:\n    rotat: 5\n")
+    assert "train.augment.rotat" in msg
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    msg, path = _error(tmp_path, "train:\n  lr: fast\n")
+    assert "train.lr" in msg
+    assert "fast" in msg
+    assert str(path) in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train:\n  epochs: 0\n", "train.epochs"),
+        ("train:\n  lr: -0.1\n", "train.lr"),
+        ("train:\n  label_smoothing: 0.5\n", "train.label_smoothing"),
+        ("train:\n  device: tpu\n", "train.device"),
+        ("model:\n  in_chans: 2\n", "model.in_chans"),
+        ("data:\n  val_fraction: 1.0\n", "data.val_fraction"),
+        ("tune:\n  strategy: best\n", "tune.strategy"),
+    ],
+)
+def test_out_of_range_names_key(tmp_path: Path, text: str, key: str) -> None:
+    msg, _ = _error(tmp_path, text)
+    assert key in msg
+
+
+def test_fractions_must_leave_a_train_split(tmp_path: Path) -> None:
+    msg, path = _error(tmp_path, "data:\n  val_fraction: 0.6\n  test_fraction: 0.5\n")
+    assert "data.test_fraction" in msg
+    assert "data.val_fraction" in msg
+    assert str(path) in msg
+
+
+def test_fractions_checked_with_default_test_fraction() -> None:
+    with pytest.raises(ConfigError):
+        parse_config({"data": {"val_fraction": 0.9}})
+
+
+def test_several_errors_all_reported(tmp_path: Path) -> None:
+    msg, _ = _error(tmp_path, "train:\n  epoch: 3\n  lr: fast\n")
+    assert "2 invalid setting(s)" in msg
+    assert "train.epoch" in msg
+    assert "train.lr" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- data\n- model\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
+    msg, path = _error(tmp_path, text)
+    assert "mapping" in msg
+    assert str(path) in msg
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    msg, path = _error(tmp_path, "train: [unclosed\n")
+    assert "not valid YAML" in msg
+    assert str(path) in msg
+
+
+def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "train:\n  epochs: 2\n"))
+    assert cfg.train.epochs == 2
+    assert cfg.train.lr == Config().train.lr
+    assert cfg.data == Config().data
+    assert cfg.model == Config().model
+    assert cfg.tune.strategy == "f1"
+    assert cfg.train.augment.scale_min == 0.8
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")) == Config()
+
+
+def test_parse_config_names_source() -> None:
+    with pytest.raises(ConfigError, match=r"custom\.yaml") as info:
+        parse_config({"model": {"backbon": "x"}}, Path("custom.yaml"))
+    assert "model.backbon" in str(info.value)
+
+
+def test_config_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic ValidationError on frozen models
+        cfg.train.epochs = 5  # type: ignore[misc]

@@ -1,0 +1,160 @@
+"""Tests for image decoding, the train/eval transforms and ImageDataset."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opensig.config import AugmentConfig
+from opensig.data.dataset import ImageDataset, eval_transform, load_image, train_transform
+from opensig.model import ModelSpec
+
+SIZE = 16
+MEAN = 0.5
+STD = 0.25
+
+
+def _spec(in_chans: int = 3) -> ModelSpec:
+    return ModelSpec(
+        backbone="test_resnet",
+        classes=["a", "b"],
+        method="sigmoid_bce",
+        num_outputs=2,
+        image_size=SIZE,
+        in_chans=in_chans,
+        mean=[MEAN] * in_chans,
+        std=[STD] * in_chans,
+    )
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _noise(height: int = 24, width: int = 20, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def test_load_image_path_and_bytes(tmp_path: Path) -> None:
+    array = _noise()
+    path = tmp_path / "img.png"
+    Image.fromarray(array).save(path)
+
+    from_path = load_image(path, 3)
+    from_str = load_image(str(path), 3)
+    from_bytes = load_image(path.read_bytes(), 3)
+    assert from_path.shape == (24, 20, 3)
+    assert from_path.dtype == np.uint8
+    assert np.array_equal(from_path, array)
+    assert np.array_equal(from_str, array)
+    assert np.array_equal(from_bytes, array)
+
+
+def test_load_image_grayscale_to_three_and_one_channel() -> None:
+    gray = np.arange(24 * 20, dtype=np.uint8).reshape(24, 20)
+    data = _png_bytes(Image.fromarray(gray, mode="L"))
+
+    rgb = load_image(data, 3)
+    assert rgb.shape == (24, 20, 3)
+    for channel in range(3):
+        assert np.array_equal(rgb[..., channel], gray)
+
+    one = load_image(data, 1)
+    assert one.shape == (24, 20, 1)
+    assert np.array_equal(one[..., 0], gray)
+
+
+def test_load_image_rgba_and_rgb_to_one_channel() -> None:
+    rgba = np.dstack([_noise(), np.full((24, 20), 255, dtype=np.uint8)])
+    assert load_image(_png_bytes(Image.fromarray(rgba, mode="RGBA")), 3).shape == (24, 20, 3)
+    assert load_image(_png_bytes(Image.fromarray(_noise())), 1).shape == (24, 20, 1)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_eval_transform_shape_and_normalisation(in_chans: int) -> None:
+    value = 191
+    image = np.full((40, 30, in_chans), value, dtype=np.uint8)
+    out = eval_transform(_spec(in_chans))(image=image)["image"]
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (in_chans, SIZE, SIZE)
+    assert out.dtype == torch.float32
+    expected = (value / 255.0 - MEAN) / STD
+    torch.testing.assert_close(out, torch.full_like(out, expected), atol=1e-5, rtol=0.0)
+
+
+def test_eval_transform_is_deterministic() -> None:
+    transform = eval_transform(_spec())
+    image = _noise()
+    assert torch.equal(transform(image=image)["image"], transform(image=image)["image"])
+
+
+def test_train_transform_reproducible_with_seed() -> None:
+    augment = AugmentConfig(scale_min=0.5, rotate=30.0, hflip=True, brightness_contrast=0.3)
+    image = _noise(32, 32)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        transform = train_transform(_spec(), augment, seed=seed)
+        return [transform(image=image)["image"] for _ in range(4)]
+
+    first, again, other = run(7), run(7), run(8)
+    assert all(out.shape == (3, SIZE, SIZE) for out in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    # augmentation is random from call to call
+    assert not all(torch.equal(first[0], out) for out in first[1:])
+
+
+def test_image_dataset_reads_files(tmp_path: Path) -> None:
+    path = tmp_path / "ok.png"
+    Image.fromarray(_noise()).save(path)
+    data = _png_bytes(Image.fromarray(_noise(seed=1)))
+    dataset = ImageDataset([path, data], [1, -1], eval_transform(_spec()), in_chans=3)
+    assert len(dataset) == 2
+    first, second = dataset[0], dataset[1]
+    assert first["error"] == "" and second["error"] == ""
+    assert first["label"] == 1 and second["label"] == -1
+    assert first["image"].shape == (3, SIZE, SIZE)
+
+
+def test_image_dataset_default_labels_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "ok.png"
+    Image.fromarray(_noise()).save(path)
+    dataset = ImageDataset([path], None, eval_transform(_spec()), in_chans=3)
+    assert dataset[0]["label"] == -1
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_image_dataset_unreadable_file(tmp_path: Path, in_chans: int) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    missing = tmp_path / "missing.png"
+    dataset = ImageDataset(
+        [bad, missing, b"\x89PNG garbage"], [0, 1, -1], eval_transform(_spec(in_chans)), in_chans
+    )
+    for index, label in enumerate([0, 1, -1]):
+        item = dataset[index]
+        assert item["label"] == label
+        assert item["error"]
+        assert item["image"].shape == (in_chans, SIZE, SIZE)
+        assert torch.count_nonzero(item["image"]) == 0
+    assert "UnidentifiedImageError" in dataset[0]["error"]
+    assert "FileNotFoundError" in dataset[1]["error"]
+
+
+def test_image_dataset_works_with_dataloader(tmp_path: Path) -> None:
+    good = tmp_path / "ok.png"
+    Image.fromarray(_noise()).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    dataset = ImageDataset([good, bad], [0, 1], eval_transform(_spec()), in_chans=3)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    assert batch["image"].shape == (2, 3, SIZE, SIZE)
+    assert batch["label"].tolist() == [0, 1]
+    assert batch["error"][0] == "" and batch["error"][1] != ""

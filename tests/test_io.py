@@ -1,0 +1,97 @@
+"""Tests for atomic writes and JSON helpers (opensig.io)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opensig.io import atomic_write, read_json, write_json
+
+
+def _strict_loads(text: str) -> object:
+    """json.loads that rejects NaN/Infinity, as strict JSON readers do."""
+
+    def reject(token: str) -> float:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_write_json_nan_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    obj = {
+        "nan": math.nan,
+        "inf": [1.0, math.inf, -math.inf],
+        "np_nan": np.float32("nan"),
+        "np_int": np.int64(3),
+        "nested": {"x": (0.5, float("nan"))},
+        "path": Path("a") / "b.png",
+        1: "key",
+    }
+    assert write_json(path, obj) == path
+    data = _strict_loads(path.read_text())
+    assert data == {
+        "nan": None,
+        "inf": [1.0, None, None],
+        "np_nan": None,
+        "np_int": 3,
+        "nested": {"x": [0.5, None]},
+        "path": "a/b.png",
+        "1": "key",
+    }
+    assert read_json(path) == data
+
+
+def test_write_json_creates_parents(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "c.json"
+    write_json(path, [1, 2])
+    assert read_json(path) == [1, 2]
+
+
+def test_atomic_write_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    seen: list[Path] = []
+
+    def writer(tmp: Path) -> None:
+        seen.append(tmp)
+        tmp.write_text("half-writ")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(path, writer)
+    assert path.read_text() == "old"
+    assert seen and seen[0] != path and seen[0].parent == path.parent
+    assert not seen[0].exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_failure_without_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "new.txt"
+
+    def writer(tmp: Path) -> None:
+        tmp.write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, writer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_json_missing_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as info:
+        read_json(path)
+    assert str(path) in str(info.value)

@@ -1,0 +1,121 @@
+"""Tests for model creation, the on-disk model directory and device selection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
+
+from opensig.model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ModelSpec,
+    build_spec,
+    create_model,
+    load_model_dir,
+    read_spec,
+    resolve_device,
+    save_model_dir,
+)
+
+BACKBONE = "test_resnet"  # a tiny timm test model: fast on CPU
+SIZE = 32
+
+
+def _spec(model: torch.nn.Module, classes: list[str], in_chans: int = 3) -> ModelSpec:
+    return build_spec(model, BACKBONE, classes, "sigmoid_bce", len(classes), SIZE, in_chans)
+
+
+@pytest.mark.parametrize(("num_outputs", "in_chans"), [(3, 3), (5, 1)])
+def test_create_model_outputs(num_outputs: int, in_chans: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(BACKBONE, num_outputs, in_chans=in_chans).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_chans, SIZE, SIZE))
+    assert out.shape == (2, num_outputs)
+
+
+def test_build_spec_mean_std() -> None:
+    model = create_model(BACKBONE, 2)
+    spec = _spec(model, ["a", "b"])
+    assert spec.num_classes == 2
+    assert spec.mean == list(model.pretrained_cfg["mean"])
+    assert spec.std == list(model.pretrained_cfg["std"])
+    gray = _spec(create_model(BACKBONE, 2, in_chans=1), ["a", "b"], in_chans=1)
+    assert len(gray.mean) == 1 and len(gray.std) == 1
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(BACKBONE, 3).eval()
+    spec = _spec(model, ["cat", "dog", "owl"])
+    directory = tmp_path / "model"
+    save_model_dir(directory, model, spec)
+
+    assert sorted(p.name for p in directory.iterdir()) == sorted([WEIGHTS_FILE, SPEC_FILE])
+    assert not any(p.suffix in {".pt", ".pth", ".pkl", ".bin"} for p in directory.iterdir())
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
+        assert "fc.weight" in set(handle.keys())
+    assert json.loads((directory / SPEC_FILE).read_text()) == asdict(spec)
+    assert read_spec(directory) == spec
+
+    loaded, loaded_spec = load_model_dir(directory)
+    assert loaded_spec == spec
+    assert not loaded.training
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_load_model_dir_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=SPEC_FILE):
+        load_model_dir(tmp_path / "nothing")
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(ValueError, match=r"model\.backbone") as info:
+        create_model("definitely_not_a_timm_model", 3)
+    assert "definitely_not_a_timm_model" in str(info.value)
+
+
+def test_pretrained_file_loads_offline(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = create_model(BACKBONE, 4)
+    weights = tmp_path / "backbone.safetensors"
+    save_model(source, str(weights))
+
+    torch.manual_seed(2)
+    fresh = create_model(BACKBONE, 4)
+    torch.manual_seed(2)
+    loaded = create_model(BACKBONE, 4, pretrained_file=weights)
+
+    key = "layer1.0.conv1.weight"
+    src_tensor = source.state_dict()[key]
+    assert not torch.equal(fresh.state_dict()[key], src_tensor)
+    assert torch.equal(loaded.state_dict()[key], src_tensor)
+    assert torch.equal(loaded.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+
+
+def test_pretrained_file_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"model\.pretrained_file") as info:
+        create_model(BACKBONE, 3, pretrained_file=missing)
+    assert str(missing) in str(info.value)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_resolve_device_cuda_without_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match=r"train\.device"):
+        resolve_device("cuda")
