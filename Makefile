@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/opensig demo-data --source digits --out data
+	$(BIN)/dvc add -q data
 	$(BIN)/dvc repro
 
 test: install

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own SQLite store
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="opensig-prefect-")  # never ~/.prefect
 
 REPO = Path(__file__).resolve().parents[1]
 

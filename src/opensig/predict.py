@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from opensig.data.dataset import ImageDataset, ImageSource, eval_transform
 from opensig.data.scan import UNKNOWN_LABEL
-from opensig.io import read_json, write_json
+from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, load_model_dir, resolve_device
 from opensig.thresholds import UNKNOWN, decide
@@ -160,8 +160,6 @@ def collect_images(inputs: Iterable[Path]) -> list[Path]:
 
 def write_predictions(frame: pd.DataFrame, out: Path) -> None:
     """CSV or JSON lines by the file's suffix."""
-    from opensig.io import atomic_write
-
     if out.suffix == ".jsonl":
         atomic_write(out, lambda tmp: frame.to_json(tmp, orient="records", lines=True))
     elif out.suffix == ".csv":

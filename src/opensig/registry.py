@@ -22,9 +22,12 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 import opensig
 from opensig.config import Config, MlflowConfig
+from opensig.model import read_spec
 from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,24 @@ class Registration:
         return self.__dict__.copy()
 
 
+def model_signature(classes: list[str]) -> ModelSignature:
+    """Inputs: image paths or raw bytes; outputs: label, score and one score per class."""
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("string", "path"),
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+                *[ColSpec("double", f"score_{c}") for c in classes],
+                ColSpec("string", "error"),
+            ]
+        ),
+    )
+
+
 def _bundle_folder(model_dir: Path, thresholds: Path, into: Path) -> Path:
     bundle = into / BUNDLE_DIR
     shutil.copytree(model_dir, bundle)
@@ -142,6 +163,7 @@ def log_and_register(
             artifacts={BUNDLE_DIR: str(_bundle_folder(model_dir, thresholds, Path(tmp)))},
             code_paths=[str(Path(opensig.__file__).parent)],
             pip_requirements=MODEL_REQUIREMENTS,
+            signature=model_signature(read_spec(model_dir).classes),
             registered_model_name=cfg.mlflow.registered_model,
         )
     return run.info.run_id, str(info.registered_model_version)

@@ -208,28 +208,6 @@ def _sweep_class(
     return f1_per_class.sum(axis=1) / present.sum(axis=1)
 
 
-def _plateau_centre(scores: np.ndarray, y: np.ndarray, thresholds: np.ndarray, k: int) -> float:
-    """Move class ``k``'s threshold to the middle of the range that gives the same macro-F1.
-
-    On well-separated validation data a whole interval of thresholds is optimal; its edge is a
-    validation score, so new images just past it flip. The middle keeps the widest margin on
-    both sides, like a max-margin boundary, without changing any validation decision.
-    """
-    score = np.unique(np.append(scores[:, k], [0.0, 1.0]))
-    cands = np.unique(np.concatenate([score, (score[:-1] + score[1:]) / 2.0, [thresholds[k]]]))
-    values = _sweep_class(scores, y, thresholds, k, cands)
-    current = int(np.searchsorted(cands, thresholds[k]))
-    on_plateau = values >= values[current] - _IMPROVEMENT_TOL
-    lo = hi = current
-    while lo > 0 and on_plateau[lo - 1]:
-        lo -= 1
-    while hi < cands.size - 1 and on_plateau[hi + 1]:
-        hi += 1
-    # Images pass at ``score >= t``: the plateau runs from just above the last failing
-    # candidate (a score value) up to and including cands[hi].
-    return float((cands[max(lo - 1, 0)] + cands[hi]) / 2.0)
-
-
 def f1(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -242,7 +220,8 @@ def f1(
     does coordinate ascent on the real objective: start from the better of per-class one-vs-rest
     F1 thresholds and a flat 0.5, then sweep one class at a time with the others fixed, keeping
     strict improvements, for up to ``max_rounds`` rounds or until a round changes nothing.
-    Finally each threshold moves to the centre of its optimal plateau (see _plateau_centre).
+    Ties go to the highest threshold: validation has no novel unknowns, and a lower threshold
+    that scores the same on it can only let more of them in.
     """
     scores, labels = _check_inputs(scores, labels)
     num_classes = scores.shape[1]
@@ -269,8 +248,6 @@ def f1(
         logger.debug("f1 tuning round %d: macro-F1 %.4f", round_idx + 1, best_f1)
         if not improved:
             break
-    for k in range(num_classes):
-        thresholds[k] = _plateau_centre(scores, y, thresholds, k)
     logger.info("f1 tuning: validation macro-F1 %.4f", best_f1)
     return thresholds
 

@@ -133,6 +133,12 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     assert correct >= 14
     assert {f"score_{c}" for c in "012345"} <= set(preds.columns)
 
+    jsonl = tmp_path / "preds.jsonl"
+    run_cli("predict", "--model", "artifacts/model", "--thresholds", "artifacts/thresholds.json",
+            str(photos), "--out", str(jsonl))
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["label"] for r in rows] == preds["label"].where(preds["label"].notna(), None).tolist()
+
 
 def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
     model = mlflow.pyfunc.load_model("models:/opensig@champion")
