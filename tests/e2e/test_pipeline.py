@@ -134,8 +134,16 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     assert {f"score_{c}" for c in "012345"} <= set(preds.columns)
 
     jsonl = tmp_path / "preds.jsonl"
-    run_cli("predict", "--model", "artifacts/model", "--thresholds", "artifacts/thresholds.json",
-            str(photos), "--out", str(jsonl))
+    run_cli(
+        "predict",
+        "--model",
+        "artifacts/model",
+        "--thresholds",
+        "artifacts/thresholds.json",
+        str(photos),
+        "--out",
+        str(jsonl),
+    )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["label"] for r in rows] == preds["label"].where(preds["label"].notna(), None).tolist()
 
