@@ -25,8 +25,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests pipelines bench
-	$(BIN)/ruff format --check src tests pipelines bench
+	$(BIN)/ruff check src tests pipelines
+	$(BIN)/ruff format --check src tests pipelines
 
 clean:
 	rm -rf artifacts reports/plots reports/train mlflow.db mlruns mlartifacts
