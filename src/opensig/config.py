@@ -96,12 +96,16 @@ class PromoteConfig(_Section):
     metric: Literal[
         "macro_f1",
         "known_ccr",
+        "known_accuracy",
         "unknown_recall",
         "auroc",
-        "oscr",
         "fpr95",
+        "oscr",
         "ece",
-        "known_accuracy",
+        "novel.auroc",
+        "novel.fpr95",
+        "novel.oscr",
+        "novel.unknown_recall",
     ] = "macro_f1"
     min_delta: float = Field(0.0, ge=0.0)
 

@@ -176,11 +176,28 @@ def _champion_version(client: MlflowClient, name: str) -> str | None:
         return None
 
 
+def metric_value(metrics: dict, name: str) -> float | None:
+    """``name`` may be nested, e.g. ``novel.auroc``; None when undefined (e.g. no unknowns)."""
+    return flatten(metrics).get(name)
+
+
+def compare(
+    metric: str, challenger: float | None, champion: float | None, min_delta: float
+) -> tuple[bool, float | None, str]:
+    """Does the challenger beat the champion by more than ``min_delta``? (promoted, gain, why)."""
+    if challenger is None or champion is None:
+        return False, None, f"{metric} is undefined on the test split; champion kept"
+    lower_is_better = metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+    gain = champion - challenger if lower_is_better else challenger - champion
+    promoted = gain > min_delta + 1e-12  # float noise is not a win
+    return promoted, gain, f"gain {gain:+.4f} {'>' if promoted else '<='} min_delta {min_delta}"
+
+
 def promote(
     cfg: Config,
     version: str,
-    challenger_value: float,
-    champion_value_of: Callable[[str], float],
+    challenger_value: float | None,
+    champion_value_of: Callable[[str], float | None],
 ) -> tuple[bool, dict]:
     """Set ``challenger`` on ``version``; set ``champion`` if it wins. Records why, as tags."""
     client = MlflowClient(tracking_uri(cfg.mlflow))
@@ -192,18 +209,10 @@ def promote(
         promoted, comparison["reason"] = True, "no champion yet"
     else:
         champion_value = champion_value_of(champion)
-        gain = (
-            champion_value - challenger_value
-            if metric in LOWER_IS_BETTER
-            else challenger_value - champion_value
+        promoted, gain, comparison["reason"] = compare(
+            metric, challenger_value, champion_value, delta
         )
-        promoted = gain > delta
-        comparison.update(
-            champion_version=champion,
-            champion_value=champion_value,
-            gain=gain,
-            reason=f"gain {gain:+.4f} {'>' if promoted else '<='} min_delta {delta}",
-        )
+        comparison.update(champion_version=champion, champion_value=champion_value, gain=gain)
     comparison["decision"] = "promoted" if promoted else "kept champion"
     for key, value in comparison.items():
         client.set_model_version_tag(name, version, f"promote.{key}", str(value))

@@ -126,15 +126,14 @@ def register(cfg: Config) -> dict:
     )
     test_rows = split_rows(read_manifest(MANIFEST), "test")
 
-    def champion_value(champion: str) -> float:
+    def champion_value(champion: str) -> float | None:
         uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
         champion_bundle = Bundle.load(resolve_model_dir(uri), device=cfg.train.device)
-        return evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size).metrics[
-            cfg.promote.metric
-        ]
+        result = evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size)
+        return registry.metric_value(result.metrics, cfg.promote.metric)
 
     promoted, comparison = registry.promote(
-        cfg, version, metrics[cfg.promote.metric], champion_value
+        cfg, version, registry.metric_value(metrics, cfg.promote.metric), champion_value
     )
     out = registry.Registration(
         cfg.mlflow.registered_model,
