@@ -80,18 +80,27 @@ def predict(
         Path | None,
         typer.Option(help="thresholds.json, for a training output folder (artifacts/model)"),
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow store for models:/ URIs [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]"
+        ),
+    ] = None,
     batch_size: int = 256,
     device: str = "auto",
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row."""
+    from opensig.config import MlflowConfig
     from opensig.predict import Bundle, collect_images, resolve_model_dir, write_predictions
+    from opensig.registry import tracking_uri as resolve_tracking_uri
 
     if out.suffix not in (".csv", ".jsonl"):
         raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
     files = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    bundle = Bundle.load(resolve_model_dir(model), thresholds, device)
+    uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
+    bundle = Bundle.load(resolve_model_dir(model, uri), thresholds, device)
     frame = bundle.predict(files, batch_size=batch_size)
     write_predictions(frame, out)
     failed = int((frame["error"] != "").sum())

@@ -129,15 +129,20 @@ class Bundle:
         return frame
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder."""
+def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
+    """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder.
+
+    ``tracking_uri`` is the MLflow server or store that resolves ``models:/`` and ``runs:/``.
+    """
     local = Path(model)
     if local.exists():
         return local / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
 
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=tracking_uri)
+        )
         return downloaded / "artifacts" / BUNDLE_DIR
     raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
 

@@ -128,7 +128,8 @@ def register(cfg: Config) -> dict:
 
     def champion_value(champion: str) -> float | None:
         uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
-        champion_bundle = Bundle.load(resolve_model_dir(uri), device=cfg.train.device)
+        local = resolve_model_dir(uri, registry.tracking_uri(cfg.mlflow))
+        champion_bundle = Bundle.load(local, device=cfg.train.device)
         result = evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size)
         return registry.metric_value(result.metrics, cfg.promote.metric)
 
