@@ -145,7 +145,7 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
         str(jsonl),
     )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["label"] for r in rows] == preds["label"].where(preds["label"].notna(), None).tolist()
+    assert [r["label"] for r in rows] == [None if pd.isna(x) else x for x in preds["label"]]
 
 
 def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
