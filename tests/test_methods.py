@@ -13,6 +13,7 @@ from opensig.methods import (
     get_method,
     sample_weights,
     sigmoid_targets,
+    softmax_targets,
     weighted_bce_loss,
 )
 from opensig.thresholds import UNKNOWN
@@ -158,3 +159,75 @@ def test_method_loss_delegates() -> None:
     torch.testing.assert_close(
         method.loss(logits, labels, 0.1, 2.0), weighted_bce_loss(logits, labels, 0.1, 2.0)
     )
+
+
+# --- softmax baselines -------------------------------------------------------------------
+
+
+def test_softmax_targets_known_unknown_kplus1_and_smoothing() -> None:
+    labels = torch.tensor([1, UNKNOWN])
+    uniform = softmax_targets(labels, 3)
+    torch.testing.assert_close(uniform, torch.tensor([[0.0, 1.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    garbage = softmax_targets(labels, 3, unknown_class=True)
+    torch.testing.assert_close(garbage, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]))
+    smoothed = softmax_targets(torch.tensor([0]), 4, smoothing=0.2)
+    torch.testing.assert_close(smoothed, torch.tensor([[0.85, 0.05, 0.05, 0.05]]))
+
+
+def test_entropic_loss_of_an_unknown_image_by_hand() -> None:
+    # Uniform target over K=2: loss = -(log p0 + log p1) / 2 with p = softmax([1, 0]).
+    logits = torch.tensor([[1.0, 0.0]])
+    p = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+    expected = -np.log(p).mean()
+    loss = get_method("softmax_eos").loss(logits, torch.tensor([UNKNOWN]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kplus1_loss_is_cross_entropy_with_the_garbage_class() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = torch.tensor([0, UNKNOWN])
+    expected = F.cross_entropy(logits, torch.tensor([0, 2]))
+    loss = get_method("softmax_kplus1").loss(logits, labels)
+    torch.testing.assert_close(loss, expected)
+    weighted = get_method("softmax_kplus1").loss(logits, labels, unknown_weight=3.0)
+    per_image = F.cross_entropy(logits, torch.tensor([0, 2]), reduction="none")
+    torch.testing.assert_close(weighted, (per_image[0] + 3 * per_image[1]) / 4)
+
+
+def test_msp_loss_is_plain_cross_entropy_with_label_smoothing() -> None:
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(get_method("softmax_msp").loss(logits, labels, 0.1), expected)
+
+
+def test_scores_per_method_are_k_wide_and_in_unit_interval() -> None:
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    msp = get_method("softmax_msp").scores(logits)
+    torch.testing.assert_close(msp, torch.softmax(logits, dim=1))
+    maxlogit = get_method("softmax_maxlogit").scores(logits)
+    assert maxlogit.argmax().item() == logits.argmax().item()  # ranks as the max logit does
+    kplus1 = get_method("softmax_kplus1").scores(logits)
+    assert kplus1.shape == (1, 3)  # the garbage class is not a class score
+    torch.testing.assert_close(kplus1, torch.softmax(logits, dim=1)[:, :3])
+    assert get_method("softmax_kplus1").num_outputs(3) == 4
+
+
+def test_known_only_methods_do_not_train_on_unknowns() -> None:
+    uses = {name: m.uses_unknown for name, m in METHODS.items()}
+    assert uses == {
+        "sigmoid_bce": True,
+        "sigmoid_bce_known_only": False,
+        "softmax_msp": False,
+        "softmax_maxlogit": False,
+        "softmax_kplus1": True,
+        "softmax_eos": True,
+    }
+
+
+def test_config_accepts_exactly_the_registered_methods() -> None:
+    from typing import get_args
+
+    from opensig.config import TrainConfig
+
+    assert set(get_args(TrainConfig.model_fields["method"].annotation)) == set(METHODS)

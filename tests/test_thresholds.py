@@ -257,3 +257,17 @@ def test_f1_keeps_the_highest_of_equally_good_thresholds() -> None:
     thresholds = f1(scores, labels)
     assert thresholds == pytest.approx([0.8, 0.7])
     assert macro_f1(labels, decide(scores, thresholds)) == pytest.approx(1.0)
+
+
+def test_doc_by_hand() -> None:
+    # Class 0's own scores 0.9 and 0.7: mirrored around 1, sigma = sqrt((0.01 + 0.09) / 2).
+    # Class 1's own score 0.99: sigma = 0.01, so 1 - 3 * 0.01 = 0.97. Class 2 has no images.
+    scores = np.array([[0.9, 0.2, 0.1], [0.7, 0.1, 0.0], [0.3, 0.99, 0.2], [0.6, 0.6, 0.6]])
+    labels = np.array([0, 0, 1, UNKNOWN])
+    got = tune_thresholds(scores, labels, "doc", doc_k=1.0)
+    assert got[0] == pytest.approx(1 - np.sqrt(0.05))
+    assert got[1] == pytest.approx(0.99)
+    assert got[2] == 0.5
+    # k = 3 pushes class 0 under the 0.5 floor; unknown images never move DOC thresholds
+    got3 = tune_thresholds(scores, labels, "doc", doc_k=3.0)
+    assert got3 == pytest.approx([0.5, 0.97, 0.5])

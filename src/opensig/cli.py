@@ -132,3 +132,53 @@ def demo_data(
     else:
         counts = demo.write_fashion_mnist(out, per_class=per_class)
     log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)
+
+
+bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("openset")
+def bench_openset(
+    dataset: Annotated[str, typer.Option(help="fashion-mnist or digits")] = "fashion-mnist",
+    seeds: Annotated[int, typer.Option(help="number of seeds (0..n-1): mean ± std")] = 1,
+    methods: Annotated[
+        list[str] | None, typer.Option("--method", help="repeat; default all")
+    ] = None,
+    epochs: int = 8,
+    backbone: str = "resnet18",
+    image_size: int = 28,
+    in_chans: int = 1,
+    batch_size: int = 128,
+    device: str = "auto",
+    per_class: Annotated[int, typer.Option(help="train images per class (cap)")] = 1000,
+    test_per_class: Annotated[int | None, typer.Option(help="test images per class cap")] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+    out: Path = Path("bench/results"),
+    work: Path = Path("bench/work"),
+) -> None:
+    """Every method (sigmoid_bce and the softmax baselines) on one data set, same budget."""
+    from opensig.bench import BenchOptions, run_openset, to_markdown
+    from opensig.methods import METHODS
+
+    opts = BenchOptions(
+        dataset=dataset,
+        seeds=list(range(seeds)),
+        methods=methods or list(METHODS),
+        epochs=epochs,
+        backbone=backbone,
+        image_size=image_size,
+        in_chans=in_chans,
+        batch_size=batch_size,
+        device=device,
+        per_class=per_class,
+        test_per_class=test_per_class,
+        work=work,
+        out=out,
+    )
+    try:
+        summary = run_openset(load_config(params), opts)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log.error("bench failed: %s", err)
+        raise typer.Exit(code=2) from None
+    typer.echo(to_markdown(summary, seeds))

@@ -59,7 +59,14 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["sigmoid_bce"] = "sigmoid_bce"
+    method: Literal[
+        "sigmoid_bce",
+        "sigmoid_bce_known_only",
+        "softmax_msp",
+        "softmax_maxlogit",
+        "softmax_kplus1",
+        "softmax_eos",
+    ] = "sigmoid_bce"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
@@ -75,9 +82,10 @@ class TrainConfig(_Section):
 
 
 class TuneConfig(_Section):
-    strategy: Literal["f1", "precision", "fixed"] = "f1"
+    strategy: Literal["f1", "precision", "fixed", "doc"] = "f1"
     target_precision: float = Field(0.95, gt=0.0, le=1.0)
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    doc_k: float = Field(3.0, gt=0.0, description="DOC: threshold = max(0.5, 1 - k * sigma)")
 
 
 class EvaluateConfig(_Section):

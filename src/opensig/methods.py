@@ -1,12 +1,24 @@
 """Training methods: how labels become targets, which loss, how logits become class scores.
 
 Labels are class indices 0..K-1 for known images and ``UNKNOWN`` (-1) for unknown ones.
-Every method returns per-class scores in [0, 1] so that thresholds, the decision rule and
-every metric apply unchanged, whatever the head was trained with.
+Every method returns per-class scores in [0, 1], shape (N, K), so that thresholds, the
+decision rule and every metric apply unchanged, whatever the head was trained with:
+
+- ``sigmoid_bce`` (opensig's): sigmoid head + BCE; unknown images get an all-zero target.
+- ``sigmoid_bce_known_only``: the same without unknown images (what the unknowns bring).
+- ``softmax_msp``: softmax + cross-entropy on known images; score = softmax probability
+  (max-softmax baseline, Hendrycks & Gimpel 2017).
+- ``softmax_maxlogit``: the same model; score = sigmoid(logit), which ranks images exactly
+  as the max logit does (Vaze et al. 2022) while staying in [0, 1] for thresholds.
+- ``softmax_kplus1``: unknown images form an extra "garbage" class K; score = the softmax
+  probabilities of the K real classes.
+- ``softmax_eos``: entropic open-set loss / outlier exposure: an unknown image's target is
+  the uniform distribution over the K classes (Dhamija et al. 2018; Hendrycks et al. 2019).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +39,22 @@ def sigmoid_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0
     return targets * (1.0 - 2.0 * smoothing) + smoothing
 
 
+def softmax_targets(
+    labels: torch.Tensor, num_classes: int, smoothing: float = 0.0, unknown_class: bool = False
+) -> torch.Tensor:
+    """Distributions over the outputs: one-hot (smoothed) for known images; for unknown ones
+    the extra class K (``unknown_class``) or else the uniform distribution (entropic loss)."""
+    width = num_classes + int(unknown_class)
+    known = labels != UNKNOWN
+    targets = torch.zeros(labels.shape[0], width, dtype=torch.float32, device=labels.device)
+    targets[known, labels[known]] = 1.0
+    if unknown_class:
+        targets[~known, num_classes] = 1.0
+    else:
+        targets[~known] = 1.0 / num_classes
+    return targets * (1.0 - smoothing) + smoothing / width
+
+
 def sample_weights(labels: torch.Tensor, unknown_weight: float) -> torch.Tensor:
     """Per-image loss weight: 1 for known images, ``unknown_weight`` for unknown ones."""
     weights = torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
@@ -34,47 +62,74 @@ def sample_weights(labels: torch.Tensor, unknown_weight: float) -> torch.Tensor:
     return weights
 
 
-def weighted_bce_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    smoothing: float = 0.0,
-    unknown_weight: float = 1.0,
-) -> torch.Tensor:
-    """BCE-with-logits averaged over classes, then a weighted mean over the batch."""
-    targets = sigmoid_targets(labels, logits.shape[1], smoothing)
-    per_image = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").mean(
-        dim=1
-    )
+def _weighted_mean(per_image: torch.Tensor, labels: torch.Tensor, unknown_weight: float):
     weights = sample_weights(labels, unknown_weight)
     return (per_image * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
+def weighted_bce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, unknown_weight: float = 1.0
+) -> torch.Tensor:
+    """BCE-with-logits averaged over classes, then a weighted mean over the batch."""
+    targets = sigmoid_targets(labels, logits.shape[1], smoothing)
+    per_image = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    return _weighted_mean(per_image.mean(dim=1), labels, unknown_weight)
+
+
+def weighted_softmax_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    smoothing: float = 0.0,
+    unknown_weight: float = 1.0,
+    unknown_class: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy against ``softmax_targets``, then a weighted mean over the batch."""
+    num_classes = logits.shape[1] - int(unknown_class)
+    targets = softmax_targets(labels, num_classes, smoothing, unknown_class)
+    per_image = -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    return _weighted_mean(per_image, labels, unknown_weight)
+
+
+def _softmax_scores(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1)[:, :num_classes]
+
+
+def _sigmoid_scores(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.sigmoid(logits.float())[:, :num_classes]
+
+
+def _kplus1_loss(logits, labels, smoothing=0.0, unknown_weight=1.0):
+    return weighted_softmax_loss(logits, labels, smoothing, unknown_weight, unknown_class=True)
+
+
 @dataclass(frozen=True)
 class Method:
-    """What a training method changes: the head's width, the loss, the score function."""
+    """What a training method changes: head width, whether unknowns train, loss, scores."""
 
     name: str
     uses_unknown: bool
+    loss: Callable[..., torch.Tensor]
+    score_fn: Callable[[torch.Tensor, int], torch.Tensor]
+    extra_outputs: int = 0
 
     def num_outputs(self, num_classes: int) -> int:
-        return num_classes
-
-    def loss(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        smoothing: float = 0.0,
-        unknown_weight: float = 1.0,
-    ) -> torch.Tensor:
-        return weighted_bce_loss(logits, labels, smoothing, unknown_weight)
+        return num_classes + self.extra_outputs
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-class scores in [0, 1], shape (N, K)."""
-        return torch.sigmoid(logits.float())
+        return self.score_fn(logits, logits.shape[1] - self.extra_outputs)
 
 
 METHODS: dict[str, Method] = {
-    "sigmoid_bce": Method("sigmoid_bce", uses_unknown=True),
+    m.name: m
+    for m in [
+        Method("sigmoid_bce", True, weighted_bce_loss, _sigmoid_scores),
+        Method("sigmoid_bce_known_only", False, weighted_bce_loss, _sigmoid_scores),
+        Method("softmax_msp", False, weighted_softmax_loss, _softmax_scores),
+        Method("softmax_maxlogit", False, weighted_softmax_loss, _sigmoid_scores),
+        Method("softmax_kplus1", True, _kplus1_loss, _softmax_scores, extra_outputs=1),
+        Method("softmax_eos", True, weighted_softmax_loss, _softmax_scores),
+    ]
 }
 
 

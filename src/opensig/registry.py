@@ -14,7 +14,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,29 @@ def _bundle_folder(model_dir: Path, thresholds: Path, into: Path) -> Path:
     return bundle
 
 
+@contextmanager
+def logged_run(
+    cfg: Config,
+    metrics: dict,
+    artifacts: list[Path],
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run holding the params, metrics, report files and provenance tags."""
+    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        mlflow.log_metrics(
+            {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+        )
+        mlflow.set_tags({**provenance_tags(), **(tags or {})})
+        for path in artifacts:
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path="reports")
+        yield run
+
+
 def log_and_register(
     cfg: Config,
     metrics: dict,
@@ -145,18 +169,8 @@ def log_and_register(
     thresholds: Path,
     artifacts: list[Path],
 ) -> tuple[str, str]:
-    """One MLflow run: params, metrics, plots, tags, the pyfunc model. Returns (run, version)."""
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
-        mlflow.log_metrics(
-            {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
-        )
-        mlflow.set_tags(provenance_tags())
-        for path in artifacts:
-            if path.is_file():
-                mlflow.log_artifact(str(path), artifact_path="reports")
+    """One MLflow run with the pyfunc model, registered. Returns (run id, model version)."""
+    with logged_run(cfg, metrics, artifacts) as run, tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),

@@ -6,7 +6,7 @@ Each reads like its entry in dvc.yaml; the paths below are the ones dvc.yaml dec
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opensig.config import Config
@@ -22,20 +22,61 @@ from opensig.thresholds import tune_thresholds
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS, REPORTS = Path("artifacts"), Path("reports")
-MANIFEST = ARTIFACTS / "manifest.parquet"
-MODEL_DIR = ARTIFACTS / "model"
-LAST_DIR = ARTIFACTS / "checkpoints" / "last"
-THRESHOLDS = ARTIFACTS / "thresholds.json"
-INGEST_REPORT = REPORTS / "ingest.json"
-TRAIN_REPORT = REPORTS / "train.json"
-TRAIN_PLOTS = REPORTS / "train"
-METRICS = REPORTS / "metrics.json"
-PLOTS = REPORTS / "plots"
-REGISTERED = REPORTS / "registered.json"
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes, under ``root``: the paths dvc.yaml declares.
+
+    The CLI uses the working directory; the benchmark gives every run a folder of its own.
+    """
+
+    root: Path = Path(".")
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "artifacts/manifest.parquet"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "artifacts/model"
+
+    @property
+    def last_dir(self) -> Path:
+        return self.root / "artifacts/checkpoints/last"
+
+    @property
+    def thresholds(self) -> Path:
+        return self.root / "artifacts/thresholds.json"
+
+    @property
+    def ingest_report(self) -> Path:
+        return self.root / "reports/ingest.json"
+
+    @property
+    def train_report(self) -> Path:
+        return self.root / "reports/train.json"
+
+    @property
+    def train_plots(self) -> Path:
+        return self.root / "reports/train"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "reports/metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "reports/plots"
+
+    @property
+    def registered(self) -> Path:
+        return self.root / "reports/registered.json"
 
 
-def ingest(cfg: Config) -> dict:
+HERE = Layout()
+
+
+def ingest(cfg: Config, at: Layout = HERE) -> dict:
     """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
     scan = scan_folder(cfg.data.root)
     manifest = assign_splits(
@@ -45,7 +86,7 @@ def ingest(cfg: Config) -> dict:
         cfg.data.holdout_unknown,
         cfg.data.split_seed,
     )
-    write_manifest(manifest, MANIFEST)
+    write_manifest(manifest, at.manifest)
     report = {
         "root": cfg.data.root,
         "classes": scan.classes,
@@ -55,7 +96,7 @@ def ingest(cfg: Config) -> dict:
         "duplicates": scan.duplicates,
         "conflicts": scan.conflicts,
     }
-    write_json(INGEST_REPORT, report)
+    write_json(at.ingest_report, report)
     log.info(
         "ingest: %d images, %d classes; skipped %d, duplicates %d, conflicts %d",
         len(manifest),
@@ -67,64 +108,68 @@ def ingest(cfg: Config) -> dict:
     return report
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, at: Layout = HERE) -> dict:
     from opensig.train import train_model  # torch-heavy; keep `opensig --help` fast
 
-    result = train_model(cfg, read_manifest(MANIFEST), MODEL_DIR, LAST_DIR)
-    write_history(result.history, TRAIN_PLOTS)
+    result = train_model(cfg, read_manifest(at.manifest), at.model_dir, at.last_dir)
+    write_history(result.history, at.train_plots)
     report = {k: v for k, v in asdict(result).items() if k not in ("spec", "history")}
     report["classes"] = result.spec.classes
-    write_json(TRAIN_REPORT, report)
+    write_json(at.train_report, report)
     return report
 
 
-def tune(cfg: Config) -> dict:
+def tune(cfg: Config, at: Layout = HERE) -> dict:
     """Per-class thresholds from the validation split (never from test)."""
-    model, spec = load_model_dir(MODEL_DIR, resolve_device(cfg.train.device))
-    rows = split_rows(read_manifest(MANIFEST), "val")
+    model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
+    rows = split_rows(read_manifest(at.manifest), "val")
     if rows.empty:
         raise ValueError(
             "the val split is empty: thresholds need validation images (raise data.val_fraction)"
         )
     scores = score_rows(model, spec, rows, cfg.evaluate.batch_size)
-    options = {"target_precision": cfg.tune.target_precision, "value": cfg.tune.fixed_threshold}
+    options = {
+        "target_precision": cfg.tune.target_precision,
+        "value": cfg.tune.fixed_threshold,
+        "doc_k": cfg.tune.doc_k,
+    }
     values = tune_thresholds(
         scores, label_indices(rows["label"].tolist(), spec.classes), cfg.tune.strategy, **options
     )
-    write_thresholds(THRESHOLDS, spec.classes, values, cfg.tune.strategy, options)
+    write_thresholds(at.thresholds, spec.classes, values, cfg.tune.strategy, options)
     return {
         "strategy": cfg.tune.strategy,
         "thresholds": dict(zip(spec.classes, values.tolist(), strict=True)),
     }
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
-    bundle = Bundle.load(MODEL_DIR, THRESHOLDS, cfg.train.device)
+    bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
     result = evaluate_bundle(
-        bundle, split_rows(read_manifest(MANIFEST), "test"), cfg.evaluate.batch_size
+        bundle, split_rows(read_manifest(at.manifest), "test"), cfg.evaluate.batch_size
     )
-    write_confusion(result.labels, result.preds, bundle.spec.classes, PLOTS)
-    write_roc(result.scores, result.labels, result.novel, PLOTS)
-    write_json(METRICS, result.metrics)
+    write_confusion(result.labels, result.preds, bundle.spec.classes, at.plots)
+    write_roc(result.scores, result.labels, result.novel, at.plots)
+    write_json(at.metrics, result.metrics)
     log.info("evaluate: %s", {k: v for k, v in result.metrics.items() if k != "novel"})
     return result.metrics
 
 
-def register(cfg: Config) -> dict:
+def register(cfg: Config, at: Layout = HERE) -> dict:
     """Log the run to MLflow, register the model, move the aliases, write registered.json."""
     from opensig import registry  # mlflow is a heavy import
 
-    metrics = read_json(METRICS)
-    pngs = sorted(PLOTS.glob("*.png")) + sorted(TRAIN_PLOTS.glob("*.png"))
+    metrics = read_json(at.metrics)
+    pngs = sorted(at.plots.glob("*.png")) + sorted(at.train_plots.glob("*.png"))
     run_id, version = registry.log_and_register(
         cfg,
         metrics,
-        MODEL_DIR,
-        THRESHOLDS,
-        [*pngs, METRICS, INGEST_REPORT, TRAIN_REPORT, THRESHOLDS],
+        at.model_dir,
+        at.thresholds,
+        [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
     )
-    test_rows = split_rows(read_manifest(MANIFEST), "test")
+    test_rows = split_rows(read_manifest(at.manifest), "test")
 
     def champion_value(champion: str) -> float | None:
         uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
@@ -144,7 +189,7 @@ def register(cfg: Config) -> dict:
         promoted,
         comparison,
     )
-    write_json(REGISTERED, out.to_dict())
+    write_json(at.registered, out.to_dict())
     return out.to_dict()
 
 

@@ -131,6 +131,26 @@ def precision(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
     return out
 
 
+def doc(scores: np.ndarray, labels: np.ndarray, doc_k: float = 3.0) -> np.ndarray:
+    """DOC (Shu et al. 2017): per class, a Gaussian fitted to its own images' scores.
+
+    The class's positive scores s are mirrored around 1 (s and 2 - s), so the fitted Gaussian
+    has mean 1 and sigma = sqrt(mean((s - 1)^2)); the threshold is max(0.5, 1 - doc_k * sigma).
+    It needs no unknown validation images: a class whose scores spread widely gets a lower
+    threshold. A class with no validation images keeps 0.5, with a warning.
+    """
+    scores, labels = _check_inputs(scores, labels)
+    out = np.full(scores.shape[1], _DEFAULT_THRESHOLD)
+    for k in range(scores.shape[1]):
+        own = scores[labels == k, k]
+        if own.size == 0:
+            logger.warning("class %d has no validation images; DOC threshold stays 0.5", k)
+            continue
+        sigma = float(np.sqrt(np.mean((own - 1.0) ** 2)))
+        out[k] = max(_DEFAULT_THRESHOLD, 1.0 - doc_k * sigma)
+    return out
+
+
 def _ovr_f1_thresholds(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per class, the threshold maximising that class's own one-vs-rest F1 (0.5 if no positives)."""
     out = np.full(scores.shape[1], _DEFAULT_THRESHOLD)
@@ -256,6 +276,7 @@ STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "fixed": fixed,
     "precision": precision,
     "f1": f1,
+    "doc": doc,
 }
 """Strategy name -> ``fn(scores, labels, **options) -> thresholds (K,)``."""
 

@@ -15,6 +15,7 @@ import gzip
 import io
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,11 @@ def _find_idx(idx_dir: Path, stem: str) -> Path:
 
 
 def write_fashion_mnist(
-    out: Path, idx_dir: Path = FASHION_DIR, per_class: int | None = 1000
+    out: Path,
+    idx_dir: Path = FASHION_DIR,
+    per_class: int | None = 1000,
+    parts: Sequence[str] = ("train", "test"),
+    classes: Sequence[str] = FASHION_CLASSES,
 ) -> dict[str, int]:
     """Write Fashion-MNIST as 28x28 PNGs under `out`, `per_class` images of each class.
 
@@ -123,6 +128,8 @@ def write_fashion_mnist(
     in file order (None: all 7000). Known: tshirt_top, trouser, pullover, dress, coat, sandal;
     unknown sources: shirt and sneaker (trained on), bag and ankle_boot (to hold out). Files
     are named `<train|test>_<index in that file:05d>.png`. Returns the images per folder.
+    `parts` and `classes` select official files and classes (the open-set benchmark writes
+    the official train and test sets to separate folders).
     """
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be a positive number or None, got {per_class}")
@@ -134,6 +141,8 @@ def write_fashion_mnist(
         )
     counts: Counter[str] = Counter()
     for part, prefix in (("train", "train"), ("test", "t10k")):
+        if part not in parts:
+            continue
         images = _read_idx(_find_idx(idx_dir, f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(_find_idx(idx_dir, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.shape != images.shape[:1]:
@@ -142,6 +151,8 @@ def write_fashion_mnist(
             )
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             name = FASHION_CLASSES[label]
+            if name not in classes:
+                continue
             folder = f"known/{name}" if name in FASHION_KNOWN else f"unknown/{name}"
             if per_class is not None and counts[folder] >= per_class:
                 continue
