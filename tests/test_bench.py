@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from opensig.bench import COLUMNS, summarise, to_markdown
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
+from opensig.methods import METHODS
 from tests.conftest import write_params
 
 
@@ -65,14 +66,7 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(
     assert result.exit_code == 0, result.output
     saved = json.loads(Path("bench/results/openset_fashion-mnist.json").read_text())
     methods = [row["method"] for row in saved["summary"]]
-    assert methods == [
-        "sigmoid_bce",
-        "sigmoid_bce_known_only",
-        "softmax_msp",
-        "softmax_maxlogit",
-        "softmax_kplus1",
-        "softmax_eos",
-    ]
+    assert methods == list(METHODS)
     assert saved["runs"][0]["novel.auroc"] is not None
     assert saved["meta"]["per_class"] == 12
     assert "| softmax_eos |" in Path("bench/results/openset_fashion-mnist.md").read_text()

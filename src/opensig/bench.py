@@ -106,7 +106,7 @@ def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
     """Train, tune on val, evaluate on test; log one MLflow run. Returns flat results."""
     from opensig.registry import flatten, logged_run
 
-    at = Layout(run_dir)
+    at = Layout.under(run_dir)
     at.manifest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(manifest, at.manifest)
     train(cfg, at)
@@ -128,7 +128,7 @@ def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds, one row per method (in run order)."""
     grouped = results.groupby("method", sort=False)[list(COLUMNS)]
-    return grouped.mean().join(grouped.std(ddof=0), rsuffix="_std")
+    return grouped.mean().join(grouped.std(ddof=0).add_suffix("_std"))
 
 
 def to_markdown(summary: pd.DataFrame, n_seeds: int) -> str:
@@ -175,6 +175,7 @@ def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
         "per_class": opts.per_class,
         "test_per_class": opts.test_per_class,
         "device": opts.device,
+        "train_defaults": base.model_dump(mode="json")["train"],
         "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
         "opensig": opensig.__version__,
         "torch": _version("torch"),

@@ -73,7 +73,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    unknown_weight: float = Field(1.0, ge=0.0)
+    unknown_weight: float = Field(3.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = Field(0, ge=0)

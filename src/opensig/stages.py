@@ -25,52 +25,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage reads and writes, under ``root``: the paths dvc.yaml declares.
+    """Where each stage reads and writes: the paths dvc.yaml declares.
 
-    The CLI uses the working directory; the benchmark gives every run a folder of its own.
+    The CLI uses them as they are, relative to the working directory; the benchmark gives
+    every run a folder of its own with ``Layout.under(folder)``.
     """
 
-    root: Path = Path(".")
+    manifest: Path = Path("artifacts/manifest.parquet")
+    model_dir: Path = Path("artifacts/model")
+    last_dir: Path = Path("artifacts/checkpoints/last")
+    thresholds: Path = Path("artifacts/thresholds.json")
+    ingest_report: Path = Path("reports/ingest.json")
+    train_report: Path = Path("reports/train.json")
+    train_plots: Path = Path("reports/train")
+    metrics: Path = Path("reports/metrics.json")
+    plots: Path = Path("reports/plots")
+    registered: Path = Path("reports/registered.json")
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / "artifacts/manifest.parquet"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "artifacts/model"
-
-    @property
-    def last_dir(self) -> Path:
-        return self.root / "artifacts/checkpoints/last"
-
-    @property
-    def thresholds(self) -> Path:
-        return self.root / "artifacts/thresholds.json"
-
-    @property
-    def ingest_report(self) -> Path:
-        return self.root / "reports/ingest.json"
-
-    @property
-    def train_report(self) -> Path:
-        return self.root / "reports/train.json"
-
-    @property
-    def train_plots(self) -> Path:
-        return self.root / "reports/train"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "reports/metrics.json"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "reports/plots"
-
-    @property
-    def registered(self) -> Path:
-        return self.root / "reports/registered.json"
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        return cls(**{name: root / path for name, path in asdict(cls()).items()})
 
 
 HERE = Layout()

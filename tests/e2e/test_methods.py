@@ -31,9 +31,9 @@ def test_method_trains_and_scores_sanely(
 ) -> None:
     monkeypatch.chdir(ingested)  # manifest paths are relative to the project folder
     cfg = load_config(write_params(tmp_path, {"train": {"method": method, "epochs": 2}}))
-    at = Layout(tmp_path)
+    at = Layout.under(tmp_path)
     at.manifest.parent.mkdir(parents=True)
-    shutil.copy(Layout(ingested).manifest, at.manifest)
+    shutil.copy(Layout.under(ingested).manifest, at.manifest)
 
     train(cfg, at)
     tune(cfg, at)
