@@ -22,6 +22,11 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="opensig-prefect-")  # neve
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The metrics.json keys the core-pipeline issue promises users.
+METRIC_KEYS = frozenset(
+    {"known_accuracy", "known_ccr", "unknown_recall", "macro_f1", "auroc", "fpr95", "oscr", "ece"}
+)
+
 # Small and quick on 2 CPU cores, still a real convolutional net on real images.
 FAST_OVERRIDES = {
     "model": {"backbone": "resnet10t", "image_size": 16},

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from opensig.data.manifest import label_indices
 from opensig.metrics import open_set_metrics
+from opensig.model import ModelSpec
 from opensig.predict import Bundle, score_sources
 from opensig.thresholds import decide
 
@@ -26,9 +28,11 @@ class Evaluation:
     novel: np.ndarray
 
 
-def score_rows(bundle_model, spec, rows: pd.DataFrame, batch_size: int) -> np.ndarray:
+def score_rows(
+    model: torch.nn.Module, spec: ModelSpec, rows: pd.DataFrame, batch_size: int
+) -> np.ndarray:
     """Scores for manifest rows; an unreadable file here means the data changed since ingest."""
-    scores, errors = score_sources(bundle_model, spec, rows["path"].tolist(), batch_size)
+    scores, errors = score_sources(model, spec, rows["path"].tolist(), batch_size)
     bad = [(p, e) for p, e in zip(rows["path"], errors, strict=True) if e]
     if bad:
         raise RuntimeError(

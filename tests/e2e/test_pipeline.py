@@ -13,19 +13,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from opensig.cli import app
-from tests.conftest import write_params
+from tests.conftest import METRIC_KEYS, write_params
 
 STAGES = ["ingest", "train", "tune", "evaluate", "register"]
-METRIC_KEYS = {
-    "known_accuracy",
-    "known_ccr",
-    "unknown_recall",
-    "macro_f1",
-    "auroc",
-    "fpr95",
-    "oscr",
-    "ece",
-}
 
 pytestmark = pytest.mark.e2e
 
