@@ -19,6 +19,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own SQLite store
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="opensig-prefect-")  # never ~/.prefect
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,17 +35,17 @@ FAST_OVERRIDES = {
 }
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_params(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+        out[key] = merge_params(base.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 
 def write_params(folder: Path, overrides: dict | None = None) -> Path:
     """The repo's params.yaml with the fast overrides (and any others) applied."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = _merge(_merge(params, FAST_OVERRIDES), overrides or {})
+    params = merge_params(merge_params(params, FAST_OVERRIDES), overrides or {})
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

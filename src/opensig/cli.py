@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from enum import Enum
 from pathlib import Path
@@ -111,6 +112,36 @@ def predict(
         int((frame["label"] == "unknown").sum()),
         failed,
     )
+
+
+@app.command()
+def retrain(
+    project: Annotated[Path, typer.Option(help="folder with dvc.yaml and params.yaml")] = Path("."),
+    force: Annotated[bool, typer.Option(help="rerun every stage even if nothing changed")] = False,
+    serve: Annotated[
+        bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
+    ] = False,
+    cron: Annotated[str | None, typer.Option(help="schedule [default: retrain.cron]")] = None,
+    timezone: Annotated[str | None, typer.Option(help="[default: retrain.timezone]")] = None,
+) -> None:
+    """Prefect flow: version new data, dvc repro, report the promotion decision."""
+    from opensig import retrain as flows
+
+    params = project / "params.yaml"
+    try:
+        cfg = load_config(params)
+        if serve:
+            settings = cfg.retrain.model_copy(
+                update={k: v for k, v in {"cron": cron, "timezone": timezone}.items() if v}
+            )
+            flows.check_schedule(settings, params)
+            flows.serve(str(project), settings.cron, settings.timezone)
+        else:
+            summary = flows.retrain(str(project), force=force)
+            typer.echo(json.dumps(summary, indent=2))
+    except (ConfigError, flows.StepFailed) as err:
+        log.error("retrain failed: %s", err)
+        raise typer.Exit(code=2) from None
 
 
 class DemoSource(str, Enum):

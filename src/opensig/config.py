@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -118,6 +126,32 @@ class PromoteConfig(_Section):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class RetrainConfig(_Section):
+    """The scheduled retraining flow (pipelines/retrain.py); no stage depends on it."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    push: bool = Field(False, description="dvc push after a successful run (needs a remote)")
+    commit: bool = Field(False, description="git commit data.dvc and dvc.lock after a run")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone name such as UTC or Europe/Paris") from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        # The full syntax check needs Prefect (heavy); the flow runs it before any work.
+        if len(value.split()) != 5:
+            raise ValueError("a cron line has 5 fields: minute hour day month weekday")
+        return value
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -126,6 +160,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     promote: PromoteConfig = PromoteConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:
