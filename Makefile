@@ -4,9 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PATH := $(abspath $(BIN)):$(PATH)
+PREFECT_PORT ?= 4200
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean retrain prefect-server
 
 install: $(VENV)/.installed
 
@@ -20,6 +22,13 @@ demo: install
 	$(BIN)/opensig demo-data --source digits --out data
 	$(BIN)/dvc add -q data
 	$(BIN)/dvc repro
+
+retrain: install  ## the Prefect flow, once, no server needed
+	$(BIN)/python pipelines/retrain.py
+
+prefect-server: install  ## a local Prefect server for scheduled runs (then: export PREFECT_API_URL=...)
+	@echo "export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api  # in the shell that serves the flow"
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -19,7 +19,7 @@ def invoke(*args: str):
 def test_every_stage_is_a_command() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ["ingest", "train", "tune", "evaluate", "register", "predict", "demo-data"]:
+    for command in ["ingest", "train", "tune", "evaluate", "register", "predict", "retrain"]:
         assert command in result.output
 
 

@@ -261,7 +261,7 @@ def serve(project: str, cron: str, timezone: str) -> None:
     from prefect.schedules import Cron
 
     retrain.serve(
-        name=FLOW_NAME,
+        name="local-schedule",  # shows as opensig-retrain/local-schedule
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"project": str(Path(project).resolve())},
         limit=1,

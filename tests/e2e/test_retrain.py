@@ -37,8 +37,8 @@ BIN = Path(sys.executable).parent  # dvc, opensig and prefect of this interprete
 MODEL = "opensig"
 
 
-def sh(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    env = env or {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
@@ -224,7 +224,32 @@ def test_served_flow_runs_on_its_cron_schedule(repo: Path, first: dict, tmp_path
         runs = _wait_for(completed_runs, 180, "a scheduled run to complete", logs)
         assert runs[0]["state"]["message"].startswith("nothing to do")
         deployment = httpx.get(f"{api}/deployments/{runs[0]['deployment_id']}").json()
+        assert deployment["name"] == "local-schedule"
         assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+
+        # prefect.yaml, for work pools, deploys to the same server as documented.
+        sh(
+            str(BIN / "prefect"),
+            "work-pool",
+            "create",
+            "opensig",
+            "--type",
+            "process",
+            cwd=REPO,
+            env=env,
+        )
+        sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", cwd=REPO,
+           env={**env, "OPENSIG_PROJECT": str(repo)})  # fmt: skip
+        body = {
+            "deployments": {"name": {"any_": ["work-pool"]}},
+            "work_pools": {"name": {"any_": ["opensig"]}},
+        }
+        (pooled,) = httpx.post(f"{api}/deployments/filter", json=body).json()
+        assert pooled["entrypoint"] == "pipelines/retrain.py:retrain"
+        assert pooled["pull_steps"][0]["prefect.deployments.steps.set_working_directory"] == {
+            "directory": str(repo)
+        }
+        assert pooled["global_concurrency_limit"]["limit"] == 1
     finally:
         for proc in logs:
             proc.terminate()

@@ -1,0 +1,129 @@
+"""The retraining flow's pure parts, its settings and its deployment file.
+
+The flow itself runs end to end in tests/e2e/test_retrain.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.flows import load_flow_from_entrypoint
+from prefect.states import Failed
+from typer.testing import CliRunner
+
+from opensig.cli import app
+from opensig.config import ConfigError, RetrainConfig, load_config
+from opensig.retrain import (
+    FLOW_NAME,
+    RepoBusy,
+    StepFailed,
+    _retry_if_busy,
+    check_schedule,
+    describe_changes,
+    promotion_markdown,
+)
+from tests.conftest import REPO, write_params
+
+# `dvc status --json` as DVC 3 prints it: new data, a changed param section, a changed source
+# file, the consequences downstream (deleted deps, missing outs) and a changed command.
+STATUS = {
+    "data.dvc": [{"changed outs": {"data": "modified"}}],
+    "ingest": [{"changed deps": {"data": "modified"}}],
+    "train": [
+        {"changed deps": {"artifacts/manifest.parquet": "deleted"}},
+        {"changed deps": {"params.yaml": {"train": "modified"}}},
+        {"changed deps": {"src/opensig/train.py": "modified"}},
+        {"changed outs": {"artifacts/model": "deleted"}},
+    ],
+    "tune": [{"changed deps": {"artifacts/model": "deleted"}}, "changed command"],
+    "evaluate": [{"changed outs": {"reports/metrics.json": "deleted"}}],
+}
+
+
+def test_describe_changes_names_the_causes_not_the_consequences() -> None:
+    assert describe_changes(STATUS) == [
+        "data.dvc: data modified",
+        "evaluate: outputs stale",
+        "ingest: data modified",
+        "train: param train modified, src/opensig/train.py modified",
+        "tune: changed command",
+    ]
+    assert describe_changes({}) == []
+
+
+REGISTRATION = {
+    "name": "opensig",
+    "version": "4",
+    "run_id": "abc123",
+    "aliases": ["challenger"],
+    "promoted": False,
+    "comparison": {
+        "metric": "macro_f1",
+        "min_delta": 0.0,
+        "challenger_value": 0.81234,
+        "reason": "gain -0.0700 <= min_delta 0.0",
+        "champion_version": "3",
+        "champion_value": 0.88234,
+        "gain": -0.07,
+        "decision": "kept champion",
+    },
+}
+
+
+def test_promotion_markdown_shows_both_metrics_and_the_reason() -> None:
+    text = promotion_markdown(REGISTRATION, ["data.dvc: data modified"])
+    assert text.startswith("# opensig: kept champion")
+    assert "| challenger (new) | 4 | 0.8123 |" in text
+    assert "| champion (before) | 3 | 0.8823 |" in text
+    assert "Reason: gain -0.0700 <= min_delta 0.0" in text
+    assert "- data.dvc: data modified" in text
+
+
+def test_promotion_markdown_first_version_and_undefined_metric() -> None:
+    first = {
+        **REGISTRATION,
+        "aliases": ["challenger", "champion"],
+        "comparison": {
+            "metric": "novel.auroc",
+            "min_delta": 0.0,
+            "challenger_value": None,
+            "reason": "no champion yet",
+            "decision": "promoted",
+        },
+    }
+    text = promotion_markdown(first, [])
+    assert "| challenger (new) | 4 | n/a |" in text
+    assert "champion (before)" not in text and "What changed" not in text
+    assert "challenger, champion" in text
+
+
+def test_check_schedule_uses_prefects_cron_parser() -> None:
+    check_schedule(RetrainConfig(cron="30 2 * * 1-5", timezone="Europe/Paris"), Path("p.yaml"))
+    with pytest.raises(ConfigError, match=r"p.yaml: retrain.cron '61 3 \* \* \*'"):
+        check_schedule(RetrainConfig(cron="61 3 * * *"), Path("p.yaml"))
+
+
+def test_only_a_busy_repository_is_retried() -> None:
+    assert _retry_if_busy(None, None, Failed(data=RepoBusy("Unable to acquire lock")))
+    assert not _retry_if_busy(None, None, Failed(data=StepFailed("train failed")))
+
+
+def test_serve_with_a_bad_cron_fails_before_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_params(tmp_path)
+    result = CliRunner().invoke(
+        app, ["retrain", "--project", str(tmp_path), "--serve", "--cron", "0 25 * * *"]
+    )
+    assert result.exit_code == 2
+    assert "retrain.cron '0 25 * * *'" in caplog.text
+
+
+def test_prefect_yaml_deploys_this_flow_on_the_params_schedule() -> None:
+    deployment = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+    assert flow.name == FLOW_NAME
+    settings = load_config(REPO / "params.yaml").retrain
+    assert deployment["schedules"] == [{"cron": settings.cron, "timezone": settings.timezone}]
