@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from opensig.bench import COLUMNS, summarise, to_markdown
+from opensig.bench.openset import COLUMNS, summarise, to_markdown
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
 from opensig.methods import METHODS
@@ -73,3 +73,24 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(
     runs = pd.read_parquet("bench/work/manifest.parquet")
     assert set(runs[runs["novel"]]["source"]) == {"bag", "ankle_boot"}
     assert set(runs[runs["split"] != "test"]["source"]).isdisjoint({"bag", "ankle_boot"})
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_speed_bench_measures_every_figure_against_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    args = ["bench", "speed", "--backbone", "resnet10t", "--image-size", "16"]
+    args += ["--per-class", "30", "--epochs", "2", "--ingest-images", "10", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "bench/results/speed_cpu.json").read_text())
+    train, predict, ingest = figures["train"], figures["predict"], figures["ingest"]
+    assert train["ratio_to_limit"] == pytest.approx(
+        train["stage_images_per_s"] / train["limit_images_per_s"]
+    )
+    assert min(train["stage_images_per_s"], train["reference_images_per_s"]) > 0
+    assert predict["images"] == 6 * 30 and predict["ratio_to_limit"] > 0
+    assert ingest["files"] == 10 * 10 and ingest["rerun_reused"] == ingest["files"]
+    assert figures["meta"]["torch"] and "| train stage |" in result.output

@@ -158,3 +158,13 @@ def test_image_dataset_works_with_dataloader(tmp_path: Path) -> None:
     assert batch["image"].shape == (2, 3, SIZE, SIZE)
     assert batch["label"].tolist() == [0, 1]
     assert batch["error"][0] == "" and batch["error"][1] != ""
+
+
+def test_loader_workers_auto_keeps_cpu_cores_for_the_model(monkeypatch) -> None:
+    from opensig.data.dataset import loader_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers("auto", torch.device("cuda")) == 8
+    assert loader_workers("auto", torch.device("cuda"), world=4) == 3  # 16 cores / 4 processes
+    assert loader_workers(2, torch.device("cpu")) == 2  # an explicit number is kept

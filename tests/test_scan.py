@@ -123,6 +123,28 @@ def test_relative_root_gives_relative_paths(tree: Path, monkeypatch) -> None:
     assert all(p.startswith("data/") for p in paths)
 
 
+def test_rescan_reuses_unchanged_files_and_rereads_changed_ones(tree: Path) -> None:
+    cache = tree.parent / "cache" / "scan.parquet"
+    first = scan_folder(tree, cache=cache)
+    again = scan_folder(tree, cache=cache)
+    files = len(first.records) + len(first.skipped) + len(first.duplicates)
+    files += sum(len(c["paths"]) for c in first.conflicts)
+    hidden = sum(1 for s in first.skipped if s["reason"] == "hidden file")  # never probed
+    assert first.reused == 0 and again.reused == files - hidden
+    assert again.records.equals(first.records) and again.skipped == first.skipped
+    assert (again.duplicates, again.conflicts) == (first.duplicates, first.conflicts)
+
+    # A changed file is read again (new size/mtime); a fixed one becomes a record.
+    _save(tree / "known/dog/empty.png", 11, "PNG")
+    fixed = scan_folder(tree, cache=cache)
+    assert fixed.reused == again.reused - 1
+    assert "empty.png" in " ".join(fixed.records["path"])
+    assert fixed.records.equals(scan_folder(tree).records)  # same as without a cache
+
+    cache.write_bytes(b"not parquet")  # a damaged cache costs a full scan, not a wrong one
+    assert scan_folder(tree, cache=cache).records.equals(fixed.records)
+
+
 def test_scan_is_deterministic_across_worker_counts(tree: Path) -> None:
     one, many = scan_folder(tree, workers=1), scan_folder(tree, workers=8)
     assert one.records.equals(many.records)

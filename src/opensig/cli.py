@@ -89,6 +89,9 @@ def predict(
     ] = None,
     batch_size: int = 256,
     device: str = "auto",
+    workers: Annotated[
+        int | None, typer.Option(help="decoding processes [default: 0 on CPU, up to 8 on GPU]")
+    ] = None,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row."""
     from opensig.config import MlflowConfig
@@ -102,7 +105,8 @@ def predict(
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
     uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
     bundle = Bundle.load(resolve_model_dir(model, uri), thresholds, device)
-    frame = bundle.predict(files, batch_size=batch_size)
+    workers_setting = "auto" if workers is None else workers
+    frame = bundle.predict(files, batch_size=batch_size, num_workers=workers_setting)
     write_predictions(frame, out)
     failed = int((frame["error"] != "").sum())
     log.info(
@@ -189,7 +193,7 @@ def bench_openset(
     work: Path = Path("bench/work"),
 ) -> None:
     """Every method (sigmoid_bce and the softmax baselines) on one data set, same budget."""
-    from opensig.bench import BenchOptions, run_openset, to_markdown
+    from opensig.bench.openset import BenchOptions, run_openset, to_markdown
     from opensig.methods import METHODS
 
     opts = BenchOptions(
@@ -213,3 +217,42 @@ def bench_openset(
         log.error("bench failed: %s", err)
         raise typer.Exit(code=2) from None
     typer.echo(to_markdown(summary, seeds))
+
+
+@bench_app.command("speed")
+def bench_speed(
+    backbone: str = "resnet18",
+    image_size: int = 64,
+    in_chans: int = 1,
+    batch_size: int = 128,
+    device: str = "auto",
+    epochs: Annotated[int, typer.Option(help="train epochs; the first is warm-up")] = 3,
+    per_class: Annotated[int, typer.Option(help="Fashion-MNIST train images per class")] = 500,
+    ingest_images: Annotated[
+        int | None, typer.Option(help="ingest test: images per class [default: all 70k]")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+    out: Path = Path("bench/results"),
+    work: Path = Path("bench/work/speed"),
+) -> None:
+    """Train, predict and ingest throughput, each as a ratio to its own limit."""
+    from opensig.bench.speed import SpeedOptions, run_speed, to_markdown
+
+    opts = SpeedOptions(
+        backbone=backbone,
+        image_size=image_size,
+        in_chans=in_chans,
+        batch_size=batch_size,
+        device=device,
+        epochs=epochs,
+        per_class=per_class,
+        ingest_images=ingest_images,
+        work=work,
+        out=out,
+    )
+    try:
+        results = run_speed(load_config(params), opts)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log.error("bench failed: %s", err)
+        raise typer.Exit(code=2) from None
+    typer.echo(to_markdown(results))

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -41,6 +42,9 @@ class DataConfig(_Section):
         description="unknown sources (sub-folders of data/unknown) kept for the test split only",
     )
     split_seed: int = 0
+    cache_dir: Path = Field(
+        Path("artifacts/cache"), description="ingest probes and decoded images, reused across runs"
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> DataConfig:
@@ -84,7 +88,12 @@ class TrainConfig(_Section):
     unknown_weight: float = Field(3.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: NonNegativeInt | Literal["auto"] = Field(
+        "auto", description="DataLoader processes; auto: 0 on CPU (they would steal its cores)"
+    )
+    decode_cache: bool = Field(True, description="decode + resize each image once, not per epoch")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the model (slow start, faster steps)")
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
 

@@ -52,7 +52,7 @@ HERE = Layout()
 
 def ingest(cfg: Config, at: Layout = HERE) -> dict:
     """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
-    scan = scan_folder(cfg.data.root)
+    scan = scan_folder(cfg.data.root, cache=cfg.data.cache_dir / "scan.parquet")
     manifest = assign_splits(
         scan.records,
         cfg.data.val_fraction,
@@ -83,9 +83,12 @@ def ingest(cfg: Config, at: Layout = HERE) -> dict:
 
 
 def train(cfg: Config, at: Layout = HERE) -> dict:
-    from opensig.train import train_model  # torch-heavy; keep `opensig --help` fast
+    """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes."""
+    from opensig.train import is_main_process, train_model  # torch-heavy: import when used
 
     result = train_model(cfg, read_manifest(at.manifest), at.model_dir, at.last_dir)
+    if not is_main_process():
+        return {}
     write_history(result.history, at.train_plots)
     report = {k: v for k, v in asdict(result).items() if k not in ("spec", "history")}
     report["classes"] = result.spec.classes

@@ -35,6 +35,16 @@ def load_image(source: ImageSource, in_chans: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def loader_workers(setting: int | str, device: torch.device, world: int = 1) -> int:
+    """DataLoader processes for ``auto``: none on CPU (they would take the cores the model
+    computes on), else up to 8 per process, leaving one core per process for the loop."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // world - 1))
+
+
 def _to_tensor(spec: ModelSpec) -> list[A.BasicTransform]:
     return [A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0), A.ToTensorV2()]
 
@@ -70,6 +80,7 @@ class ImageDataset(Dataset):
 
     A file that cannot be read yields a zero image and its error text instead of raising,
     so one bad file in a folder of thousands costs one row in predict, not the whole run.
+    ``decoded`` (from ``opensig.data.cache``) replaces decoding the files, row for row.
     """
 
     def __init__(
@@ -78,11 +89,13 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | None,
         transform: A.Compose,
         in_chans: int,
+        decoded: np.ndarray | None = None,
     ) -> None:
         self.sources = list(sources)
         self.labels = list(labels) if labels is not None else [-1] * len(self.sources)
         self.transform = transform
         self.in_chans = in_chans
+        self.decoded = decoded
         self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -91,7 +104,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         label = int(self.labels[index])
         try:
-            image = self.transform(image=load_image(self.sources[index], self.in_chans))["image"]
+            pixels = (
+                np.asarray(self.decoded[index])
+                if self.decoded is not None
+                else load_image(self.sources[index], self.in_chans)
+            )
+            image = self.transform(image=pixels)["image"]
             error = ""
         except Exception as err:
             image, error = self._blank_image(), f"{type(err).__name__}: {err}"

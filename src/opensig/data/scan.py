@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from opensig.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class ScanResult:
     skipped: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
+    reused: int = 0  # files whose earlier probe was reused (same path, size and mtime)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,49 @@ class _Probe:
     width: int = 0
     height: int = 0
     reason: str | None = None
+
+
+PROBE_COLUMNS = ["path", "stat", "hash", "width", "height", "reason"]
+
+
+def _stat(path: str) -> str:
+    """Size and modification time: git's and DVC's test for 'this file did not change'."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _load_probes(cache: Path | None) -> dict[tuple[str, str], _Probe]:
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        frame = pd.read_parquet(cache, columns=PROBE_COLUMNS)
+    except Exception as err:  # a damaged cache costs a full scan, never a wrong answer
+        log.warning("ignoring the scan cache %s (%s): probing every file", cache, err)
+        return {}
+    frame = frame.astype(object).where(frame.notna(), None)
+    return {
+        (r.path, r.stat): _Probe(r.hash, int(r.width), int(r.height), r.reason)
+        for r in frame.itertuples(index=False)
+    }
+
+
+def _save_probes(cache: Path, keys: list[tuple[str, str]], probes: list[_Probe]) -> None:
+    rows = [
+        {
+            "path": p,
+            "stat": st,
+            "hash": pr.hash,
+            "width": pr.width,
+            "height": pr.height,
+            "reason": pr.reason,
+        }
+        for (p, st), pr in zip(keys, probes, strict=True)
+    ]
+    frame = pd.DataFrame(rows, columns=PROBE_COLUMNS)
+    atomic_write(cache, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -146,26 +193,38 @@ def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict
     return classes, visible, skipped
 
 
-def scan_folder(root: Path, workers: int = 4) -> ScanResult:
+def scan_folder(root: Path, workers: int | None = None, cache: Path | None = None) -> ScanResult:
     """Open and hash every image under `root/known/<class>/` and `root/unknown/`.
 
     Exact duplicates under one label keep their first copy by sorted path; images whose bytes
     appear under different labels are dropped entirely, since contradictory labels cannot be
     trained on. Record paths are `root` joined with the path below it, in POSIX form.
+    Files are probed on every core (threads: decoding and hashing release the GIL). With
+    ``cache``, a file whose path, size and mtime match the last scan is not read again.
     """
     root = Path(root)
     classes, candidates, skipped = _list_candidates(root)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        probes = list(
-            tqdm(
-                pool.map(_probe, [c.path for c in candidates]),
-                total=len(candidates),
-                desc=f"scanning {root}",
-                unit="file",
-                disable=None,
+    known = _load_probes(cache)
+    keys = [(c.path, _stat(c.path)) for c in candidates]
+    todo = [key[0] for key in keys if key not in known]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        fresh = dict(
+            zip(
+                todo,
+                tqdm(
+                    pool.map(_probe, todo),
+                    total=len(todo),
+                    desc=f"scanning {root}",
+                    unit="file",
+                    disable=None,
+                ),
+                strict=True,
             )
         )
+    probes = [known[key] if key in known else fresh[key[0]] for key in keys]
+    if cache is not None:
+        _save_probes(cache, keys, probes)
 
     by_hash: dict[str, list[tuple[_Candidate, _Probe]]] = defaultdict(list)
     for cand, probe in zip(candidates, probes, strict=True):
@@ -228,15 +287,18 @@ def scan_folder(root: Path, workers: int = 4) -> ScanResult:
     if duplicates:
         log.info("ignored %d exact duplicate(s)", len(duplicates))
     log.info(
-        "scanned %s: %d images, %d classes, %d unknown",
+        "scanned %s: %d images, %d classes, %d unknown (%d files read, %d unchanged)",
         root,
         len(records),
         len(classes),
         int(counts.get(UNKNOWN_LABEL, 0)),
+        len(todo),
+        len(candidates) - len(todo),
     )
     return ScanResult(
         records=records,
         classes=classes,
+        reused=len(candidates) - len(todo),
         skipped=skipped,
         duplicates=duplicates,
         conflicts=conflicts,

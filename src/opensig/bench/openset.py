@@ -13,16 +13,14 @@ test is the official test set of all ten classes.
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import opensig
+from opensig.bench import environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
@@ -98,6 +96,7 @@ def run_config(base: Config, opts: BenchOptions, method: str, seed: int) -> Conf
         method=method, seed=seed, epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device
     )
     raw["train"]["augment"]["hflip"] = HFLIP[opts.dataset]
+    raw["data"]["cache_dir"] = str(opts.work / "cache")  # decoded once, shared by every run
     raw["mlflow"]["experiment"] = f"opensig-bench-{opts.dataset}"
     return parse_config(raw)
 
@@ -176,11 +175,7 @@ def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
         "test_per_class": opts.test_per_class,
         "device": opts.device,
         "train_defaults": base.model_dump(mode="json")["train"],
-        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
-        "opensig": opensig.__version__,
-        "torch": _version("torch"),
-        "timm": _version("timm"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **environment(),
     }
     stem = opts.out / f"openset_{opts.dataset}"
     write_json(
@@ -194,9 +189,3 @@ def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
     table = to_markdown(summary, len(opts.seeds))
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     return summary
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

@@ -1,0 +1,30 @@
+"""Benchmarks that print figures: `openset` (methods side by side), `speed` (throughput)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import version
+
+import torch
+
+import opensig
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Machine, accelerator and versions: what a figure needs beside it to mean anything."""
+    gpu = (
+        torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    )
+    return {
+        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "opensig": opensig.__version__,
+        "torch": version("torch"),
+        "torchvision": version("torchvision"),
+        "timm": version("timm"),
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
