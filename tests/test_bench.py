@@ -82,13 +82,16 @@ def test_speed_bench_measures_every_figure_against_its_limit(
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
     args = ["bench", "speed", "--backbone", "resnet10t", "--image-size", "16"]
-    args += ["--per-class", "30", "--epochs", "2", "--ingest-images", "10", "--device", "cpu"]
+    args += ["--per-class", "30", "--epochs", "2", "--rounds", "2", "--ingest-images", "10"]
+    args += ["--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    figures = json.loads((tmp_path / "bench/results/speed_cpu.json").read_text())
+    figures = json.loads((tmp_path / "bench/results/speed_cpu_16px.json").read_text())
     train, predict, ingest = figures["train"], figures["predict"], figures["ingest"]
-    assert train["ratio_to_limit"] == pytest.approx(
-        train["stage_images_per_s"] / train["limit_images_per_s"]
+    assert len(train["rounds"]) == len(predict["rounds"]) == 2
+    first = train["rounds"][0]
+    assert first["ratio_to_limit"] == pytest.approx(
+        first["stage_images_per_s"] / first["limit_images_per_s"]
     )
     assert min(train["stage_images_per_s"], train["reference_images_per_s"]) > 0
     assert predict["images"] == 6 * 30 and predict["ratio_to_limit"] > 0

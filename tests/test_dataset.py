@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 
 from opensig.config import AugmentConfig
-from opensig.data.dataset import ImageDataset, eval_transform, load_image, train_transform
+from opensig.data.dataset import (
+    ImageDataset,
+    eval_transform,
+    load_image,
+    model_input,
+    train_transform,
+)
 from opensig.model import ModelSpec
 
 SIZE = 16
@@ -78,37 +84,41 @@ def test_load_image_rgba_and_rgb_to_one_channel() -> None:
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
-def test_eval_transform_shape_and_normalisation(in_chans: int) -> None:
+def test_eval_preprocessing_shape_and_normalisation(tmp_path: Path, in_chans: int) -> None:
     value = 191
-    image = np.full((40, 30, in_chans), value, dtype=np.uint8)
-    out = eval_transform(_spec(in_chans))(image=image)["image"]
-    assert isinstance(out, torch.Tensor)
-    assert out.shape == (in_chans, SIZE, SIZE)
-    assert out.dtype == torch.float32
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 30, 3), value, dtype=np.uint8)).save(path)
+    spec = _spec(in_chans)
+    item = ImageDataset([path], None, eval_transform(spec), in_chans)[0]
+    assert item["image"].shape == (SIZE, SIZE, in_chans) and item["image"].dtype == torch.uint8
+    out = model_input(item["image"][None], spec, torch.device("cpu"))
+    assert out.shape == (1, in_chans, SIZE, SIZE) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
     expected = (value / 255.0 - MEAN) / STD
     torch.testing.assert_close(out, torch.full_like(out, expected), atol=1e-5, rtol=0.0)
+    assert model_input(item["image"][None], spec, torch.device("cpu"), False).is_contiguous()
 
 
 def test_eval_transform_is_deterministic() -> None:
     transform = eval_transform(_spec())
     image = _noise()
-    assert torch.equal(transform(image=image)["image"], transform(image=image)["image"])
+    assert np.array_equal(transform(image=image)["image"], transform(image=image)["image"])
 
 
 def test_train_transform_reproducible_with_seed() -> None:
     augment = AugmentConfig(scale_min=0.5, rotate=30.0, hflip=True, brightness_contrast=0.3)
     image = _noise(32, 32)
 
-    def run(seed: int) -> list[torch.Tensor]:
+    def run(seed: int) -> list[np.ndarray]:
         transform = train_transform(_spec(), augment, seed=seed)
         return [transform(image=image)["image"] for _ in range(4)]
 
     first, again, other = run(7), run(7), run(8)
-    assert all(out.shape == (3, SIZE, SIZE) for out in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    assert all(out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8 for out in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
     # augmentation is random from call to call
-    assert not all(torch.equal(first[0], out) for out in first[1:])
+    assert not all(np.array_equal(first[0], out) for out in first[1:])
 
 
 def test_image_dataset_reads_files(tmp_path: Path) -> None:
@@ -120,7 +130,7 @@ def test_image_dataset_reads_files(tmp_path: Path) -> None:
     first, second = dataset[0], dataset[1]
     assert first["error"] == "" and second["error"] == ""
     assert first["label"] == 1 and second["label"] == -1
-    assert first["image"].shape == (3, SIZE, SIZE)
+    assert first["image"].shape == (SIZE, SIZE, 3)
 
 
 def test_image_dataset_default_labels_unknown(tmp_path: Path) -> None:
@@ -142,7 +152,7 @@ def test_image_dataset_unreadable_file(tmp_path: Path, in_chans: int) -> None:
         item = dataset[index]
         assert item["label"] == label
         assert item["error"]
-        assert item["image"].shape == (in_chans, SIZE, SIZE)
+        assert item["image"].shape == (SIZE, SIZE, in_chans)
         assert torch.count_nonzero(item["image"]) == 0
     assert "UnidentifiedImageError" in dataset[0]["error"]
     assert "FileNotFoundError" in dataset[1]["error"]
@@ -155,7 +165,7 @@ def test_image_dataset_works_with_dataloader(tmp_path: Path) -> None:
     bad.write_bytes(b"nope")
     dataset = ImageDataset([good, bad], [0, 1], eval_transform(_spec()), in_chans=3)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
-    assert batch["image"].shape == (2, 3, SIZE, SIZE)
+    assert batch["image"].shape == (2, SIZE, SIZE, 3)
     assert batch["label"].tolist() == [0, 1]
     assert batch["error"][0] == "" and batch["error"][1] != ""
 

@@ -226,8 +226,9 @@ def bench_speed(
     in_chans: int = 1,
     batch_size: int = 128,
     device: str = "auto",
-    epochs: Annotated[int, typer.Option(help="train epochs; the first is warm-up")] = 3,
+    epochs: Annotated[int, typer.Option(help="train epochs; the last is measured")] = 2,
     per_class: Annotated[int, typer.Option(help="Fashion-MNIST train images per class")] = 500,
+    rounds: Annotated[int, typer.Option(help="interleaved repeats; medians reported")] = 3,
     ingest_images: Annotated[
         int | None, typer.Option(help="ingest test: images per class [default: all 70k]")
     ] = None,
@@ -246,6 +247,7 @@ def bench_speed(
         device=device,
         epochs=epochs,
         per_class=per_class,
+        rounds=rounds,
         ingest_images=ingest_images,
         work=work,
         out=out,

@@ -18,7 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from opensig.data.dataset import ImageDataset, ImageSource, eval_transform, loader_workers
+from opensig.data.dataset import (
+    ImageDataset,
+    ImageSource,
+    eval_transform,
+    loader_workers,
+    model_input,
+)
 from opensig.data.scan import UNKNOWN_LABEL
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
@@ -57,7 +63,7 @@ def score_sources(
     scores, errors = [], []
     model.eval()
     for batch in tqdm(loader, desc="scoring", disable=not progress or None, leave=False):
-        logits = model(batch["image"].to(device, non_blocking=True))
+        logits = model(model_input(batch["image"], spec, device))
         scores.append(method.scores(logits).cpu().numpy())
         errors.extend(batch["error"])
     empty = np.zeros((0, spec.num_classes), dtype=np.float32)

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from opensig.config import Config
 from opensig.data.cache import cached_images
-from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, train_transform
+from opensig.data.dataset import (
+    ImageDataset,
+    eval_transform,
+    loader_workers,
+    model_input,
+    train_transform,
+)
 from opensig.data.manifest import known_classes, label_indices, split_rows
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
@@ -281,7 +287,7 @@ def _train(
         bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None)
         for step, batch in enumerate(bar):
             _check_readable(batch)
-            images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+            images = model_input(batch["image"], spec, device, cfg.train.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
             with autocast:
                 logits = model(images)
@@ -303,9 +309,7 @@ def _train(
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - epoch_start
         train_loss, seen = _all_sum(total, dist)
-        val_loss = _evaluate_loss(
-            net, val_dl, method, device, memory_format, autocast, loss_kwargs, dist
-        )
+        val_loss = _evaluate_loss(net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist)
         row = {
             "epoch": epoch,
             "train_loss": train_loss / seen,
@@ -356,19 +360,20 @@ def _evaluate_loss(
     model: torch.nn.Module,
     loader: DataLoader,
     method: Method,
-    device: torch.device,
-    memory_format: torch.memory_format,
+    spec: ModelSpec,
+    cfg: Config,
     autocast,
     loss_kwargs: dict,
     dist: Distributed,
 ) -> float:
     """Mean validation loss over every process's shard (nan for an empty split)."""
+    device = next(model.parameters()).device
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss sum, weight
     for batch in loader:
         _check_readable(batch)
         labels = batch["label"].to(device, non_blocking=True)
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+        images = model_input(batch["image"], spec, device, cfg.train.channels_last)
         with autocast:
             logits = model(images)
         weight = sample_weights(labels, loss_kwargs["unknown_weight"]).sum()

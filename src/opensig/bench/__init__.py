@@ -6,10 +6,20 @@ import os
 import platform
 from datetime import datetime, timezone
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
 import opensig
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device | None = None) -> dict:
@@ -18,7 +28,7 @@ def environment(device: torch.device | None = None) -> dict:
         torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
     )
     return {
-        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+        "machine": f"{_cpu_model()} ({platform.machine()}, {platform.system()})",
         "cpu_count": os.cpu_count(),
         "gpu": gpu,
         "opensig": opensig.__version__,

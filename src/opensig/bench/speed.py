@@ -16,11 +16,14 @@ device, and reported as a ratio to its limit:
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from opensig.bench import environment
@@ -45,9 +48,9 @@ class SpeedOptions:
     in_chans: int = 1
     batch_size: int = 128
     device: str = "auto"
-    epochs: int = 3  # the first is warm-up (workers, cache); the rest are measured
+    epochs: int = 2  # the last epoch is measured; the first pays for warm-up and decoding
     per_class: int = 500  # Fashion-MNIST images per known class (6 classes)
-    limit_steps: int = 20
+    rounds: int = 3  # stage, limit and reference interleaved; medians are reported
     ingest_images: int | None = None  # per class, train then test files; None: all 70k
     work: Path = Path("bench/work/speed")
     out: Path = Path("bench/results")
@@ -105,7 +108,7 @@ def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
 def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> float:
     """A plain torchvision loop on the same PNGs: ImageFolder, DataLoader, one-hot BCE.
 
-    Images/s over the epochs after the first, like the stage's figure.
+    The last epoch, like the stage's figure.
     """
     import torch.nn.functional as F
     from torchvision import datasets
@@ -131,8 +134,8 @@ def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> f
     )
     model = create_model(cfg.model.backbone, n_classes, cfg.model.in_chans).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    seen, seconds = 0, 0.0
-    for epoch in range(epochs):
+    rates = []
+    for _ in range(epochs):
         start = time.perf_counter()
         count = 0
         for images, labels in loader:
@@ -145,13 +148,15 @@ def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> f
             optimizer.step()
             count += len(labels)
         _sync(device)
-        if epoch > 0 or epochs == 1:
-            seen, seconds = seen + count, seconds + time.perf_counter() - start
-    return seen / seconds
+        rates.append(count / (time.perf_counter() - start))
+    return rates[-1]
 
 
-def forward_limit(model: torch.nn.Module, spec_size: int, in_chans: int, batch: int) -> float:
-    """Images/s of the model's batched forward pass (eval, no grad) on random tensors."""
+def forward_limit(
+    model: torch.nn.Module, spec_size: int, in_chans: int, batch: int, n_images: int
+) -> float:
+    """Images/s of the model's batched forward pass (eval, no grad) on random tensors,
+    over as many images as the folder predict scored."""
     device = next(model.parameters()).device
     images = torch.randn(batch, in_chans, spec_size, spec_size, device=device)
     model.eval()
@@ -160,7 +165,7 @@ def forward_limit(model: torch.nn.Module, spec_size: int, in_chans: int, batch: 
         with torch.no_grad():
             model(images)
 
-    return batch / _timed_steps(step, 5, 2, device)
+    return batch / _timed_steps(step, math.ceil(n_images / batch), 2, device)
 
 
 def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
@@ -178,7 +183,7 @@ def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
 
 
 def run_speed(base: Config, opts: SpeedOptions) -> dict:
-    """Every measurement; writes ``speed_<device>.{json,md}`` under ``opts.out``."""
+    """Every measurement; writes ``speed_<device>_<size>px.{json,md}`` under ``opts.out``."""
     data = opts.work / "data"
     if not (data / "known").is_dir():
         demo.write_fashion_mnist(
@@ -192,51 +197,62 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     scan = scan_folder(data)
     manifest = assign_splits(scan.records, 0.15, 0.15, [], 0)
     write_manifest(manifest, at.manifest)
-    n_classes = len(scan.classes)
-    log.info("speed: train stage on %d images", int((manifest["split"] == "train").sum()))
-    start = time.perf_counter()
-    train(cfg, at)
-    stage_seconds = time.perf_counter() - start
-    report = read_json(at.train_report)
-    limit = train_step_limit(cfg, n_classes, opts.limit_steps)
-    reference = reference_train(data / "known", cfg, n_classes, min(2, opts.epochs))
-    results: dict = {
-        "train": {
-            "stage_images_per_s": report["images_per_s"],
-            "limit_images_per_s": limit,
-            "reference_images_per_s": reference,
-            "ratio_to_limit": report["images_per_s"] / limit,
-            "reference_ratio_to_limit": reference / limit,
-            "stage_over_reference": report["images_per_s"] / reference,
-            "decode_seconds": report["decode_seconds"],
-            "stage_seconds": stage_seconds,
-            "epochs": opts.epochs,
-            "workers": cfg.train.num_workers,
-        }
-    }
+    n_classes, n_train = len(scan.classes), int((manifest["split"] == "train").sum())
+    epoch_steps = math.ceil(n_train / cfg.train.batch_size)
+    rounds = []
+    for round_ in range(opts.rounds):
+        # Interleaved, so that a slow spell of a shared machine hits all three alike.
+        log.info("speed round %d: train stage on %d images", round_ + 1, n_train)
+        start = time.perf_counter()
+        train(cfg, at)
+        seconds = time.perf_counter() - start
+        epochs = pd.read_csv(at.train_plots / "train_history.csv")["images_per_s"].tolist()
+        stage = epochs[-1]  # the first epoch pays for the decoding and warm-up
+        limit = train_step_limit(cfg, n_classes, epoch_steps)
+        reference = reference_train(data / "known", cfg, n_classes, opts.epochs)
+        rounds.append(
+            {
+                "stage_images_per_s": stage,
+                "limit_images_per_s": limit,
+                "reference_images_per_s": reference,
+                "ratio_to_limit": stage / limit,
+                "reference_ratio_to_limit": reference / limit,
+                "stage_seconds": seconds,
+                "decode_seconds": read_json(at.train_report)["decode_seconds"],
+            }
+        )
+    results: dict = {"train": {**_medians(rounds), "rounds": rounds, "epochs": opts.epochs}}
 
-    # Predict: the trained model on every PNG of the folder.
+    # Predict: the trained model on every PNG of the folder, interleaved with its forward.
     write_thresholds(at.thresholds, scan.classes, [0.5] * n_classes, "fixed", {"value": 0.5})
     bundle = Bundle.load(at.model_dir, at.thresholds, opts.device)
     files = collect_images([data])
-    start = time.perf_counter()
-    bundle.predict(files, batch_size=256)
-    predict_rate = len(files) / (time.perf_counter() - start)
-    forward = forward_limit(bundle.model, opts.image_size, opts.in_chans, 256)
-    results["predict"] = {
-        "images": len(files),
-        "predict_images_per_s": predict_rate,
-        "forward_images_per_s": forward,
-        "ratio_to_limit": predict_rate / forward,
-    }
+    rounds = []
+    for _ in range(opts.rounds):
+        start = time.perf_counter()
+        bundle.predict(files, batch_size=256, progress=False)
+        rate = len(files) / (time.perf_counter() - start)
+        forward = forward_limit(bundle.model, opts.image_size, opts.in_chans, 256, len(files))
+        rounds.append(
+            {
+                "predict_images_per_s": rate,
+                "forward_images_per_s": forward,
+                "ratio_to_limit": rate / forward,
+            }
+        )
+    results["predict"] = {**_medians(rounds), "rounds": rounds, "images": len(files)}
     results["ingest"] = ingest_speed(opts)
     options = {k: str(v) for k, v in asdict(opts).items()}
     results["meta"] = {**environment(device), "options": options}
-    stem = opts.out / f"speed_{device.type}"
+    stem = opts.out / f"speed_{device.type}_{opts.image_size}px"
     write_json(stem.with_suffix(".json"), results)
     table = to_markdown(results)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     return results
+
+
+def _medians(rounds: list[dict]) -> dict:
+    return {key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}
 
 
 def ingest_speed(opts: SpeedOptions) -> dict:

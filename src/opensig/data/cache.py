@@ -56,7 +56,8 @@ def decode_all(
     jobs = [(str(p), size, in_chans) for p in paths]
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         results = pool.map(_decode, jobs)
-        for i, image in enumerate(tqdm(results, total=len(jobs), desc="decoding", leave=False)):
+        bar = tqdm(results, total=len(jobs), desc="decoding", leave=False, disable=None)
+        for i, image in enumerate(bar):
             if isinstance(image, str):
                 raise RuntimeError(f"{paths[i]}: {image}; the data changed since ingest: rerun it")
             out[i] = image.reshape(size, size, in_chans)

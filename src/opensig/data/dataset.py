@@ -1,8 +1,11 @@
 """Torch dataset over image files, and THE preprocessing (train and eval transforms).
 
 Evaluation, tuning, predict and the MLflow pyfunc all feed images through
-``eval_transform(spec)``, so a model is never scored on inputs prepared differently from
-the ones it was validated on.
+``eval_transform(spec)`` then ``model_input(batch, spec)``, so a model is never scored on
+inputs prepared differently from the ones it was validated on. Per image the transforms
+stay in uint8 (resize, crops, colour); the float conversion and normalisation run once per
+batch, on the GPU when there is one: cheaper than per image, and a quarter of the bytes
+to copy to the device.
 """
 
 from __future__ import annotations
@@ -45,14 +48,24 @@ def loader_workers(setting: int | str, device: torch.device, world: int = 1) -> 
     return max(0, min(8, (os.cpu_count() or 1) // world - 1))
 
 
-def _to_tensor(spec: ModelSpec) -> list[A.BasicTransform]:
-    return [A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0), A.ToTensorV2()]
-
-
 def eval_transform(spec: ModelSpec) -> A.Compose:
-    """Resize to the model's square input and normalise with its mean/std."""
+    """Resize to the model's square input (uint8 HxWxC; ``model_input`` normalises)."""
     size = spec.image_size
-    return A.Compose([A.Resize(size, size), *_to_tensor(spec)])
+    return A.Compose([A.Resize(size, size)])
+
+
+def model_input(
+    images: torch.Tensor, spec: ModelSpec, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """A uint8 NHWC batch -> the model's normalised float NCHW input on ``device``.
+
+    The permuted tensor is channels-last already, the layout convolutions run fastest in.
+    """
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1) * 255.0
+    x = (x - mean) / std
+    return x if channels_last else x.contiguous()
 
 
 def train_transform(spec: ModelSpec, augment: AugmentConfig, seed: int | None = None) -> A.Compose:
@@ -72,7 +85,7 @@ def train_transform(spec: ModelSpec, augment: AugmentConfig, seed: int | None = 
                 p=0.5,
             )
         )
-    return A.Compose([*steps, *_to_tensor(spec)], seed=seed)
+    return A.Compose(steps, seed=seed)
 
 
 class ImageDataset(Dataset):
@@ -105,18 +118,19 @@ class ImageDataset(Dataset):
         label = int(self.labels[index])
         try:
             pixels = (
-                np.asarray(self.decoded[index])
+                np.array(self.decoded[index])  # a writable copy of the read-only map
                 if self.decoded is not None
                 else load_image(self.sources[index], self.in_chans)
             )
-            image = self.transform(image=pixels)["image"]
+            image = torch.from_numpy(np.ascontiguousarray(self.transform(image=pixels)["image"]))
             error = ""
         except Exception as err:
             image, error = self._blank_image(), f"{type(err).__name__}: {err}"
+        image = image.view(*image.shape[:2], self.in_chans)  # OpenCV drops a single channel
         return {"image": image, "label": label, "error": error}
 
     def _blank_image(self) -> torch.Tensor:
         if self._blank is None:
             blank = np.zeros((8, 8, self.in_chans), dtype=np.uint8)
-            self._blank = self.transform(image=blank)["image"] * 0
+            self._blank = torch.from_numpy(np.zeros_like(self.transform(image=blank)["image"]))
         return self._blank
