@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from opensig.config import load_config
-from opensig.stages import HERE, Layout, register, train
+from opensig.stages import HERE, Layout, train
 
 pytestmark = pytest.mark.e2e
 
@@ -50,10 +50,10 @@ def test_two_process_training_matches_single_process_shapes(project: Path) -> No
     }
 
     # The rest of the pipeline takes the DDP model like any other: one MLflow run, one version.
-    subprocess.run([str(BIN / "opensig"), "tune"], check=True, env=env, cwd=project)
-    subprocess.run([str(BIN / "opensig"), "evaluate"], check=True, env=env, cwd=project)
-    register(cfg)
-    client = MlflowClient("sqlite:///mlflow.db")
+    # (In subprocesses: MLflow caches its store per URI, and "sqlite:///mlflow.db" is relative.)
+    for stage in ("tune", "evaluate", "register"):
+        subprocess.run([str(BIN / "opensig"), stage], check=True, env=env, cwd=project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert len(client.search_model_versions(f"name='{cfg.mlflow.registered_model}'")) == 1
