@@ -83,6 +83,11 @@ def test_unknown_backbone() -> None:
     assert "definitely_not_a_timm_model" in str(info.value)
 
 
+def test_misspelt_backbone_suggests_close_names() -> None:
+    with pytest.raises(ValueError, match=r"model\.backbone: 'resnet19' .* did you mean .*resnet18"):
+        create_model("resnet19", 3)
+
+
 def test_pretrained_file_loads_offline(tmp_path: Path) -> None:
     torch.manual_seed(1)
     source = create_model(BACKBONE, 4)

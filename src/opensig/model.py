@@ -8,6 +8,7 @@ there, so the class list and the preprocessing are defined exactly once.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,9 +62,9 @@ def create_model(
         return timm.create_model(backbone, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(
-                f"model.backbone: {backbone!r} is not a timm model (see timm.list_models())"
-            ) from None
+            close = difflib.get_close_matches(backbone, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+            raise ValueError(f"model.backbone: {backbone!r} is not a timm model; {hint}") from None
         raise
 
 
