@@ -128,6 +128,20 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward and step, through the fp16 grad scaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def _rows_for(method: Method, df: pd.DataFrame, split: str) -> pd.DataFrame:
     rows = split_rows(df, split)
     return rows if method.uses_unknown else rows[rows["label"] != "unknown"].reset_index(drop=True)
@@ -292,14 +306,7 @@ def _train(
             with autocast:
                 logits = model(images)
             loss = method.loss(logits, labels, **loss_kwargs)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)
             scheduler.step()
             total[0] += loss.detach() * len(labels)
             total[1] += len(labels)

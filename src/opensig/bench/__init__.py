@@ -7,10 +7,29 @@ import platform
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import opensig
+from opensig.config import Config
+
+
+def budget_params(base: Config, opts: Any) -> dict:
+    """The user's params (as a dict) with a benchmark's shared budget applied: the model
+    from scratch, epochs, batch, device, and a decode cache shared by every run in
+    ``opts.work``. ``opts`` is any options object with those fields."""
+    raw = base.model_dump(mode="json")
+    raw["model"].update(
+        backbone=opts.backbone,
+        image_size=opts.image_size,
+        in_chans=opts.in_chans,
+        pretrained=False,
+        pretrained_file=None,
+    )
+    raw["train"].update(epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device)
+    raw["data"]["cache_dir"] = str(opts.work / "cache")
+    return raw
 
 
 def _cpu_model() -> str:

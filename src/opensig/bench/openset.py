@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opensig.bench import environment
+from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
@@ -84,19 +84,9 @@ def prepare_manifest(opts: BenchOptions) -> pd.DataFrame:
 
 def run_config(base: Config, opts: BenchOptions, method: str, seed: int) -> Config:
     """The user's params with only the benchmark's shared budget and the method changed."""
-    raw = base.model_dump(mode="json")
-    raw["model"].update(
-        backbone=opts.backbone,
-        image_size=opts.image_size,
-        in_chans=opts.in_chans,
-        pretrained=False,
-        pretrained_file=None,
-    )
-    raw["train"].update(
-        method=method, seed=seed, epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device
-    )
+    raw = budget_params(base, opts)
+    raw["train"].update(method=method, seed=seed)
     raw["train"]["augment"]["hflip"] = HFLIP[opts.dataset]
-    raw["data"]["cache_dir"] = str(opts.work / "cache")  # decoded once, shared by every run
     raw["mlflow"]["experiment"] = f"opensig-bench-{opts.dataset}"
     return parse_config(raw)
 

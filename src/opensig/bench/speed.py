@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from opensig.bench import environment
+from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
@@ -75,7 +75,7 @@ def _timed_steps(step, batches: int, warmup: int, device: torch.device) -> float
 
 def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
     """Images/s of one training step on random tensors in memory: the loop's own ceiling."""
-    from opensig.train import _autocast
+    from opensig.train import _autocast, optimizer_step
 
     device = resolve_device(cfg.train.device)
     method = get_method(cfg.train.method)
@@ -93,14 +93,7 @@ def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
         with autocast:
             logits = model(images)
         loss = method.loss(logits, labels, smoothing=0.0, unknown_weight=1.0)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
 
     return batch / _timed_steps(step, steps, 3, device)
 
@@ -171,16 +164,8 @@ def forward_limit(
 
 
 def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
-    raw = base.model_dump(mode="json")
-    raw["data"].update(root=str(data), cache_dir=str(opts.work / "cache"), holdout_unknown=[])
-    raw["model"].update(
-        backbone=opts.backbone,
-        image_size=opts.image_size,
-        in_chans=opts.in_chans,
-        pretrained=False,
-        pretrained_file=None,
-    )
-    raw["train"].update(epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device)
+    raw = budget_params(base, opts)
+    raw["data"].update(root=str(data), holdout_unknown=[])
     return parse_config(raw)
 
 
