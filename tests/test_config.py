@@ -142,3 +142,35 @@ def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(Exception):  # noqa: B017 - pydantic ValidationError on frozen models
         cfg.train.epochs = 5  # type: ignore[misc]
+
+
+def test_mlflow_http_limits_default_and_bounds(tmp_path: Path) -> None:
+    cfg = load_config(REPO_PARAMS)
+    assert (cfg.mlflow.retries, cfg.mlflow.timeout) == (3, 30)
+    msg, _ = _error(tmp_path, "mlflow:\n  retries: 11\n")
+    assert "mlflow.retries" in msg
+    msg, _ = _error(tmp_path, "mlflow:\n  timeout: 0\n")
+    assert "mlflow.timeout" in msg
+
+
+@pytest.mark.parametrize(
+    ("uri", "secret"),
+    [
+        ("http://alice:s3cretPW@mlflow.example:5000", "s3cretPW"),
+        ("https://mlflow.example/?token=tok-s3cret", "tok-s3cret"),
+        ("postgresql://mlflow:s3cretPW@db/mlflow", "s3cretPW"),
+    ],
+)
+def test_tracking_uri_with_credentials_is_rejected_without_echoing_them(
+    tmp_path: Path, uri: str, secret: str
+) -> None:
+    msg, path = _error(tmp_path, f"mlflow:\n  tracking_uri: '{uri}'\n")
+    assert "mlflow.tracking_uri" in msg and str(path) in msg
+    assert "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD" in msg
+    assert "MLFLOW_TRACKING_TOKEN" in msg
+    assert secret not in msg
+
+
+def test_tracking_uri_without_credentials_loads() -> None:
+    raw = {"mlflow": {"tracking_uri": "http://alice@mlflow.example:5000"}}
+    assert parse_config(raw).mlflow.tracking_uri == "http://alice@mlflow.example:5000"

@@ -14,10 +14,10 @@ from opensig.config import AugmentConfig
 from opensig.data.dataset import (
     ImageDataset,
     eval_transform,
-    load_image,
     model_input,
     train_transform,
 )
+from opensig.data.images import decode
 from opensig.model import ModelSpec
 
 SIZE = 16
@@ -53,9 +53,9 @@ def test_load_image_path_and_bytes(tmp_path: Path) -> None:
     path = tmp_path / "img.png"
     Image.fromarray(array).save(path)
 
-    from_path = load_image(path, 3)
-    from_str = load_image(str(path), 3)
-    from_bytes = load_image(path.read_bytes(), 3)
+    from_path = decode(path, 3)
+    from_str = decode(str(path), 3)
+    from_bytes = decode(path.read_bytes(), 3)
     assert from_path.shape == (24, 20, 3)
     assert from_path.dtype == np.uint8
     assert np.array_equal(from_path, array)
@@ -67,20 +67,20 @@ def test_load_image_grayscale_to_three_and_one_channel() -> None:
     gray = np.arange(24 * 20, dtype=np.uint8).reshape(24, 20)
     data = _png_bytes(Image.fromarray(gray, mode="L"))
 
-    rgb = load_image(data, 3)
+    rgb = decode(data, 3)
     assert rgb.shape == (24, 20, 3)
     for channel in range(3):
         assert np.array_equal(rgb[..., channel], gray)
 
-    one = load_image(data, 1)
+    one = decode(data, 1)
     assert one.shape == (24, 20, 1)
     assert np.array_equal(one[..., 0], gray)
 
 
 def test_load_image_rgba_and_rgb_to_one_channel() -> None:
     rgba = np.dstack([_noise(), np.full((24, 20), 255, dtype=np.uint8)])
-    assert load_image(_png_bytes(Image.fromarray(rgba, mode="RGBA")), 3).shape == (24, 20, 3)
-    assert load_image(_png_bytes(Image.fromarray(_noise())), 1).shape == (24, 20, 1)
+    assert decode(_png_bytes(Image.fromarray(rgba, mode="RGBA")), 3).shape == (24, 20, 3)
+    assert decode(_png_bytes(Image.fromarray(_noise())), 1).shape == (24, 20, 1)
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])

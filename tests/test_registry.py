@@ -1,11 +1,24 @@
-"""The pure parts of the registry: promotion rule, metric lookup, tracking URI precedence."""
+"""The pure parts of the registry: promotion rule, metric lookup, tracking URI precedence,
+HTTP limits, bundle digest and redaction."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
 from opensig.config import MlflowConfig
-from opensig.registry import DEFAULT_TRACKING_URI, compare, flatten, metric_value, tracking_uri
+from opensig.redaction import redact, uri_credentials
+from opensig.registry import (
+    DEFAULT_TRACKING_URI,
+    bundle_digest,
+    compare,
+    flatten,
+    http_limits,
+    metric_value,
+    tracking_uri,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,3 +60,70 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri(MlflowConfig()) == "http://mlflow.example:5000"
     assert tracking_uri(MlflowConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://user:pw@host:5000/x", "http://***@host:5000/x"),
+        ("request to https://tok@host/api failed", "request to https://***@host/api failed"),
+        ("https://host/x?token=abc&exp=1", "https://host/x?token=***&exp=1"),
+        (
+            "https://host/?X-Amz-Signature=abc&region=eu",
+            "https://host/?X-Amz-Signature=***&region=eu",
+        ),
+        ("postgresql://mlflow:pw@db/mlflow", "postgresql://***@db/mlflow"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_redact_masks_credentials_in_uris(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_redact_masks_secret_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-s3cret")
+    assert redact("header Bearer tok-s3cret rejected") == "header Bearer *** rejected"
+
+
+def test_uri_credentials() -> None:
+    assert uri_credentials("http://user:pw@host") is not None
+    assert "api_key" in (uri_credentials("https://host/?api_key=1") or "")
+    assert uri_credentials("http://user@host:5000") is None  # a name is not a secret
+    assert uri_credentials("databricks://profile") is None
+
+
+def test_http_limits_apply_params_and_yield_to_user_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MAX_RETRIES", "TIMEOUT", "BACKOFF_FACTOR"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    with http_limits(MlflowConfig(retries=2, timeout=9)):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's setting wins
+        assert "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" in os.environ
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored afterwards
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_http_limits_silence_run_links_for_uris_with_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pw@host:5000")
+    with http_limits(MlflowConfig()):
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://host:5000")
+    with http_limits(MlflowConfig()):
+        assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+
+
+def test_bundle_digest_follows_content(tmp_path: Path) -> None:
+    model, thresholds = tmp_path / "model", tmp_path / "thresholds.json"
+    model.mkdir()
+    (model / "weights.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+    thresholds.write_text('{"t": 0.5}')
+    first = bundle_digest(model, thresholds)
+    assert bundle_digest(model, thresholds) == first
+    thresholds.write_text('{"t": 0.6}')
+    assert bundle_digest(model, thresholds) != first

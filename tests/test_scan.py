@@ -79,7 +79,7 @@ def test_skipped_files_are_reported_with_reasons(tree: Path) -> None:
     skipped = {Path(s["path"]).name: s["reason"] for s in scan_folder(tree).skipped}
     assert set(skipped) == {"empty.png", "notes.jpg", "truncated.png", ".DS_Store", "t.png"}
     assert skipped["empty.png"] == "empty file"
-    assert skipped["notes.jpg"] == "not an image Pillow can open"
+    assert skipped["notes.jpg"] == "not an image, or a format Pillow cannot read"
     assert skipped["truncated.png"].startswith("unreadable: ")
     assert skipped[".DS_Store"] == skipped["t.png"] == "hidden file"
 

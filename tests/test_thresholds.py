@@ -271,3 +271,15 @@ def test_doc_by_hand() -> None:
     # k = 3 pushes class 0 under the 0.5 floor; unknown images never move DOC thresholds
     got3 = tune_thresholds(scores, labels, "doc", doc_k=3.0)
     assert got3 == pytest.approx([0.5, 0.97, 0.5])
+
+
+def test_f1_class_without_validation_images_keeps_half_and_warns(caplog) -> None:
+    # class 2 has no image: predicting it can only add false positives, so a sweep would
+    # raise its threshold until the class is never predicted, silencing it for good
+    scores = np.array([[0.9, 0.1, 0.6], [0.2, 0.8, 0.7], [0.1, 0.2, 0.55], [0.7, 0.3, 0.1]])
+    labels = np.array([0, 1, UNKNOWN, 0])
+    with caplog.at_level("WARNING"):
+        thresholds = f1(scores, labels)
+    assert thresholds[2] == 0.5
+    assert "class 2 has no validation images" in caplog.text
+    assert decide(scores, thresholds).tolist()[:2] == [0, 1]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from opensig.config import DEFAULT_PARAMS, Config, ConfigError, load_config
 
@@ -24,16 +28,40 @@ T = TypeVar("T")
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 
 
+class Terminated(SystemExit):
+    """SIGTERM as an exception: ``finally`` blocks and temp-file cleanup run on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)  # 143, the exit status of a process ended by SIGTERM
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def _run_stage(name: str, params: Path) -> None:
     from opensig import stages
 
     try:
-        cfg = load_config(params)
-        stages.STAGES[name](cfg)
+        with _sigterm_raises():
+            cfg = load_config(params)
+            stages.STAGES[name](cfg)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         # A message naming the key or file is what the user needs; -v adds the traceback.
         log.error("%s failed: %s", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
         raise typer.Exit(code=2) from None
+    except Terminated:
+        log.error("%s interrupted (SIGTERM)", name)
+        raise
 
 
 @app.callback()
@@ -97,26 +125,42 @@ def predict(
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row."""
     from opensig.config import MlflowConfig
-    from opensig.predict import Bundle, collect_images, resolve_model_dir, write_predictions
+    from opensig.predict import (
+        Bundle,
+        collect_images,
+        resolve_model_dir,
+        with_left_out,
+        write_predictions,
+    )
+    from opensig.registry import http_limits
     from opensig.registry import tracking_uri as resolve_tracking_uri
 
     if out.suffix not in (".csv", ".jsonl"):
         raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
-    files = collect_images(inputs)
+    files, left_out = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
-    bundle = Bundle.load(resolve_model_dir(model, uri), thresholds, device)
+    try:
+        mlflow_cfg = MlflowConfig(tracking_uri=tracking_uri)
+    except ValidationError as err:  # e.g. a password in the URI: its message does not echo it
+        raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--tracking-uri") from None
+    with http_limits(mlflow_cfg):  # a dead tracking server fails in seconds, not minutes
+        model_dir = resolve_model_dir(model, resolve_tracking_uri(mlflow_cfg))
+    bundle = Bundle.load(model_dir, thresholds, device)
     workers_setting = "auto" if workers is None else workers
     frame = bundle.predict(files, batch_size=batch_size, num_workers=workers_setting)
+    frame = with_left_out(frame, left_out)
     write_predictions(frame, out)
-    failed = int((frame["error"] != "").sum())
+    failed = frame[frame["error"] != ""]
+    for row in failed.itertuples():
+        log.warning("not predicted: %s: %s", row.path, row.error)
     log.info(
-        "wrote %d predictions to %s (%s unknown, %d unreadable)",
+        "wrote %d rows to %s: %d predicted (%d unknown), %d not predicted (see the error column)",
         len(frame),
         out,
+        len(frame) - len(failed),
         int((frame["label"] == "unknown").sum()),
-        failed,
+        len(failed),
     )
 
 

@@ -22,6 +22,9 @@ from pydantic import (
     model_validator,
 )
 
+from opensig.data.images import MAX_IMAGE_PIXELS
+from opensig.redaction import redact, uri_credentials
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -43,7 +46,12 @@ class DataConfig(_Section):
     )
     split_seed: int = 0
     cache_dir: Path = Field(
-        Path("artifacts/cache"), description="ingest probes and decoded images, reused across runs"
+        Path("artifacts/cache"),
+        description="ingest probes, decoded images and resumable training state",
+    )
+    # Pillow refuses anything above twice its 89.5 Mpx bomb limit, whatever this says.
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, le=178_956_970, description="larger images are refused (bombs)"
     )
 
     @model_validator(mode="after")
@@ -68,6 +76,23 @@ class ModelConfig(_Section):
     pretrained_file: Path | None = None
     image_size: int = Field(32, ge=8)
     in_chans: Literal[1, 3] = 3
+
+    @field_validator("backbone")
+    @classmethod
+    def _timm_knows(cls, value: str) -> str:
+        from opensig.model import backbone_problem  # imports timm, so only when validating
+
+        problem = backbone_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("pretrained_file")
+    @classmethod
+    def _is_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file (a path relative to the project folder)")
+        return value
 
 
 class TrainConfig(_Section):
@@ -115,6 +140,21 @@ class MlflowConfig(_Section):
     )
     experiment: str = "opensig"
     registered_model: str = "opensig"
+    # MLflow's own defaults (7 retries, exponential backoff, 120 s per request) can hang a
+    # stage for many minutes on a dead server; 10 is MLflow's upper limit.
+    retries: int = Field(3, ge=0, le=10, description="HTTP retries per tracking-server request")
+    timeout: int = Field(30, ge=1, description="seconds per tracking-server HTTP request")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and (found := uri_credentials(value)):
+            raise ValueError(
+                f"holds {found}; params.yaml is committed to git, so leave credentials out and "
+                "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN "
+                "(or put the whole URI in $MLFLOW_TRACKING_URI and set this key to null)"
+            )
+        return value
 
 
 class PromoteConfig(_Section):
@@ -179,7 +219,7 @@ def _format_errors(path: Path, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling against params.yaml docs)")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {redact(repr(e.get('input')))})")
     return "\n".join(lines)
 
 

@@ -55,3 +55,11 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (has the stage that writes it run?)")
     return json.loads(path.read_text())
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files of ``atomic_write`` calls that were killed (SIGKILL skips cleanup)."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -58,14 +58,35 @@ def create_model(
             raise FileNotFoundError(f"model.pretrained_file: {path} not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         pretrained = True
+    problem = backbone_problem(backbone)
+    if problem:
+        raise ValueError(f"model.backbone: {problem}")
     try:
         return timm.create_model(backbone, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
-        if "Unknown model" in str(err):
-            close = difflib.get_close_matches(backbone, timm.list_models(), n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
-            raise ValueError(f"model.backbone: {backbone!r} is not a timm model; {hint}") from None
+        if pretrained_file is not None and "weights_only" in str(err):
+            # timm loads .pth files with torch.load(weights_only=True): no code from a pickle
+            raise ValueError(
+                f"model.pretrained_file: {pretrained_file} is not a plain weights file and was "
+                "not unpickled (it would run code); use a .safetensors file or a state_dict"
+            ) from None
         raise
+
+
+def backbone_problem(backbone: str) -> str | None:
+    """Why timm cannot build ``backbone`` (with close names to suggest), or None if it can.
+
+    Names with a source prefix (``hf-hub:``, ``local-dir:``) cannot be checked offline.
+    """
+    try:
+        source, name = timm.models.parse_model_name(backbone)
+    except ValueError as err:
+        return str(err)
+    if source is not None or timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+    return f"{backbone!r} is not a timm model; {hint}"
 
 
 def build_spec(
@@ -109,6 +130,25 @@ def save_model_dir(directory: Path, model: torch.nn.Module, spec: ModelSpec) -> 
     unwrapped = getattr(model, "module", model)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_model(unwrapped, str(tmp)))
     write_json(directory / SPEC_FILE, asdict(spec))
+
+
+def confine(directory: Path) -> Path:
+    """``directory``, after checking that no file in it leads outside it (by ``..`` or a link).
+
+    Applied to model folders from a registry or a colleague: one whose weights link
+    elsewhere (``weights.safetensors -> ~/.ssh/...``) must not make us read other files.
+    Not applied to the project's own ``artifacts/model``, where DVC may link files into
+    its cache (``cache.type: symlink``).
+    """
+    directory = Path(directory)
+    base = directory.resolve()
+    for path in sorted(directory.rglob("*")):
+        if not path.resolve().is_relative_to(base):
+            raise ValueError(
+                f"{path} leads to {path.resolve()}, outside the model folder {directory}: "
+                "refusing to load this model; use a folder whose files are really inside it"
+            )
+    return directory
 
 
 def read_spec(directory: Path) -> ModelSpec:

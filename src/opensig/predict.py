@@ -18,17 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from opensig.data.dataset import (
-    ImageDataset,
-    ImageSource,
-    eval_transform,
-    loader_workers,
-    model_input,
-)
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
+from opensig.data.images import ImageSource
+from opensig.data.scan import UNKNOWN_LABEL, display, walk_files
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
-from opensig.model import ModelSpec, load_model_dir, resolve_device
+from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
 from opensig.thresholds import UNKNOWN, decide
 
 log = logging.getLogger(__name__)
@@ -53,7 +48,9 @@ def score_sources(
     """
     device = next(model.parameters()).device
     method = get_method(spec.method)
-    dataset = ImageDataset(sources, None, eval_transform(spec), spec.in_chans)
+    dataset = ImageDataset(
+        sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -151,31 +148,46 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     """
     local = Path(model)
     if local.exists():
-        return local / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
+        return confine(local) / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
 
         downloaded = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=tracking_uri)
         )
-        return downloaded / "artifacts" / BUNDLE_DIR
+        return confine(downloaded) / "artifacts" / BUNDLE_DIR
     raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
 
 
-def collect_images(inputs: Iterable[Path]) -> list[Path]:
-    """Expand folders recursively (sorted, hidden files skipped); files are kept as given."""
+def collect_images(inputs: Iterable[Path]) -> tuple[list[Path], list[dict]]:
+    """Files to predict, and entries not predicted (hidden files, folder loops) with reasons.
+
+    Folders are walked like ingest walks data/ (symlinks followed once); files named on the
+    command line are kept as given, so a missing one becomes an error row, not a crash.
+    """
     found: list[Path] = []
+    left_out: list[dict] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(
-                p
-                for p in sorted(item.rglob("*"))
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
-        else:
-            found.append(item)  # a missing file becomes an error row, not a crash
-    return found
+        if not item.is_dir():
+            found.append(item)
+            continue
+        files, problems = walk_files(item)
+        left_out.extend(problems)
+        for f in files:
+            if any(part.startswith(".") for part in f.relative_to(item).parts):
+                left_out.append({"path": display(f), "reason": "hidden file (not predicted)"})
+            else:
+                found.append(f)
+    return found, left_out
+
+
+def with_left_out(frame: pd.DataFrame, left_out: list[dict]) -> pd.DataFrame:
+    """Prediction rows plus one error row per entry not predicted: nothing goes unmentioned."""
+    if not left_out:
+        return frame
+    rows = pd.DataFrame({"path": [e["path"] for e in left_out]})
+    rows["error"] = [e["reason"] for e in left_out]
+    return pd.concat([frame, rows], ignore_index=True)[list(frame.columns)]
 
 
 def write_predictions(frame: pd.DataFrame, out: Path) -> None:

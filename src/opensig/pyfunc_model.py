@@ -17,12 +17,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from opensig.model import confine
 from opensig.predict import BUNDLE_DIR, Bundle
 
 
 class OpensigModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.bundle = Bundle.load(Path(context.artifacts[BUNDLE_DIR]))
+        self.bundle = Bundle.load(confine(Path(context.artifacts[BUNDLE_DIR])))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         if "image" in model_input.columns:

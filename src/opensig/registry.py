@@ -4,6 +4,12 @@ Aliases replace MLflow's old stages: every new version becomes ``challenger``; i
 ``champion`` when there is none yet, or when it beats the champion on ``promote.metric``
 by ``promote.min_delta``, both measured on the current test split. The comparison is
 recorded as tags on the new version so a promotion can always be explained.
+
+Registration is idempotent: the run is tagged with the bundle's content digest before the
+model is registered, so re-running after a failure (server down, alias call lost) reuses
+the version already made instead of adding a duplicate. HTTP retries and timeouts are
+bounded by ``mlflow.retries`` / ``mlflow.timeout``, and every URI or MLflow message that
+opensig logs or re-raises is redacted (a tracking URI may carry credentials).
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -30,12 +42,16 @@ import opensig
 from opensig.config import Config, MlflowConfig
 from opensig.model import read_spec
 from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE
+from opensig.redaction import redact
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fpr95", "ece"}
+DIGEST_TAG = "bundle_sha256"  # run tag: what makes a re-run find its earlier registration
+BUNDLE_FILES = ("weights.safetensors", "config.json")  # + thresholds.json
+BACKOFF_FACTOR = 1  # seconds; waits 0, 2, 4, ... between retries (MLflow's default is 2)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_REQUIREMENTS = [
     "torch",
@@ -59,6 +75,77 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _uri_source(cfg: MlflowConfig) -> str:
+    if cfg.tracking_uri:
+        return "mlflow.tracking_uri in params.yaml"
+    return "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default"
+
+
+@contextmanager
+def http_limits(cfg: MlflowConfig) -> Iterator[None]:
+    """Bound MLflow's HTTP retries and timeouts, unless the user set them in the environment.
+
+    MLflow reads these variables on every request; its defaults (7 retries with exponential
+    backoff, 120 s per request) can hang a stage for many minutes on a dead server. Also
+    stops MLflow printing run links when the URI holds credentials (it prints them as is).
+    """
+    settings = {
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(cfg.retries),
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: str(BACKOFF_FACTOR),
+        MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(cfg.timeout),
+    }
+    uri = tracking_uri(cfg)
+    if redact(uri) != uri:
+        settings[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def check_reachable(cfg: MlflowConfig) -> str:
+    """The tracking URI, once one cheap call succeeded: fail before logging anything."""
+    uri = tracking_uri(cfg)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # any failure here means the same thing to the user
+        tries = (
+            f" after {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries, "
+            f"{MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s timeout each"
+            if uri.startswith(("http://", "https://"))
+            else ""
+        )
+        raise RuntimeError(
+            f"cannot reach the MLflow tracking store {redact(uri)} (from {_uri_source(cfg)})"
+            f"{tries}: {redact(str(err))}. "
+            "Start the tracking server, or fix mlflow.tracking_uri in params.yaml or "
+            "$MLFLOW_TRACKING_URI."
+        ) from None  # the chained error would print the unredacted URI with -v
+    log.info("MLflow tracking store: %s", redact(uri))
+    return uri
+
+
+@contextmanager
+def connected(cfg: MlflowConfig) -> Iterator[str]:
+    """Bounded HTTP, a reachable store, and MLflow errors as one redacted RuntimeError.
+
+    The CLI turns RuntimeError into one log line and exit code 2 instead of a traceback.
+    """
+    with http_limits(cfg):
+        uri = check_reachable(cfg)
+        try:
+            yield uri
+        except MlflowException as err:
+            raise RuntimeError(
+                f"MLflow at {redact(uri)} failed: {redact(err.message)}. Re-run the stage once "
+                "the store is back: a version already registered for this bundle is reused, "
+                "not duplicated."
+            ) from None
+
+
 def flatten(mapping: dict, prefix: str = "") -> dict:
     """Nested dict -> {'a.b': value}; how params and metrics appear in MLflow."""
     flat: dict = {}
@@ -73,6 +160,15 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
 
 def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def bundle_digest(model_dir: Path, thresholds: Path) -> str:
+    """sha256 over the files a prediction depends on: weights, spec and thresholds."""
+    digest = hashlib.sha256()
+    for path in [*(model_dir / name for name in BUNDLE_FILES), thresholds]:
+        with path.open("rb") as f:
+            digest.update(f"{path.name}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    return digest.hexdigest()
 
 
 def provenance_tags() -> dict[str, str]:
@@ -151,7 +247,10 @@ def logged_run(
     mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
     mlflow.set_experiment(cfg.mlflow.experiment)
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        # Not the tracking URI: useless as a param, and it may carry credentials.
+        mlflow.log_params(
+            flatten(cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}}))
+        )
         mlflow.log_metrics(
             {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
         )
@@ -169,8 +268,25 @@ def log_and_register(
     thresholds: Path,
     artifacts: list[Path],
 ) -> tuple[str, str]:
-    """One MLflow run with the pyfunc model, registered. Returns (run id, model version)."""
-    with logged_run(cfg, metrics, artifacts) as run, tempfile.TemporaryDirectory() as tmp:
+    """One MLflow run with the pyfunc model, registered. Returns (run id, model version).
+
+    A bundle already registered under this name (same content digest) is not registered
+    again: its run and version are returned.
+    """
+    digest = bundle_digest(model_dir, thresholds)
+    if found := find_registered(cfg, digest):
+        log.info(
+            "model %s: this bundle is already registered as version %s (run %s)",
+            cfg.mlflow.registered_model,
+            found[1],
+            found[0],
+        )
+        return found
+    tags = {DIGEST_TAG: digest}  # set before log_model registers: a re-run then finds it
+    with (
+        logged_run(cfg, metrics, artifacts, tags=tags) as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
@@ -183,11 +299,46 @@ def log_and_register(
     return run.info.run_id, str(info.registered_model_version)
 
 
-def _champion_version(client: MlflowClient, name: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
+def find_registered(cfg: Config, digest: str) -> tuple[str, str] | None:
+    """(run id, version) of the oldest version of this model logged from a run tagged
+    with ``digest`` in the configured experiment; None if there is none."""
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
         return None
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{DIGEST_TAG} = '{digest}'"
+    )
+    name = cfg.mlflow.registered_model
+    versions = [
+        v
+        for run in runs
+        for v in client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    ]
+    if not versions:
+        return None
+    oldest = min(versions, key=lambda v: int(v.version))
+    return oldest.run_id, str(oldest.version)
+
+
+def _require_logged_metric(client: MlflowClient, name: str, version: str, metric: str) -> None:
+    """A champion must be explainable: its run has to carry the metric it was chosen on."""
+    run_id = client.get_model_version(name, version).run_id
+    logged = client.get_run(run_id).data.metrics if run_id else {}
+    if metric not in logged:
+        raise RuntimeError(
+            f"model {name} version {version}: its run {run_id} has no {metric!r} metric "
+            f"(not logged, or undefined on the test split), so it cannot become {CHAMPION}; "
+            "the alias was not moved. Log the metric on that run (or delete the version and "
+            "re-run register), or pick another promote.metric."
+        )
+
+
+def _champion_version(client: MlflowClient, name: str) -> str | None:
+    # Read from the model, not by catching a lookup error: a server that fails to answer
+    # must not look like "no champion yet" (that would promote any challenger).
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    return None if version is None else str(version)
 
 
 def metric_value(metrics: dict, name: str) -> float | None:
@@ -213,12 +364,19 @@ def promote(
     challenger_value: float | None,
     champion_value_of: Callable[[str], float | None],
 ) -> tuple[bool, dict]:
-    """Set ``challenger`` on ``version``; set ``champion`` if it wins. Records why, as tags."""
+    """Set ``challenger`` on ``version``; set ``champion`` if it wins. Records why, as tags.
+
+    A version that already is the champion (a re-run of the same bundle) is left as it is.
+    """
     client = MlflowClient(tracking_uri(cfg.mlflow))
     name, metric, delta = cfg.mlflow.registered_model, cfg.promote.metric, cfg.promote.min_delta
-    client.set_registered_model_alias(name, CHALLENGER, version)
     champion = _champion_version(client, name)
     comparison = {"metric": metric, "min_delta": delta, "challenger_value": challenger_value}
+    if champion == version:
+        comparison.update(reason="already the champion", decision="already champion")
+        log.info("model %s version %s: already the %s", name, version, CHAMPION)
+        return True, comparison
+    client.set_registered_model_alias(name, CHALLENGER, version)
     if champion is None:
         promoted, comparison["reason"] = True, "no champion yet"
     else:
@@ -228,6 +386,8 @@ def promote(
         )
         comparison.update(champion_version=champion, champion_value=champion_value, gain=gain)
     comparison["decision"] = "promoted" if promoted else "kept champion"
+    if promoted:
+        _require_logged_metric(client, name, version, metric)
     for key, value in comparison.items():
         client.set_model_version_tag(name, version, f"promote.{key}", str(value))
     if promoted:

@@ -33,7 +33,9 @@ from opensig.config import ConfigError, RetrainConfig, load_config
 
 FLOW_NAME = "opensig-retrain"
 ARTIFACT_KEY = "opensig-promotion"
-LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another dvc command holds the repo
+# DVC's messages when another dvc command holds the repository (its short lock while it
+# reads the project) or a stage's files (the read/write lock held while a stage runs)
+LOCK_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
 
 
 class StepFailed(RuntimeError):
@@ -72,7 +74,7 @@ def run_command(args: list[str], cwd: Path, log_lines: bool = True) -> str:
                 logger.info("%s", line)
     output = "\n".join(lines)
     if proc.returncode != 0:
-        error = RepoBusy if LOCK_BUSY in output else StepFailed
+        error = RepoBusy if any(message in output for message in LOCK_BUSY) else StepFailed
         raise error(
             f"`{' '.join(args)}` failed in {cwd} (exit {proc.returncode}):\n"
             + "\n".join(lines[-40:])

@@ -12,7 +12,7 @@ from pathlib import Path
 from opensig.config import Config
 from opensig.data.manifest import label_indices, read_manifest, split_rows, write_manifest
 from opensig.data.scan import scan_folder
-from opensig.data.split import assign_splits, split_summary
+from opensig.data.split import assign_splits, check_trainable, split_summary
 from opensig.evaluation import evaluate_bundle, score_rows
 from opensig.io import read_json, write_json
 from opensig.model import load_model_dir, resolve_device
@@ -52,7 +52,11 @@ HERE = Layout()
 
 def ingest(cfg: Config, at: Layout = HERE) -> dict:
     """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
-    scan = scan_folder(cfg.data.root, cache=cfg.data.cache_dir / "scan.parquet")
+    scan = scan_folder(
+        cfg.data.root,
+        cache=cfg.data.cache_dir / "scan.parquet",
+        max_pixels=cfg.data.max_image_pixels,
+    )
     manifest = assign_splits(
         scan.records,
         cfg.data.val_fraction,
@@ -60,24 +64,26 @@ def ingest(cfg: Config, at: Layout = HERE) -> dict:
         cfg.data.holdout_unknown,
         cfg.data.split_seed,
     )
+    check_trainable(manifest)
+    splits = split_summary(manifest)
     write_manifest(manifest, at.manifest)
     report = {
         "root": cfg.data.root,
         "classes": scan.classes,
         "images": len(manifest),
-        "splits": split_summary(manifest),
+        "files": scan.counts(),
+        "warnings": scan.warnings + splits["warnings"],
+        "splits": splits,
         "skipped": scan.skipped,
         "duplicates": scan.duplicates,
         "conflicts": scan.conflicts,
     }
     write_json(at.ingest_report, report)
     log.info(
-        "ingest: %d images, %d classes; skipped %d, duplicates %d, conflicts %d",
-        len(manifest),
-        len(scan.classes),
-        len(scan.skipped),
-        len(scan.duplicates),
-        len(scan.conflicts),
+        "ingest: %s; %d warning(s); every skipped file and why: %s",
+        ", ".join(f"{n} {what}" for what, n in scan.counts().items()),
+        len(report["warnings"]),
+        at.ingest_report,
     )
     return report
 
@@ -86,7 +92,7 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
     """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes."""
     from opensig.train import is_main_process, train_model  # torch-heavy: import when used
 
-    result = train_model(cfg, read_manifest(at.manifest), at.model_dir, at.last_dir)
+    result = train_model(cfg, read_manifest(at.manifest, cfg.data.root), at.model_dir, at.last_dir)
     if not is_main_process():
         return {}
     write_history(result.history, at.train_plots)
@@ -99,7 +105,7 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
 def tune(cfg: Config, at: Layout = HERE) -> dict:
     """Per-class thresholds from the validation split (never from test)."""
     model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
-    rows = split_rows(read_manifest(at.manifest), "val")
+    rows = split_rows(read_manifest(at.manifest, cfg.data.root), "val")
     if rows.empty:
         raise ValueError(
             "the val split is empty: thresholds need validation images (raise data.val_fraction)"
@@ -123,9 +129,8 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
 def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
     bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
-    result = evaluate_bundle(
-        bundle, split_rows(read_manifest(at.manifest), "test"), cfg.evaluate.batch_size
-    )
+    test_rows = split_rows(read_manifest(at.manifest, cfg.data.root), "test")
+    result = evaluate_bundle(bundle, test_rows, cfg.evaluate.batch_size)
     write_confusion(result.labels, result.preds, bundle.spec.classes, at.plots)
     write_roc(result.scores, result.labels, result.novel, at.plots)
     write_json(at.metrics, result.metrics)
@@ -139,32 +144,31 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
 
     metrics = read_json(at.metrics)
     pngs = sorted(at.plots.glob("*.png")) + sorted(at.train_plots.glob("*.png"))
-    run_id, version = registry.log_and_register(
-        cfg,
-        metrics,
-        at.model_dir,
-        at.thresholds,
-        [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
-    )
-    test_rows = split_rows(read_manifest(at.manifest), "test")
+    test_rows = split_rows(read_manifest(at.manifest, cfg.data.root), "test")
+    # Bounded retries, a reachability check before anything is logged, redacted errors.
+    with registry.connected(cfg.mlflow) as tracking_uri:
+        run_id, version = registry.log_and_register(
+            cfg,
+            metrics,
+            at.model_dir,
+            at.thresholds,
+            [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
+        )
 
-    def champion_value(champion: str) -> float | None:
-        uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
-        local = resolve_model_dir(uri, registry.tracking_uri(cfg.mlflow))
-        champion_bundle = Bundle.load(local, device=cfg.train.device)
-        result = evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size)
-        return registry.metric_value(result.metrics, cfg.promote.metric)
+        def champion_value(champion: str) -> float | None:
+            uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
+            champion_bundle = Bundle.load(
+                resolve_model_dir(uri, tracking_uri), device=cfg.train.device
+            )
+            result = evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size)
+            return registry.metric_value(result.metrics, cfg.promote.metric)
 
-    promoted, comparison = registry.promote(
-        cfg, version, registry.metric_value(metrics, cfg.promote.metric), champion_value
-    )
+        promoted, comparison = registry.promote(
+            cfg, version, registry.metric_value(metrics, cfg.promote.metric), champion_value
+        )
+        aliases = registry.aliases_of(cfg, version)
     out = registry.Registration(
-        cfg.mlflow.registered_model,
-        version,
-        run_id,
-        registry.aliases_of(cfg, version),
-        promoted,
-        comparison,
+        cfg.mlflow.registered_model, version, run_id, aliases, promoted, comparison
     )
     write_json(at.registered, out.to_dict())
     return out.to_dict()

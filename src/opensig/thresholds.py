@@ -241,7 +241,8 @@ def f1(
     F1 thresholds and a flat 0.5, then sweep one class at a time with the others fixed, keeping
     strict improvements, for up to ``max_rounds`` rounds or until a round changes nothing.
     Ties go to the highest threshold: validation has no novel unknowns, and a lower threshold
-    that scores the same on it can only let more of them in.
+    that scores the same on it can only let more of them in. A class with no validation
+    image keeps 0.5, with a warning: sweeping it would only learn to silence it.
     """
     scores, labels = _check_inputs(scores, labels)
     num_classes = scores.shape[1]
@@ -249,6 +250,9 @@ def f1(
         logger.warning("no validation images; all thresholds stay 0.5")
         return np.full(num_classes, _DEFAULT_THRESHOLD)
     y = np.where(labels == UNKNOWN, num_classes, labels)
+    tunable = [k for k in range(num_classes) if (labels == k).any()]
+    for k in sorted(set(range(num_classes)) - set(tunable)):
+        logger.warning("class %d has no validation images; threshold stays 0.5", k)
 
     starts = [_ovr_f1_thresholds(scores, labels), np.full(num_classes, _DEFAULT_THRESHOLD)]
     start_f1 = [macro_f1(labels, decide(scores, t)) for t in starts]
@@ -257,7 +261,7 @@ def f1(
 
     for round_idx in range(max_rounds):
         improved = False
-        for k in range(num_classes):
+        for k in tunable:
             cands = _candidates(scores[:, k], thresholds[k], max_candidates)
             values = _sweep_class(scores, y, thresholds, k, cands)
             best = int(np.argmax(values))

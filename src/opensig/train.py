@@ -5,14 +5,30 @@ The time should go into the model's forward and backward passes: images are deco
 GPU it runs in bf16/fp16 with channels-last tensors fed from pinned memory by worker
 processes. Under ``torchrun`` it trains with DistributedDataParallel: every process takes a
 shard of each epoch, and only rank 0 writes checkpoints and reports.
+
+A stopped run (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes when rerun: after every
+epoch rank 0 saves the weights, the optimizer, scheduler and grad-scaler state and the loop's
+progress under ``data.cache_dir/train-state/<fingerprint>``. That folder is outside the DVC
+outputs because ``dvc repro`` deletes a stage's outputs before it reruns the stage. The
+fingerprint covers the train/val rows, the model and train params and the world size: change
+any and the next run starts afresh. Each file is written atomically and the state file, written
+last, names the weights it belongs to, so a kill at any instant leaves a loadable state.
+
+No RNG state is saved because none is carried from one epoch to the next: every epoch reseeds
+python, numpy and torch, the shuffle order and the augmentation (in the main process and in
+each loader worker) from (train.seed, epoch, rank). Epoch k thus draws the same numbers after a
+restart as after epoch k-1, and on CPU a resumed run ends with the uninterrupted run's weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,8 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as torch_dist
+from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, get_worker_info
 from tqdm.auto import tqdm
 
 from opensig.config import Config
@@ -36,6 +53,7 @@ from opensig.data.dataset import (
     train_transform,
 )
 from opensig.data.manifest import known_classes, label_indices, split_rows
+from opensig.io import atomic_write, remove_temp_files
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
     ModelSpec,
@@ -107,6 +125,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int, worker: int = 0) -> int:
+    """A 32-bit seed that depends on its arguments only (worker 0: the training process)."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, rank, worker]).generate_state(1)[0])
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, worker: int = 0) -> int:
+    """Reseed python, numpy and torch (all devices) for this epoch; return the seed used."""
+    value = epoch_seed(seed, epoch, rank, worker)
+    seed_everything(value)
+    return value
+
+
+class _EpochSeeded(Dataset):
+    """The train set: when the epoch changes, the process fetching images (the main one, or
+    a loader worker) reseeds its RNGs and the augmentation's from (seed, epoch, rank, worker).
+
+    Persistent loader workers keep their copy of the dataset across epochs, so the epoch
+    reaches them through shared memory.
+    """
+
+    def __init__(self, dataset: ImageDataset, seed: int, rank: int) -> None:
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._seeded_epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch = int(self.epoch)
+        if epoch != self._seeded_epoch:
+            info = get_worker_info()
+            worker = 0 if info is None else info.id + 1
+            self.dataset.transform.set_random_seed(_seed_epoch(self.seed, epoch, self.rank, worker))
+            self._seeded_epoch = epoch
+        return self.dataset[index]
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
     """LR multiplier: linear warm-up to 1, then cosine decay to ``floor``."""
 
@@ -155,42 +211,154 @@ def _dataset(
     cfg: Config,
     dist: Distributed,
 ) -> ImageDataset:
-    """Rows -> dataset, reading the decode-once cache (rank 0 fills it, the others wait)."""
+    """Rows -> dataset, reading the decode-once cache (rank 0 fills it, the others wait).
+
+    Images are decoded as ingest checked them: up to ``data.max_image_pixels``.
+    """
     decoded = None
+    limit = cfg.data.max_image_pixels
     if cfg.train.decode_cache and not rows.empty:
         args = (rows["path"].tolist(), rows["hash"].tolist(), spec.image_size, spec.in_chans)
         if dist.main:
-            decoded = cached_images(*args, cfg.data.cache_dir)
+            decoded = cached_images(*args, cfg.data.cache_dir, limit)
         if dist.world > 1:
             torch_dist.barrier()
-            decoded = cached_images(*args, cfg.data.cache_dir) if not dist.main else decoded
+            decoded = cached_images(*args, cfg.data.cache_dir, limit) if not dist.main else decoded
     labels = label_indices(rows["label"], classes)
-    return ImageDataset(rows["path"].tolist(), labels, transform, spec.in_chans, decoded)
+    return ImageDataset(
+        rows["path"].tolist(),
+        labels,
+        transform,
+        spec.in_chans,
+        decoded,
+        min_size=spec.image_size,
+        max_pixels=limit,
+    )
 
 
 def _loader(
-    dataset: ImageDataset,
+    dataset: Dataset,
     cfg: Config,
     shuffle: bool,
     device: torch.device,
     dist: Distributed,
 ) -> DataLoader:
+    """The shuffling sampler gets a generator of its own, reseeded every epoch: the loader's
+    generator also seeds the workers, but only when they start (once, with persistent ones)."""
     workers = loader_workers(cfg.train.num_workers, device, dist.world)
-    sampler = (
-        DistributedSampler(dataset, dist.world, dist.rank, shuffle=shuffle, seed=cfg.train.seed)
-        if dist.world > 1
-        else None
-    )
+    sampler: DistributedSampler | RandomSampler | None = None
+    if dist.world > 1:
+        sampler = DistributedSampler(
+            dataset, dist.world, dist.rank, shuffle=shuffle, seed=cfg.train.seed
+        )
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator())
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
+
+
+def _start_epoch(loader: DataLoader, train_set: _EpochSeeded, epoch: int) -> None:
+    """Make everything random in this epoch a function of (seed, epoch, rank) alone."""
+    value = _seed_epoch(train_set.seed, epoch, train_set.rank)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator.manual_seed(value)
+    train_set.epoch.fill_(epoch)
+
+
+STATE_FILE = "trainer.pt"
+
+
+def resume_dir(cfg: Config, rows: pd.DataFrame, world: int) -> Path:
+    """The state folder of a run on these rows with these params: its name is their fingerprint."""
+    digest = hashlib.sha256(rows[["path", "hash", "label", "split"]].to_csv(index=False).encode())
+    params = {
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "world": world,
+    }
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    return Path(cfg.data.cache_dir) / "train-state" / digest.hexdigest()[:16]
+
+
+def _weights_file(folder: Path, epoch: int) -> Path:
+    return folder / f"weights-{epoch:04d}.safetensors"
+
+
+def _tidy(folder: Path, outputs: list[Path]) -> None:
+    """Drop what stopped runs left behind: states for other params or data, temp files."""
+    others = [p for p in folder.parent.glob("*") if p.is_dir() and p != folder]
+    for other in others:
+        log.info("params or data changed: discarding the state of the stopped run in %s", other)
+        shutil.rmtree(other, ignore_errors=True)
+    for directory in (folder, *outputs):
+        removed = remove_temp_files(directory)
+        if removed:
+            log.info("removed %d half-written file(s) in %s", len(removed), directory)
+
+
+def _save_state(
+    folder: Path,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    progress: dict,
+) -> None:
+    """Weights first, then the state file naming them, then drop the weights no state names."""
+    epoch, best_epoch = progress["epoch"], progress["best_epoch"]
+    atomic_write(_weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
+    state = {**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    keep = {_weights_file(folder, epoch), _weights_file(folder, best_epoch)}
+    for old in folder.glob("weights-*.safetensors"):
+        if old not in keep:
+            old.unlink(missing_ok=True)
+
+
+def _resume(
+    folder: Path,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    spec: ModelSpec,
+    restore_best: Path | None,
+) -> dict | None:
+    """Load a stopped run's state (None if there is none) into the model and optimizers.
+
+    ``restore_best`` (rank 0) gets the best weights so far back: ``dvc repro`` deletes the
+    model folder before it reruns the stage. Tensors and plain values only (weights_only).
+    """
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if restore_best is not None:
+            load_model(net, str(_weights_file(folder, state["best_epoch"])))
+            save_model_dir(restore_best, net, spec)
+        load_model(net, str(_weights_file(folder, state["epoch"])))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot resume from {folder} ({type(err).__name__}: {err}); "
+            "delete that folder to train from scratch"
+        ) from err
+    return state
 
 
 def _check_readable(batch: dict) -> None:
@@ -253,9 +421,10 @@ def _train(
         log.warning("the val split is empty: the last epoch is kept as the best model")
     start = time.perf_counter()
     augment = train_transform(spec, cfg.train.augment, cfg.train.seed + dist.rank)
-    train_dl = _loader(
-        _dataset(train_rows, classes, augment, spec, cfg, dist), cfg, True, device, dist
+    train_set = _EpochSeeded(
+        _dataset(train_rows, classes, augment, spec, cfg, dist), cfg.train.seed, dist.rank
     )
+    train_dl = _loader(train_set, cfg, True, device, dist)
     val_dl = _loader(
         _dataset(val_rows, classes, eval_transform(spec), spec, cfg, dist), cfg, False, device, dist
     )
@@ -291,60 +460,101 @@ def _train(
         len(classes),
         train_dl.num_workers,
     )
-    best_loss, best_epoch, history = math.inf, 0, []
-    for epoch in range(1, cfg.train.epochs + 1):
-        if isinstance(train_dl.sampler, DistributedSampler):
-            train_dl.sampler.set_epoch(epoch)
-        model.train()
-        epoch_start = time.perf_counter()
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None)
-        for step, batch in enumerate(bar):
-            _check_readable(batch)
-            images = model_input(batch["image"], spec, device, cfg.train.channels_last)
-            labels = batch["label"].to(device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-            loss = method.loss(logits, labels, **loss_kwargs)
-            optimizer_step(loss, optimizer, scaler)
-            scheduler.step()
-            total[0] += loss.detach() * len(labels)
-            total[1] += len(labels)
-            if not bar.disable and step % 25 == 0:  # the only host sync, and only for a TTY
-                bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_loss, seen = _all_sum(total, dist)
-        val_loss = _evaluate_loss(net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist)
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss / seen,
-            "val_loss": val_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": seen / epoch_seconds,
-            "seconds": time.perf_counter() - start,
-        }
-        history.append(row)
-        log.info(
-            "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
-            epoch,
-            row["train_loss"],
-            val_loss,
-            row["images_per_s"],
+    folder = resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world)
+    if dist.main:
+        _tidy(folder, [model_dir, last_dir])
+    state = _resume(
+        folder, net, optimizer, scheduler, scaler, spec, model_dir if dist.main else None
+    )
+    best_loss, best_epoch, history, done = math.inf, 0, [], 0
+    if state is not None:
+        best_loss, best_epoch, history, done = (
+            state["best_loss"],
+            state["best_epoch"],
+            state["history"],
+            state["epoch"],
         )
+        log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
         if dist.main:
             save_model_dir(last_dir, net, spec)
-        if math.isnan(val_loss) or val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
+    earlier_seconds = history[-1]["seconds"] if history else 0.0
+    epoch = done
+    try:
+        for epoch in range(done + 1, cfg.train.epochs + 1):
+            _start_epoch(train_dl, train_set, epoch)
+            model.train()
+            epoch_start = time.perf_counter()
+            total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
+            bar = tqdm(
+                train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None
+            )
+            for step, batch in enumerate(bar):
+                _check_readable(batch)
+                images = model_input(batch["image"], spec, device, cfg.train.channels_last)
+                labels = batch["label"].to(device, non_blocking=True)
+                with autocast:
+                    logits = model(images)
+                loss = method.loss(logits, labels, **loss_kwargs)
+                optimizer_step(loss, optimizer, scaler)
+                scheduler.step()
+                total[0] += loss.detach() * len(labels)
+                total[1] += len(labels)
+                if not bar.disable and step % 25 == 0:  # the only host sync, and only for a TTY
+                    bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_seconds = time.perf_counter() - epoch_start
+            train_loss, seen = _all_sum(total, dist)
+            val_loss = _evaluate_loss(net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss / seen,
+                "val_loss": val_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": seen / epoch_seconds,
+                "seconds": earlier_seconds + time.perf_counter() - start,
+            }
+            history.append(row)
+            log.info(
+                "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
+                epoch,
+                row["train_loss"],
+                val_loss,
+                row["images_per_s"],
+            )
+            if math.isnan(val_loss) or val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                if dist.main:
+                    save_model_dir(model_dir, net, spec)
             if dist.main:
-                save_model_dir(model_dir, net, spec)
+                save_model_dir(last_dir, net, spec)
+                progress = {
+                    "epoch": epoch,
+                    "best_epoch": best_epoch,
+                    "best_loss": best_loss,
+                    "history": history,
+                }
+                _save_state(folder, net, optimizer, scheduler, scaler, progress)
+            done = epoch
+    except (KeyboardInterrupt, SystemExit):
+        if dist.main:
+            log.warning(
+                "training stopped in epoch %d/%d; %s",
+                epoch,
+                cfg.train.epochs,
+                f"rerun to resume from epoch {done + 1} (state in {folder})"
+                if done
+                else "no epoch was finished, a rerun starts from scratch",
+            )
+        raise
+    if dist.main:
+        shutil.rmtree(folder, ignore_errors=True)
     steady = history[1:] or history
     return TrainResult(
         spec,
         best_epoch,
         best_loss,
-        time.perf_counter() - start,
+        earlier_seconds + time.perf_counter() - start,
         len(train_rows),
         len(val_rows),
         str(device),

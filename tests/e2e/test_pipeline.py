@@ -149,6 +149,10 @@ def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
 
 def test_second_registration_keeps_champion_unless_better(in_pipeline: Path) -> None:
     write_params(in_pipeline, {"promote": {"min_delta": 0.5}})
+    run_cli("register")  # the same bundle again: reused, not registered twice
+    assert json.loads(Path("reports/registered.json").read_text())["version"] == "1"
+    thresholds = Path("artifacts/thresholds.json")
+    thresholds.write_text(thresholds.read_text() + "\n")  # same model, new bytes: a new bundle
     run_cli("register")
     registered = json.loads(Path("reports/registered.json").read_text())
     assert registered["version"] == "2"

@@ -152,8 +152,8 @@ def test_new_images_trigger_a_retrain_and_a_new_version(repo: Path, first: dict)
 def test_failing_step_fails_the_flow_and_keeps_the_champion(repo: Path, first: dict) -> None:
     before, versions, lock = champion(repo), n_versions(repo), (repo / "dvc.lock").read_text()
     with (
-        params_changed(repo, {"model": {"pretrained_file": "missing.safetensors"}}),
-        pytest.raises(StepFailed, match=r"dvc repro(.|\n)*pretrained_file"),
+        params_changed(repo, {"data": {"holdout_unknown": ["no_such_source"]}}),
+        pytest.raises(StepFailed, match=r"dvc repro(.|\n)*holdout_unknown"),
     ):
         retrain(str(repo))
     assert champion(repo) == before

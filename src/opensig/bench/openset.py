@@ -87,6 +87,7 @@ def run_config(base: Config, opts: BenchOptions, method: str, seed: int) -> Conf
     raw = budget_params(base, opts)
     raw["train"].update(method=method, seed=seed)
     raw["train"]["augment"]["hflip"] = HFLIP[opts.dataset]
+    raw["data"]["root"] = str(opts.work / "data")  # where prepare_manifest wrote the images
     raw["mlflow"]["experiment"] = f"opensig-bench-{opts.dataset}"
     return parse_config(raw)
 

@@ -213,7 +213,7 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     # Predict: the trained model on every PNG of the folder, interleaved with its forward.
     write_thresholds(at.thresholds, scan.classes, [0.5] * n_classes, "fixed", {"value": 0.5})
     bundle = Bundle.load(at.model_dir, at.thresholds, opts.device)
-    files = collect_images([data])
+    files, _ = collect_images([data])
     rounds = []
     for _ in range(opts.rounds):
         start = time.perf_counter()

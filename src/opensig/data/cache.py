@@ -25,7 +25,7 @@ import albumentations as A
 import numpy as np
 from tqdm.auto import tqdm
 
-from opensig.data.dataset import load_image
+from opensig.data.images import DECODE_VERSION, MAX_IMAGE_PIXELS, decode
 from opensig.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -33,27 +33,31 @@ log = logging.getLogger(__name__)
 
 def cache_key(hashes: Sequence[str], size: int, in_chans: int) -> str:
     digest = hashlib.sha256("\n".join(hashes).encode())
-    digest.update(f"{size}x{in_chans}".encode())
+    digest.update(f"{size}x{in_chans}:decode-v{DECODE_VERSION}".encode())
     return digest.hexdigest()[:24]
 
 
-def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
-    path, size, in_chans = args
+def _decode(args: tuple[str, int, int, int | None]) -> np.ndarray | str:
+    path, size, in_chans, max_pixels = args
     try:
-        return A.Resize(size, size)(image=load_image(path, in_chans))["image"]
+        return A.Resize(size, size)(image=decode(path, in_chans, max_pixels, size))["image"]
     except Exception as err:  # reported with the file name by the caller
         return f"{type(err).__name__}: {err}"
 
 
 def decode_all(
-    paths: Sequence[str], size: int, in_chans: int, workers: int | None = None
+    paths: Sequence[str],
+    size: int,
+    in_chans: int,
+    workers: int | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """(N, size, size, C) uint8 decoded on every core; an unreadable file is an error.
 
     Threads suffice: Pillow's decoders and OpenCV's resize release the GIL.
     """
     out = np.empty((len(paths), size, size, in_chans), dtype=np.uint8)
-    jobs = [(str(p), size, in_chans) for p in paths]
+    jobs = [(str(p), size, in_chans, max_pixels) for p in paths]
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         results = pool.map(_decode, jobs)
         bar = tqdm(results, total=len(jobs), desc="decoding", leave=False, disable=None)
@@ -70,7 +74,12 @@ def _save(path: Path, images: np.ndarray) -> None:
 
 
 def cached_images(
-    paths: Sequence[str], hashes: Sequence[str], size: int, in_chans: int, cache_dir: Path
+    paths: Sequence[str],
+    hashes: Sequence[str],
+    size: int,
+    in_chans: int,
+    cache_dir: Path,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """The decoded images, from ``cache_dir`` when this exact set was decoded before."""
     path = Path(cache_dir) / f"{cache_key(hashes, size, in_chans)}.npy"
@@ -79,7 +88,7 @@ def cached_images(
         if images.shape == (len(paths), size, size, in_chans):
             log.info("decoded images: reusing %s", path)
             return images
-    images = decode_all(paths, size, in_chans)
+    images = decode_all(paths, size, in_chans, max_pixels=max_pixels)
     atomic_write(path, lambda tmp: _save(tmp, images))
     log.info("decoded %d images once into %s (%.1f MB)", len(paths), path, images.nbytes / 1e6)
     return np.load(path, mmap_mode="r")

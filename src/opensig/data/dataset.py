@@ -10,32 +10,19 @@ to copy to the device.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import time
 
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from opensig.config import AugmentConfig
+from opensig.data.images import MAX_IMAGE_PIXELS, ImageSource, decode
 from opensig.model import ModelSpec
-
-ImageSource = str | Path | bytes
-
-
-def load_image(source: ImageSource, in_chans: int) -> np.ndarray:
-    """Decode a file path or raw bytes to an HxWxC uint8 array (RGB, or L for 1 channel)."""
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle) as img:
-        img = img.convert("L" if in_chans == 1 else "RGB")
-        array = np.asarray(img)
-    return array[..., None] if array.ndim == 2 else array
 
 
 def loader_workers(setting: int | str, device: torch.device, world: int = 1) -> int:
@@ -94,6 +81,7 @@ class ImageDataset(Dataset):
     A file that cannot be read yields a zero image and its error text instead of raising,
     so one bad file in a folder of thousands costs one row in predict, not the whole run.
     ``decoded`` (from ``opensig.data.cache``) replaces decoding the files, row for row.
+    ``min_size`` and ``max_pixels`` are passed to :func:`opensig.data.images.decode`.
     """
 
     def __init__(
@@ -103,12 +91,16 @@ class ImageDataset(Dataset):
         transform: A.Compose,
         in_chans: int,
         decoded: np.ndarray | None = None,
+        min_size: int | None = None,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.sources = list(sources)
         self.labels = list(labels) if labels is not None else [-1] * len(self.sources)
         self.transform = transform
         self.in_chans = in_chans
         self.decoded = decoded
+        self.min_size = min_size
+        self.max_pixels = max_pixels
         self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -120,7 +112,7 @@ class ImageDataset(Dataset):
             pixels = (
                 np.array(self.decoded[index])  # a writable copy of the read-only map
                 if self.decoded is not None
-                else load_image(self.sources[index], self.in_chans)
+                else decode(self.sources[index], self.in_chans, self.max_pixels, self.min_size)
             )
             image = torch.from_numpy(np.ascontiguousarray(self.transform(image=pixels)["image"]))
             error = ""

@@ -6,6 +6,7 @@ list before a model exists; afterwards the model's spec carries it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,15 @@ def write_manifest(df: pd.DataFrame, path: Path) -> Path:
     return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
+def read_manifest(path: Path, root: Path) -> pd.DataFrame:
+    """The manifest at ``path``, after checking that every image path stays inside ``root``.
+
+    A manifest is a file like any other: edited by hand, or copied from another project, a
+    row like ``../../home/me/.ssh/id_rsa`` or ``/etc/passwd`` would make training read, and
+    register upload, a file the user never put in the data. The check is on the normalised
+    path (no ``..`` out, nothing absolute elsewhere), not on link targets: links inside the
+    data folder are the user's own, and ingest has already followed them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found; run `opensig ingest` first")
@@ -32,6 +41,14 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(
             f"{path}: manifest lacks columns {sorted(missing)}; rerun `opensig ingest`"
+        )
+    base = os.path.abspath(root)
+    outside = [p for p in df["path"] if os.path.commonpath([base, os.path.abspath(p)]) != base]
+    if outside:
+        raise ValueError(
+            f"{path}: {len(outside)} image path(s) outside the data folder {root}, e.g. "
+            f"{outside[0]!r}; the manifest was edited or made for another folder: rerun "
+            "`opensig ingest`"
         )
     return df
 

@@ -7,7 +7,6 @@ user can always see why an image is not being trained on.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections import defaultdict
@@ -16,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from opensig.data.images import DECODE_VERSION, MAX_IMAGE_PIXELS, ImageRejected, check
 from opensig.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,18 @@ class ScanResult:
     duplicates: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
     reused: int = 0  # files whose earlier probe was reused (same path, size and mtime)
+    found: int = 0  # every entry looked at: found == kept + skipped + duplicates + conflicts
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """How many files went where; the parts always add up to ``found``."""
+        return {
+            "found": self.found,
+            "kept": len(self.records),
+            "skipped": len(self.skipped),
+            "duplicates": len(self.duplicates),
+            "conflicts": sum(len(c["paths"]) for c in self.conflicts),
+        }
 
 
 @dataclass(frozen=True)
@@ -99,42 +111,118 @@ def _save_probes(cache: Path, keys: list[tuple[str, str]], probes: list[_Probe])
     atomic_write(cache, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def display(path: str | Path) -> str:
+    """A path fit for a report: a name that is not valid UTF-8 shows its bad bytes as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _files_under(folder: Path) -> list[Path]:
-    # Everything that is not a folder, so broken links and the like get reported, not lost.
-    return [p for p in folder.rglob("*") if not p.is_dir()]
+def _is_hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in parts)
 
 
-def _probe(path: str) -> _Probe:
-    """Hash the bytes and fully decode them, so truncated files fail here, not in training."""
+def walk_files(folder: Path) -> tuple[list[Path], list[dict]]:
+    """Every entry under ``folder`` that is not a folder, sorted, and the folders skipped.
+
+    Symlinked folders are followed once: a folder reached again (a symlink loop, or two
+    links to one folder) is not entered twice and is reported, as is one that cannot be
+    listed. Broken links and other non-files are returned, so the caller reports them.
+    """
+    files: list[Path] = []
+    problems: list[dict] = []
+    seen = {_identity(folder)}
+
+    def unreadable(err: OSError) -> None:
+        problems.append({"path": display(err.filename), "reason": f"unreadable folder: {err}"})
+
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        entered = []
+        for name in sorted(dirs):
+            sub = os.path.join(top, name)
+            key = _identity(sub)
+            if key in seen:
+                problems.append(
+                    {
+                        "path": display(sub),
+                        "reason": f"symlink loop or folder linked twice: "
+                        f"{display(os.path.realpath(sub))} is scanned once",
+                    }
+                )
+            else:
+                seen.add(key)
+                entered.append(name)
+        dirs[:] = entered
+        files.extend(Path(top, name) for name in names)
+    return sorted(files), sorted(problems, key=lambda p: p["path"])
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _probe(path: str, max_pixels: int | None) -> _Probe:
+    """Hash the bytes and fully decode them, so broken files fail here, not in training."""
     if not Path(path).is_file():
-        return _Probe(reason="not a regular file")
+        broken_link = Path(path).is_symlink() and not Path(path).exists()
+        return _Probe(reason="broken symlink" if broken_link else "not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return _Probe(reason=f"unreadable: {exc}")
+        return _Probe(reason=f"unreadable: {exc.strerror or exc}")
     if not data:
         return _Probe(reason="empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            width, height = im.size
+        width, height = check(data, max_pixels)
     except UnidentifiedImageError:
-        return _Probe(reason="not an image Pillow can open")
+        return _Probe(reason="not an image, or a format Pillow cannot read")
+    except ImageRejected as exc:
+        return _Probe(reason=str(exc))
     # Pillow's decoders raise many exception types on corrupt data (OSError, SyntaxError,
-    # ValueError, struct.error, DecompressionBombError, ...); any of them means "unusable".
+    # ValueError, struct.error, ...); any of them means "unusable".
     except Exception as exc:
         return _Probe(reason=f"unreadable: {type(exc).__name__}: {exc}")
-    if width == 0 or height == 0:
-        return _Probe(reason=f"image has zero size ({width}x{height})")
     return _Probe(hash=hashlib.sha256(data).hexdigest(), width=width, height=height)
 
 
-def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict]]:
-    """Find class folders and every file under known/ and unknown/, in sorted path order."""
+def _like_unknown(name: str) -> bool:
+    return name.strip().strip("_-. ").lower() == UNKNOWN_LABEL
+
+
+def _class_folders(root: Path, known: Path) -> list[str]:
+    classes = sorted(e.name for e in known.iterdir() if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"{known} has no class folders: put the images of each class in {known}/<class>/"
+        )
+    for name in classes:
+        if _like_unknown(name):
+            raise ValueError(
+                f"{display(known / name)} is not allowed: '{UNKNOWN_LABEL}' is reserved for "
+                f"images of none of the classes; move those to {root / UNKNOWN_LABEL}/ instead"
+            )
+        if display(name) != name:
+            raise ValueError(
+                f"class folder {display(known / name)}: the name is not valid UTF-8; rename it "
+                "(class names are stored in the manifest, the model and MLflow)"
+            )
+    return classes
+
+
+def _place(relative: tuple[str, ...]) -> tuple[str, str] | str:
+    """(label, source) for a file at ``relative`` below the data root, or why it is not used."""
+    if _is_hidden(relative):
+        return "hidden file"
+    top, rest = relative[0], relative[1:]
+    if top == "known":
+        return (rest[0], rest[0]) if len(rest) > 1 else "not inside a class folder under known/"
+    if top == UNKNOWN_LABEL:
+        return (UNKNOWN_LABEL, rest[0] if len(rest) > 1 else UNKNOWN_LABEL)
+    return f"not under known/ or {UNKNOWN_LABEL}/ (not used)"
+
+
+def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict], int]:
+    """Class folders, every usable-looking file (sorted by path), what was skipped, and the
+    number of entries found under ``root``."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"data folder {root} does not exist: create it with known/<class>/ and unknown/ "
@@ -145,87 +233,59 @@ def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict
         raise FileNotFoundError(
             f"{known} does not exist: put the images of each known class in {known}/<class>/"
         )
-
-    skipped: list[dict] = []
+    classes = _class_folders(root, known)
+    files, skipped = walk_files(root)
+    found = len(files) + len(skipped)
     candidates: list[_Candidate] = []
-    classes: list[str] = []
-    for entry in sorted(known.iterdir()):
-        if entry.name.startswith("."):
-            for f in _files_under(entry) if entry.is_dir() else [entry]:
-                skipped.append({"path": f.as_posix(), "reason": "hidden file"})
-        elif not entry.is_dir():
+    for f in files:
+        path = f.as_posix()
+        placed = _place(f.relative_to(root).parts)
+        if isinstance(placed, str):
+            skipped.append({"path": display(path), "reason": placed})
+        elif display(path) != path:
             skipped.append(
-                {"path": entry.as_posix(), "reason": "not inside a class folder under known/"}
+                {
+                    "path": display(path),
+                    "reason": "file name is not valid UTF-8: rename it (manifests store UTF-8)",
+                }
             )
-        elif entry.is_dir():
-            classes.append(entry.name)
-    if not classes:
-        raise ValueError(
-            f"{known} has no class folders: put the images of each class in {known}/<class>/"
-        )
-    if UNKNOWN_LABEL in classes:
-        raise ValueError(
-            f"{known / UNKNOWN_LABEL} is not allowed: '{UNKNOWN_LABEL}' is reserved for images "
-            f"of none of the classes; move those to {root / UNKNOWN_LABEL}/ instead"
-        )
-
-    for name in classes:
-        for f in _files_under(known / name):
-            candidates.append(_Candidate(f.as_posix(), name, name))
-
-    unknown = root / UNKNOWN_LABEL
-    if unknown.is_dir():
-        for f in _files_under(unknown):
-            relative = f.relative_to(unknown)
-            source = relative.parts[0] if len(relative.parts) > 1 else UNKNOWN_LABEL
-            candidates.append(_Candidate(f.as_posix(), UNKNOWN_LABEL, source))
-    else:
-        log.info("%s does not exist: scanning known classes only", unknown)
-
-    visible: list[_Candidate] = []
-    for c in candidates:
-        top = known / c.label if c.label != UNKNOWN_LABEL else unknown
-        if _is_hidden(Path(c.path).relative_to(top)):
-            skipped.append({"path": c.path, "reason": "hidden file"})
         else:
-            visible.append(c)
-    visible.sort(key=lambda c: c.path)
-    return classes, visible, skipped
+            candidates.append(_Candidate(path, *placed))
+    if not (root / UNKNOWN_LABEL).is_dir():
+        log.info("%s does not exist: scanning known classes only", root / UNKNOWN_LABEL)
+    return classes, candidates, skipped, found
 
 
-def scan_folder(root: Path, workers: int | None = None, cache: Path | None = None) -> ScanResult:
-    """Open and hash every image under `root/known/<class>/` and `root/unknown/`.
+def _probe_all(
+    candidates: list[_Candidate],
+    cache: Path | None,
+    workers: int | None,
+    max_pixels: int | None,
+    desc: str,
+) -> tuple[list[_Probe], int]:
+    """Probe every candidate on all cores, reusing the cache; returns probes and files read.
 
-    Exact duplicates under one label keep their first copy by sorted path; images whose bytes
-    appear under different labels are dropped entirely, since contradictory labels cannot be
-    trained on. Record paths are `root` joined with the path below it, in POSIX form.
-    Files are probed on every core (threads: decoding and hashing release the GIL). With
-    ``cache``, a file whose path, size and mtime match the last scan is not read again.
+    A cached probe counts only if path, size, mtime, the decoder version and the pixel
+    limit all match, so changing either of the last two re-checks every file.
     """
-    root = Path(root)
-    classes, candidates, skipped = _list_candidates(root)
-
+    version = f"decode-v{DECODE_VERSION}/max{max_pixels}"
     known = _load_probes(cache)
-    keys = [(c.path, _stat(c.path)) for c in candidates]
+    keys = [(c.path, f"{version}:{_stat(c.path)}") for c in candidates]
     todo = [key[0] for key in keys if key not in known]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        fresh = dict(
-            zip(
-                todo,
-                tqdm(
-                    pool.map(_probe, todo),
-                    total=len(todo),
-                    desc=f"scanning {root}",
-                    unit="file",
-                    disable=None,
-                ),
-                strict=True,
-            )
-        )
+        results = pool.map(lambda path: _probe(path, max_pixels), todo)
+        bar = tqdm(results, total=len(todo), desc=desc, unit="file", disable=None)
+        fresh = dict(zip(todo, bar, strict=True))
     probes = [known[key] if key in known else fresh[key[0]] for key in keys]
     if cache is not None:
         _save_probes(cache, keys, probes)
+    return probes, len(todo)
 
+
+def _deduplicate(
+    candidates: list[_Candidate], probes: list[_Probe], skipped: list[dict]
+) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """Records (one per distinct image), duplicates, conflicts; unusable files go to ``skipped``."""
     by_hash: dict[str, list[tuple[_Candidate, _Probe]]] = defaultdict(list)
     for cand, probe in zip(candidates, probes, strict=True):
         if probe.reason is not None:
@@ -261,45 +321,77 @@ def scan_folder(root: Path, workers: int | None = None, cache: Path | None = Non
         duplicates.extend(
             {"path": cand.path, "duplicate_of": first.path, "label": cand.label} for cand, _ in rest
         )
-
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS).sort_values("path", ignore_index=True)
-    records = records.astype({"width": "int64", "height": "int64"})
-    skipped.sort(key=lambda s: s["path"])
     duplicates.sort(key=lambda d: d["path"])
     conflicts.sort(key=lambda c: c["paths"][0])
+    return records.astype({"width": "int64", "height": "int64"}), duplicates, conflicts
 
-    counts = records["label"].value_counts()
+
+def _check_classes(root: Path, classes: list[str], result: ScanResult) -> None:
+    """Every class folder must keep at least one image; say which files it lost and why."""
+    counts = result.records["label"].value_counts()
     empty = [name for name in classes if counts.get(name, 0) == 0]
-    if empty:
-        folders = [(root / "known" / name).as_posix() for name in empty]
-        left_out = [f"{s['path']} ({s['reason']})" for s in skipped]
-        left_out += [f"{p} (conflicting labels)" for c in conflicts for p in c["paths"]]
-        examples = [x for x in left_out if x.startswith(tuple(f + "/" for f in folders))]
-        raise ValueError(
-            f"class folder(s) with no usable images: {', '.join(folders)}; add readable images "
-            "or remove the folder. Files left out there: " + ("; ".join(examples[:5]) or "none")
-        )
+    if not empty:
+        return
+    folders = [(root / "known" / name).as_posix() for name in empty]
+    left_out = [f"{s['path']} ({s['reason']})" for s in result.skipped]
+    left_out += [f"{p} (conflicting labels)" for c in result.conflicts for p in c["paths"]]
+    examples = [x for x in left_out if x.startswith(tuple(f + "/" for f in folders))]
+    raise ValueError(
+        f"class folder(s) with no usable images: {', '.join(folders)}; add readable images "
+        "or remove the folder. Files left out there: " + ("; ".join(examples[:5]) or "none")
+    )
 
+
+def scan_folder(
+    root: Path,
+    workers: int | None = None,
+    cache: Path | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> ScanResult:
+    """Open and hash every image under `root/known/<class>/` and `root/unknown/`.
+
+    Exact duplicates under one label keep their first copy by sorted path; images whose bytes
+    appear under different labels are dropped entirely, since contradictory labels cannot be
+    trained on. Record paths are `root` joined with the path below it, in POSIX form.
+    Files are probed on every core (threads: decoding and hashing release the GIL). With
+    ``cache``, a file whose path, size and mtime match the last scan is not read again.
+    Nothing is dropped silently: every entry found is kept, skipped (with a reason), a
+    duplicate or a conflict, and :meth:`ScanResult.counts` adds up to the number found.
+    """
+    root = Path(root)
+    classes, candidates, skipped, found = _list_candidates(root)
+    probes, n_read = _probe_all(candidates, cache, workers, max_pixels, f"scanning {root}")
+    records, duplicates, conflicts = _deduplicate(candidates, probes, skipped)
+    skipped.sort(key=lambda s: s["path"])
+    result = ScanResult(
+        records, classes, skipped, duplicates, conflicts, len(candidates) - n_read, found
+    )
+    _check_classes(root, classes, result)
+    counts = result.counts()
+    if sum(counts.values()) != 2 * found:  # a bug guard: every file is accounted for once
+        raise RuntimeError(f"scan of {root} lost track of files: {counts}")
+    if not (records["label"] == UNKNOWN_LABEL).any():
+        result.warnings.append(
+            f"no unknown images in {root / UNKNOWN_LABEL}: training on known classes only, so "
+            "the model never learns what to reject; add images of what else the camera sees"
+        )
     for s in skipped:
         log.debug("skipped %s: %s", s["path"], s["reason"])
-    if skipped:
-        log.warning("skipped %d file(s) that are not usable images", len(skipped))
-    if duplicates:
-        log.info("ignored %d exact duplicate(s)", len(duplicates))
+    for message in result.warnings:
+        log.warning(message)
     log.info(
-        "scanned %s: %d images, %d classes, %d unknown (%d files read, %d unchanged)",
+        "scanned %s: %d files found, %d kept (%d classes, %d unknown), %d skipped, "
+        "%d duplicates, %d with conflicting labels (%d files read, %d unchanged)",
         root,
-        len(records),
+        found,
+        counts["kept"],
         len(classes),
-        int(counts.get(UNKNOWN_LABEL, 0)),
-        len(todo),
-        len(candidates) - len(todo),
+        int((records["label"] == UNKNOWN_LABEL).sum()),
+        counts["skipped"],
+        counts["duplicates"],
+        counts["conflicts"],
+        n_read,
+        result.reused,
     )
-    return ScanResult(
-        records=records,
-        classes=classes,
-        reused=len(candidates) - len(todo),
-        skipped=skipped,
-        duplicates=duplicates,
-        conflicts=conflicts,
-    )
+    return result

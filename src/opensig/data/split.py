@@ -95,3 +95,23 @@ def split_summary(df: pd.DataFrame) -> dict:
     for message in warnings:
         log.warning(message)
     return {"counts": counts, "novel": int(df["novel"].sum()), "warnings": warnings}
+
+
+def check_trainable(df: pd.DataFrame) -> None:
+    """Fail, naming them, on classes without a train image: outputs the model never learns.
+
+    With few images a class can also miss val or test (the split is by hash, not quota);
+    that only warns (:func:`split_summary`): its threshold stays 0.5 and test metrics lack it.
+    """
+    known = df[df["label"] != UNKNOWN_LABEL]
+    totals = known.groupby("label").size()
+    trained = known[known["split"] == "train"].groupby("label").size()
+    missing = {label: int(n) for label, n in totals.items() if trained.get(label, 0) == 0}
+    if missing:
+        listed = ", ".join(
+            f"'{label}' ({n} image(s), none in train)" for label, n in missing.items()
+        )
+        raise ValueError(
+            f"class(es) {listed}: add images (a class needs several so that train, val and "
+            "test each get some) or remove the folder"
+        )

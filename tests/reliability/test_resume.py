@@ -1,0 +1,192 @@
+"""Training stopped mid-run resumes from its last saved epoch and ends as if never stopped.
+
+Real processes and real signals: `opensig train` is SIGKILLed or SIGTERMed after it has saved
+an epoch, every file left under artifacts/ must still load, and the rerun must finish the
+remaining epochs only, with the weights of an uninterrupted run (CPU, bitwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+import opensig.train
+from opensig.config import Config, load_config
+from opensig.stages import HERE, ingest, train
+from tests.conftest import write_params
+
+pytestmark = pytest.mark.e2e
+
+EPOCHS = 3
+OVERRIDES = {"train": {"epochs": EPOCHS, "num_workers": 0}}
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+STATES = "artifacts/cache/train-state"
+
+
+def start_train(root: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(BIN / "opensig"), "train"], cwd=root, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def run_train(root: Path) -> str:
+    result = subprocess.run(
+        [str(BIN / "opensig"), "train"], cwd=root, env=ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(root / HERE.model_dir / "weights.safetensors"))
+
+
+def history(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / HERE.train_plots / "train_history.csv")
+
+
+def state_files(root: Path) -> list[Path]:
+    return sorted((root / STATES).glob("*/trainer.pt"))
+
+
+def load_any(path: Path) -> None:
+    """Read a file the way its consumer does; raises if it is truncated or corrupt."""
+    readers = {
+        ".safetensors": lambda p: load_file(str(p)),
+        ".json": lambda p: json.loads(p.read_text()),
+        ".pt": lambda p: torch.load(p, weights_only=True),
+        ".parquet": pd.read_parquet,
+        ".npy": np.load,
+    }
+    readers[path.suffix](path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> Path:
+    """An ingested project trained once without interruption (same params as the tests)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(digits_data, root / "data")
+    write_params(root, OVERRIDES)
+    subprocess.run([str(BIN / "opensig"), "ingest"], cwd=root, env=ENV, check=True)
+    run_train(root)
+    return root
+
+
+@pytest.fixture
+def ingested(project: Path, reference: Path) -> Path:
+    """The test's project with the reference's params and manifest (paths are relative)."""
+    write_params(project, OVERRIDES)
+    (project / HERE.manifest).parent.mkdir(parents=True)
+    shutil.copy(reference / HERE.manifest, project / HERE.manifest)
+    return project
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_training_resumes_and_ends_as_uninterrupted(
+    ingested: Path, reference: Path, sig: signal.Signals
+) -> None:
+    log = ingested / "killed.log"
+    proc = start_train(ingested, log)
+    deadline = time.monotonic() + 300
+    while not state_files(ingested):  # the first epoch is saved
+        assert proc.poll() is None, f"train ended before saving an epoch:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no epoch saved in 300 s"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    returncode = proc.wait(timeout=120)
+
+    output = log.read_text()
+    if sig == signal.SIGKILL:
+        assert returncode == -signal.SIGKILL
+    else:
+        assert returncode == 128 + signal.SIGTERM, output
+        assert "train interrupted (SIGTERM)" in output
+        assert "rerun to resume from epoch" in output
+        assert not list((ingested / "artifacts").rglob("*.tmp")), "temp files left behind"
+    for path in (ingested / "artifacts").rglob("*"):
+        if path.is_file() and not path.name.endswith(".tmp"):  # SIGKILL may strand a temp file
+            load_any(path)
+    [state] = state_files(ingested)
+    saved = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= saved < EPOCHS, "killed after the last epoch: nothing left to resume"
+
+    shutil.rmtree(ingested / HERE.model_dir)  # what `dvc repro` does to the stage's outputs
+    shutil.rmtree(ingested / "artifacts/checkpoints")
+    output = run_train(ingested)
+
+    assert f"resuming from {STATES}/{state.parent.name} at epoch {saved + 1}/{EPOCHS}" in output
+    assert f"epoch {saved}:" not in output  # saved epochs are not trained again
+    assert history(ingested)["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert history(ingested)[["train_loss", "val_loss"]].equals(
+        history(reference)[["train_loss", "val_loss"]]
+    )
+    expected, resumed = weights(reference), weights(ingested)
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert not list((ingested / STATES).iterdir()), "state kept after a finished run"
+
+
+def stop_in_epoch_2(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train as if Ctrl-C were pressed as epoch 2 starts."""
+    start_epoch = opensig.train._start_epoch
+
+    def ctrl_c_in_epoch_2(loader: DataLoader, train_set: Dataset, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        start_epoch(loader, train_set, epoch)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(opensig.train, "_start_epoch", ctrl_c_in_epoch_2)
+        train(cfg)
+
+
+def test_stopped_run_resumes_with_loader_workers_and_restarts_on_new_params(
+    project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process (Ctrl-C at the start of epoch 2): the augmentation also runs in loader
+    workers; stale temp files are swept; changed params make the saved state stale."""
+    caplog.set_level(logging.INFO, logger="opensig")
+    write_params(project, {"train": {"epochs": 2, "num_workers": 2}})
+    cfg = load_config()
+    ingest(cfg)
+    train(cfg)
+    uninterrupted = weights(project)
+    assert not list(Path(STATES).iterdir())
+
+    stop_in_epoch_2(cfg, monkeypatch)
+    assert "rerun to resume from epoch 2" in caplog.text
+    [stopped] = state_files(project)
+    stale = [stopped.parent / ".weights-0002.safetensors.x1.tmp", HERE.model_dir / ".x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+
+    caplog.clear()
+    train(cfg)
+    assert "resuming from" in caplog.text and "at epoch 2/2" in caplog.text
+    assert not any(path.exists() for path in stale)
+    resumed = weights(project)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    stop_in_epoch_2(cfg, monkeypatch)
+    write_params(project, {"train": {"epochs": 2, "num_workers": 2, "lr": 0.001}})
+    caplog.clear()
+    train(load_config())
+    assert "params or data changed" in caplog.text and "resuming" not in caplog.text
+    assert history(project)["epoch"].tolist() == [1, 2]
+    assert not list(Path(STATES).iterdir())
