@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,11 @@ def test_read_json_missing_names_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         read_json(path)
     assert str(path) in str(info.value)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path: Path) -> None:
+    """mkstemp creates 0600 files; outputs must be readable like any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = atomic_write(tmp_path / "out.json", lambda tmp: tmp.write_text("{}"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask != 0o600

@@ -26,6 +26,32 @@ log = logging.getLogger("opensig")
 
 T = TypeVar("T")
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+ModelOption = Annotated[str, typer.Option(help="models:/name@alias, runs:/id/model, or a folder")]
+ThresholdsOption = Annotated[
+    Path | None,
+    typer.Option(help="thresholds.json, for a training output folder (artifacts/model)"),
+]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help=r"MLflow store for models:/ URIs \[default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]"
+    ),
+]
+
+
+def _model_dir(model: str, tracking_uri: str | None) -> Path:
+    """--model and --tracking-uri -> a local bundle folder, as predict and export take them."""
+    from opensig.config import MlflowConfig
+    from opensig.predict import resolve_model_dir
+    from opensig.registry import http_limits
+    from opensig.registry import tracking_uri as resolve_tracking_uri
+
+    try:
+        mlflow_cfg = MlflowConfig(tracking_uri=tracking_uri)
+    except ValidationError as err:  # e.g. a password in the URI: its message does not echo it
+        raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--tracking-uri") from None
+    with http_limits(mlflow_cfg):  # a dead tracking server fails in seconds, not minutes
+        return resolve_model_dir(model, resolve_tracking_uri(mlflow_cfg))
 
 
 class Terminated(SystemExit):
@@ -105,52 +131,55 @@ def register(params: ParamsOption = DEFAULT_PARAMS) -> None:
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
-    model: Annotated[str, typer.Option(help="models:/name@alias, runs:/id/model, or a folder")],
+    model: ModelOption,
     out: Annotated[Path, typer.Option(help="output .csv or .jsonl")] = Path("predictions.csv"),
-    thresholds: Annotated[
-        Path | None,
-        typer.Option(help="thresholds.json, for a training output folder (artifacts/model)"),
-    ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow store for models:/ URIs [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]"
-        ),
-    ] = None,
+    thresholds: ThresholdsOption = None,
+    tracking_uri: TrackingUriOption = None,
     batch_size: int = 256,
     device: str = "auto",
     workers: Annotated[
         int | None, typer.Option(help="decoding processes [default: 0 on CPU, up to 8 on GPU]")
     ] = None,
+    multi_label: Annotated[
+        bool, typer.Option(help="add a `labels` column: every class that passes its threshold")
+    ] = False,
+    sort_into: Annotated[
+        Path | None,
+        typer.Option(help="also copy each image into DIR/<label>/ (sources are never touched)"),
+    ] = None,
+    link: Annotated[bool, typer.Option(help="with --sort-into: hard-link instead of copy")] = False,
+    buckets: Annotated[
+        str | None,
+        typer.Option(help="with --sort-into: score sub-folders cut at e.g. 0.5,0.8"),
+    ] = None,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row."""
-    from opensig.config import MlflowConfig
-    from opensig.predict import (
-        Bundle,
-        collect_images,
-        resolve_model_dir,
-        with_left_out,
-        write_predictions,
-    )
-    from opensig.registry import http_limits
-    from opensig.registry import tracking_uri as resolve_tracking_uri
+    from opensig.predict import Bundle, collect_images, with_left_out, write_predictions
+    from opensig.sorting import check_destination, parse_buckets
+    from opensig.sorting import sort_into as sort_images
 
     if out.suffix not in (".csv", ".jsonl"):
         raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
+    if (link or buckets) and sort_into is None:
+        raise typer.BadParameter("--link and --buckets go with --sort-into DIR")
+    try:
+        cuts = parse_buckets(buckets)
+        if sort_into is not None:
+            check_destination(sort_into, inputs)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     files, left_out = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    try:
-        mlflow_cfg = MlflowConfig(tracking_uri=tracking_uri)
-    except ValidationError as err:  # e.g. a password in the URI: its message does not echo it
-        raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--tracking-uri") from None
-    with http_limits(mlflow_cfg):  # a dead tracking server fails in seconds, not minutes
-        model_dir = resolve_model_dir(model, resolve_tracking_uri(mlflow_cfg))
-    bundle = Bundle.load(model_dir, thresholds, device)
+    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device)
     workers_setting = "auto" if workers is None else workers
-    frame = bundle.predict(files, batch_size=batch_size, num_workers=workers_setting)
+    frame = bundle.predict(
+        files, batch_size=batch_size, num_workers=workers_setting, multi_label=multi_label
+    )
     frame = with_left_out(frame, left_out)
     write_predictions(frame, out)
+    if sort_into is not None:
+        sort_images(frame, sort_into, link, cuts)
     failed = frame[frame["error"] != ""]
     for row in failed.itertuples():
         log.warning("not predicted: %s: %s", row.path, row.error)
@@ -162,6 +191,39 @@ def predict(
         int((frame["label"] == "unknown").sum()),
         len(failed),
     )
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    model: ModelOption,
+    out: Annotated[Path, typer.Option(help="file to write, e.g. model.onnx")],
+    fmt: Annotated[  # one format so far: typer refuses any other value, naming the choices
+        ExportFormat,
+        typer.Option("--format", help=r"onnx (needs pip install 'opensig\[export]')"),
+    ] = ExportFormat.onnx,
+    thresholds: ThresholdsOption = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Export a model for runtimes without Python: resized pixels -> per-class scores, with
+    classes, thresholds and the decision rule in the file's metadata."""
+    from mlflow.exceptions import MlflowException
+
+    from opensig.export import export_onnx
+    from opensig.predict import Bundle
+    from opensig.redaction import redact
+
+    if not log.isEnabledFor(logging.DEBUG):  # the exporter's passes log every step at INFO
+        for name in ("onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        export_onnx(Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu"), out)
+    except (FileNotFoundError, ValueError, RuntimeError, MlflowException) as err:
+        log.error("export failed: %s", redact(str(err)), exc_info=log.isEnabledFor(logging.DEBUG))
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -196,6 +258,7 @@ def retrain(
 
 class DemoSource(str, Enum):
     digits = "digits"
+    digit_pairs = "digit-pairs"  # multi-label: two digits per image, labels in labels.csv
     fashion_mnist = "fashion-mnist"
 
 
@@ -210,6 +273,8 @@ def demo_data(
 
     if source is DemoSource.digits:
         counts = demo.write_digits(out)
+    elif source is DemoSource.digit_pairs:
+        counts = demo.write_digit_pairs(out)
     else:
         counts = demo.write_fashion_mnist(out, per_class=per_class)
     log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)

@@ -49,6 +49,10 @@ class DataConfig(_Section):
         Path("artifacts/cache"),
         description="ingest probes, decoded images and resumable training state",
     )
+    labels_csv: Path | None = Field(
+        None,
+        description="path,labels CSV (labels 'a|b', empty = unknown) instead of class folders",
+    )
     # Pillow refuses anything above twice its 89.5 Mpx bomb limit, whatever this says.
     max_image_pixels: int = Field(
         MAX_IMAGE_PIXELS, ge=1, le=178_956_970, description="larger images are refused (bombs)"

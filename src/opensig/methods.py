@@ -29,13 +29,19 @@ from opensig.thresholds import UNKNOWN
 
 def sigmoid_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """One-hot targets for known images, all-zero for unknown ones, smoothed to eps / 1-eps.
+    Multi-hot ``labels`` (N, K), for images of several classes, are the targets as they are.
 
     Written by hand because timm's BinaryCrossEntropy skips smoothing for dense targets,
     and an unknown image's all-zero row is exactly what a softmax head cannot express.
     """
-    known = labels != UNKNOWN
-    targets = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
-    targets[known, labels[known]] = 1.0
+    if labels.ndim == 2:
+        targets = labels.to(torch.float32)
+    else:
+        known = labels != UNKNOWN
+        targets = torch.zeros(
+            labels.shape[0], num_classes, dtype=torch.float32, device=labels.device
+        )
+        targets[known, labels[known]] = 1.0
     return targets * (1.0 - 2.0 * smoothing) + smoothing
 
 
@@ -56,9 +62,11 @@ def softmax_targets(
 
 
 def sample_weights(labels: torch.Tensor, unknown_weight: float) -> torch.Tensor:
-    """Per-image loss weight: 1 for known images, ``unknown_weight`` for unknown ones."""
+    """Per-image loss weight: 1 for known images, ``unknown_weight`` for unknown ones
+    (label UNKNOWN, or an all-zero multi-hot row)."""
+    unknown = labels.sum(dim=1) == 0 if labels.ndim == 2 else labels == UNKNOWN
     weights = torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
-    weights[labels == UNKNOWN] = unknown_weight
+    weights[unknown] = unknown_weight
     return weights
 
 
@@ -104,13 +112,15 @@ def _kplus1_loss(logits, labels, smoothing=0.0, unknown_weight=1.0):
 
 @dataclass(frozen=True)
 class Method:
-    """What a training method changes: head width, whether unknowns train, loss, scores."""
+    """What a training method changes: head width, whether unknowns train, loss, scores,
+    and whether it can learn multi-label targets (independent sigmoids can; a softmax cannot)."""
 
     name: str
     uses_unknown: bool
     loss: Callable[..., torch.Tensor]
     score_fn: Callable[[torch.Tensor, int], torch.Tensor]
     extra_outputs: int = 0
+    multi_label: bool = False
 
     def num_outputs(self, num_classes: int) -> int:
         return num_classes + self.extra_outputs
@@ -123,8 +133,10 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("sigmoid_bce", True, weighted_bce_loss, _sigmoid_scores),
-        Method("sigmoid_bce_known_only", False, weighted_bce_loss, _sigmoid_scores),
+        Method("sigmoid_bce", True, weighted_bce_loss, _sigmoid_scores, multi_label=True),
+        Method(
+            "sigmoid_bce_known_only", False, weighted_bce_loss, _sigmoid_scores, multi_label=True
+        ),
         Method("softmax_msp", False, weighted_softmax_loss, _softmax_scores),
         Method("softmax_maxlogit", False, weighted_softmax_loss, _sigmoid_scores),
         Method("softmax_kplus1", True, _kplus1_loss, _softmax_scores, extra_outputs=1),

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
-from opensig.data.scan import UNKNOWN_LABEL, display, walk_files
+from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
-from opensig.thresholds import UNKNOWN, decide
+from opensig.thresholds import UNKNOWN, decide, decide_multi
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,13 @@ class Bundle:
         batch_size: int = 256,
         progress: bool = True,
         num_workers: int | str = "auto",
+        multi_label: bool = False,
     ) -> pd.DataFrame:
-        """One row per image: path, label (class or 'unknown'), score, score_<class>, error."""
+        """One row per image: path, label (class or 'unknown'), score, score_<class>, error.
+
+        ``multi_label`` adds ``labels``: every class that passes its threshold (``a|b``), or
+        'unknown'. ``label`` stays the single best class, so both readings are there.
+        """
         scores, errors = score_sources(
             self.model, self.spec, sources, batch_size, progress, num_workers
         )
@@ -137,6 +142,13 @@ class Bundle:
         )
         for k, name in enumerate(self.spec.classes):
             frame[f"score_{name}"] = np.where(failed, np.nan, scores[:, k])
+        if multi_label:
+            names = np.array(self.spec.classes, dtype=object)
+            sets = [
+                None if bad else LABEL_SEP.join(names[row]) or UNKNOWN_LABEL
+                for bad, row in zip(failed, decide_multi(scores, self.thresholds), strict=True)
+            ]
+            frame.insert(2, "labels", sets)
         frame["error"] = errors
         return frame
 
@@ -153,7 +165,11 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         import mlflow  # heavy import, only for registry URIs
 
         downloaded = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=tracking_uri)
+            # models:/ aliases resolve in the registry store: the same one, or MLflow would
+            # silently use its default registry (./mlflow.db) instead
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
         )
         return confine(downloaded) / "artifacts" / BUNDLE_DIR
     raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")

@@ -5,9 +5,12 @@ spec with classes and preprocessing, thresholds) travels as a plain artifact fol
 the opensig package as the model's code, so `mlflow.pyfunc.load_model` works anywhere
 torch and timm are installed.
 
-Input: a DataFrame with a ``path`` column (image files) or an ``image`` column (raw bytes).
-Output: one row per image with ``label`` (a class or ``unknown``), ``score``, one
-``score_<class>`` column per class and ``error`` (empty when the image was read).
+Input: a DataFrame with a ``path`` column (image files) or an ``image`` column (raw bytes;
+base64 strings in a JSON request to ``mlflow models serve``, which decodes the signature's
+``binary`` column). Output: one row per image with ``label`` (a class or ``unknown``),
+``score``, one ``score_<class>`` column per class and ``error`` (empty when the image was
+read). An image that failed has ``None`` as its label and scores, not NaN: the scoring
+server writes NaN into its JSON answer as a bare ``NaN``, which JSON parsers reject.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 "input needs a 'path' column (image files) or an 'image' column (bytes)"
             )
-        return self.bundle.predict(sources, names=names, progress=False)
+        frame = self.bundle.predict(sources, names=names, progress=False)
+        if (frame["error"] != "").any():  # None, not NaN: the HTTP answer must be JSON
+            frame = frame.astype(object).where(frame.notna(), None)
+        return frame
 
 
 mlflow.models.set_model(OpensigModel())

@@ -20,14 +20,17 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import LifecycleStage, Metric, Param, Run, RunStatus
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
@@ -36,7 +39,9 @@ from mlflow.environment_variables import (
 )
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ColSpec, Schema
+from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig
@@ -51,6 +56,9 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fpr95", "ece"}
 DIGEST_TAG = "bundle_sha256"  # run tag: what makes a re-run find its earlier registration
 BUNDLE_FILES = ("weights.safetensors", "config.json")  # + thresholds.json
+TRAIN_SECTIONS = ("data", "model", "train")  # the params a trained model depends on
+EPOCH_METRICS = ("train_loss", "val_loss", "lr", "images_per_s")  # logged with step = epoch
+PICTURES_DIR = "plots"  # run folder of the PNGs; the other report files go to "reports"
 BACKOFF_FACTOR = 1  # seconds; waits 0, 2, 4, ... between retries (MLflow's default is 2)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_REQUIREMENTS = [
@@ -235,6 +243,116 @@ def _bundle_folder(model_dir: Path, thresholds: Path, into: Path) -> Path:
     return bundle
 
 
+def run_params(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The params as MLflow stores them (strings), all or those of ``sections``. Never the
+    tracking URI: useless as a param, and it may carry credentials."""
+    dump = cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}})
+    chosen = {name: value for name, value in dump.items() if sections is None or name in sections}
+    return {key: str(value) for key, value in flatten(chosen).items()}
+
+
+def _existing_run(client: MlflowClient, run_id: str) -> Run | None:
+    """The run, or None when the store has no run of that id (any other failure raises)."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+class TrainingRun:
+    """The MLflow run a training reports its epochs to (an :class:`opensig.train.EpochLog`);
+    register later logs the metrics, reports and model into that same run.
+
+    A tracking store that is down must not stop a training: it is tried with the bounded
+    retries of ``mlflow.retries`` / ``mlflow.timeout``, and any failure is one warning after
+    which the training goes on unlogged (register then logs into a run of its own).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_id: str | None = None
+        self._client: MlflowClient  # made in start(): on rank 0 only, once bounded
+        self._limits = ExitStack()
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.run_id is not None:
+            status = RunStatus.FINISHED if kind is None else RunStatus.KILLED
+            with self._tolerated("closing the training run"):
+                self._client.set_terminated(self.run_id, RunStatus.to_string(status))
+        self._limits.close()
+
+    @contextmanager
+    def _tolerated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:  # whatever tracking does, the training goes on
+            message = err.message if isinstance(err, MlflowException) else str(err)
+            log.warning(
+                "MLflow: %s failed, training goes on without MLflow logging: %s",
+                doing,
+                redact(message),
+            )
+            self.run_id = None
+
+    def start(self, saved_id: str | None, history: list[dict]) -> str | None:
+        """Resume the run of a stopped training (``saved_id``) or create one; log the
+        training's params and the epochs in ``history`` that the run lacks."""
+        self._limits.enter_context(http_limits(self.cfg.mlflow))
+        with self._tolerated("starting the training run"):
+            self._client = client = MlflowClient(check_reachable(self.cfg.mlflow))
+            name = self.cfg.mlflow.experiment
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = (
+                experiment.experiment_id if experiment else client.create_experiment(name)
+            )
+            run = _existing_run(client, saved_id) if saved_id else None
+            if (
+                run is not None
+                and run.info.experiment_id == experiment_id
+                and run.info.lifecycle_stage == LifecycleStage.ACTIVE
+            ):
+                client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            else:
+                run = client.create_run(experiment_id)
+            params = run_params(self.cfg, TRAIN_SECTIONS)
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+            logged = {m.step for m in client.get_metric_history(run.info.run_id, EPOCH_METRICS[0])}
+            self.run_id = run.info.run_id
+            self._log([row for row in history if row["epoch"] not in logged])
+            log.info("MLflow: training run %s in experiment %s", self.run_id, name)
+        return self.run_id
+
+    def log_epoch(self, row: dict) -> None:
+        if self.run_id is not None:
+            with self._tolerated(f"logging epoch {row['epoch']}"):
+                self._log([row])
+
+    def _log(self, rows: list[dict]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(r[key]), now, r["epoch"]) for r in rows for key in EPOCH_METRICS
+        ]
+        self._client.log_batch(self.run_id, metrics=metrics)
+
+
+def _log_picture(path: Path) -> None:
+    """A PNG twice: as a file under plots/ (the run's Artifacts tab), and as an image keyed
+    by its name, which the UI's chart view shows side by side for the runs compared."""
+    mlflow.log_artifact(str(path), artifact_path=PICTURES_DIR)
+    with Image.open(path) as image:
+        mlflow.log_image(image, key=path.stem)
+
+
 @contextmanager
 def logged_run(
     cfg: Config,
@@ -242,23 +360,55 @@ def logged_run(
     artifacts: list[Path],
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run holding the params, metrics, report files and provenance tags."""
+    """An MLflow run holding the params, metrics, report files and provenance tags: a new
+    run, or ``run_id`` resumed (the training's run, which holds the same params).
+
+    The one place that decides how files are logged: PNGs as pictures (:func:`_log_picture`),
+    the others under reports/.
+    """
     mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
     mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        # Not the tracking URI: useless as a param, and it may carry credentials.
-        mlflow.log_params(
-            flatten(cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}}))
-        )
+    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
+        mlflow.log_params(run_params(cfg))
         mlflow.log_metrics(
             {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
         )
         mlflow.set_tags({**provenance_tags(), **(tags or {})})
         for path in artifacts:
-            if path.is_file():
+            if path.is_file() and path.suffix == ".png":
+                _log_picture(path)
+            elif path.is_file():
                 mlflow.log_artifact(str(path), artifact_path="reports")
         yield run
+
+
+def _training_run(cfg: Config, run_id: str | None, digest: str) -> str | None:
+    """``run_id``, the training's run, when this registration may complete it; else None.
+
+    It has to be in this store and experiment and not deleted, hold no other bundle (a run
+    holds one registered model: its digest tag is how a re-run finds that model), and have
+    been trained with the params being logged now.
+    """
+    if run_id is None:
+        return None
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    run = _existing_run(client, run_id)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    params = run_params(cfg)
+    if run is None or run.info.lifecycle_stage != LifecycleStage.ACTIVE:
+        why = "not in this tracking store, or deleted"
+    elif experiment is None or run.info.experiment_id != experiment.experiment_id:
+        why = f"not in the experiment {cfg.mlflow.experiment}"
+    elif run.data.tags.get(DIGEST_TAG, digest) != digest:
+        why = "it holds another registered bundle"
+    elif changed := sorted(k for k, v in run.data.params.items() if params.get(k) != v):
+        why = f"params changed since training: {', '.join(changed)}"
+    else:
+        return run_id
+    log.info("register: a new MLflow run, not the training's run %s (%s)", run_id, why)
+    return None
 
 
 def log_and_register(
@@ -267,11 +417,14 @@ def log_and_register(
     model_dir: Path,
     thresholds: Path,
     artifacts: list[Path],
+    train_run: str | None = None,
 ) -> tuple[str, str]:
     """One MLflow run with the pyfunc model, registered. Returns (run id, model version).
 
-    A bundle already registered under this name (same content digest) is not registered
-    again: its run and version are returned.
+    The run is the training's (``train_run``) when it can be (:func:`_training_run`), so
+    that one run holds the epochs, the metrics and the model. A bundle already registered
+    under this name (same content digest) is not registered again: its run and version are
+    returned.
     """
     digest = bundle_digest(model_dir, thresholds)
     if found := find_registered(cfg, digest):
@@ -284,7 +437,9 @@ def log_and_register(
         return found
     tags = {DIGEST_TAG: digest}  # set before log_model registers: a re-run then finds it
     with (
-        logged_run(cfg, metrics, artifacts, tags=tags) as run,
+        logged_run(
+            cfg, metrics, artifacts, tags=tags, run_id=_training_run(cfg, train_run, digest)
+        ) as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
         info = mlflow.pyfunc.log_model(

@@ -10,13 +10,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opensig.config import Config
-from opensig.data.manifest import label_indices, read_manifest, split_rows, write_manifest
+from opensig.data.labels_csv import scan_csv
+from opensig.data.manifest import (
+    is_multi_label,
+    label_targets,
+    read_manifest,
+    split_rows,
+    write_manifest,
+)
 from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits, check_trainable, split_summary
 from opensig.evaluation import evaluate_bundle, score_rows
 from opensig.io import read_json, write_json
 from opensig.model import load_model_dir, resolve_device
-from opensig.plots import write_confusion, write_history, write_roc
+from opensig.plots import write_history, write_pictures
 from opensig.predict import Bundle, resolve_model_dir, write_thresholds
 from opensig.thresholds import tune_thresholds
 
@@ -52,10 +59,14 @@ HERE = Layout()
 
 def ingest(cfg: Config, at: Layout = HERE) -> dict:
     """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
-    scan = scan_folder(
-        cfg.data.root,
-        cache=cfg.data.cache_dir / "scan.parquet",
-        max_pixels=cfg.data.max_image_pixels,
+    options = {
+        "cache": cfg.data.cache_dir / "scan.parquet",
+        "max_pixels": cfg.data.max_image_pixels,
+    }
+    scan = (
+        scan_csv(cfg.data.root, cfg.data.labels_csv, **options)
+        if cfg.data.labels_csv
+        else scan_folder(cfg.data.root, **options)
     )
     manifest = assign_splits(
         scan.records,
@@ -89,15 +100,20 @@ def ingest(cfg: Config, at: Layout = HERE) -> dict:
 
 
 def train(cfg: Config, at: Layout = HERE) -> dict:
-    """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes."""
-    from opensig.train import is_main_process, train_model  # torch-heavy: import when used
+    """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes
+    and logs each epoch to an MLflow run, whose id register reads from the report."""
+    from opensig.registry import TrainingRun  # mlflow and torch are heavy: import when used
+    from opensig.train import is_main_process, train_model
 
-    result = train_model(cfg, read_manifest(at.manifest, cfg.data.root), at.model_dir, at.last_dir)
+    manifest = read_manifest(at.manifest, cfg.data.root)
+    with TrainingRun(cfg) as mlflow_run:
+        result = train_model(cfg, manifest, at.model_dir, at.last_dir, mlflow_run)
     if not is_main_process():
         return {}
     write_history(result.history, at.train_plots)
     report = {k: v for k, v in asdict(result).items() if k not in ("spec", "history")}
     report["classes"] = result.spec.classes
+    report["mlflow_run_id"] = mlflow_run.run_id  # None: MLflow was unreachable
     write_json(at.train_report, report)
     return report
 
@@ -105,7 +121,8 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
 def tune(cfg: Config, at: Layout = HERE) -> dict:
     """Per-class thresholds from the validation split (never from test)."""
     model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
-    rows = split_rows(read_manifest(at.manifest, cfg.data.root), "val")
+    manifest = read_manifest(at.manifest, cfg.data.root)
+    rows = split_rows(manifest, "val")
     if rows.empty:
         raise ValueError(
             "the val split is empty: thresholds need validation images (raise data.val_fraction)"
@@ -117,7 +134,10 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
         "doc_k": cfg.tune.doc_k,
     }
     values = tune_thresholds(
-        scores, label_indices(rows["label"].tolist(), spec.classes), cfg.tune.strategy, **options
+        scores,
+        label_targets(rows["label"], spec.classes, is_multi_label(manifest["label"])),
+        cfg.tune.strategy,
+        **options,
     )
     write_thresholds(at.thresholds, spec.classes, values, cfg.tune.strategy, options)
     return {
@@ -129,22 +149,29 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
 def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
     bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
-    test_rows = split_rows(read_manifest(at.manifest, cfg.data.root), "test")
-    result = evaluate_bundle(bundle, test_rows, cfg.evaluate.batch_size)
-    write_confusion(result.labels, result.preds, bundle.spec.classes, at.plots)
-    write_roc(result.scores, result.labels, result.novel, at.plots)
+    manifest = read_manifest(at.manifest, cfg.data.root)
+    multi_label = is_multi_label(manifest["label"])
+    result = evaluate_bundle(
+        bundle, split_rows(manifest, "test"), cfg.evaluate.batch_size, multi_label
+    )
+    write_pictures(result, at.plots)
     write_json(at.metrics, result.metrics)
     log.info("evaluate: %s", {k: v for k, v in result.metrics.items() if k != "novel"})
     return result.metrics
 
 
 def register(cfg: Config, at: Layout = HERE) -> dict:
-    """Log the run to MLflow, register the model, move the aliases, write registered.json."""
+    """Log metrics, reports and pictures to MLflow (into the training's run when it can),
+    register the model, move the aliases, write registered.json."""
     from opensig import registry  # mlflow is a heavy import
 
     metrics = read_json(at.metrics)
+    train_run = (
+        read_json(at.train_report).get("mlflow_run_id") if at.train_report.is_file() else None
+    )
     pngs = sorted(at.plots.glob("*.png")) + sorted(at.train_plots.glob("*.png"))
-    test_rows = split_rows(read_manifest(at.manifest, cfg.data.root), "test")
+    manifest = read_manifest(at.manifest, cfg.data.root)
+    test_rows, multi_label = split_rows(manifest, "test"), is_multi_label(manifest["label"])
     # Bounded retries, a reachability check before anything is logged, redacted errors.
     with registry.connected(cfg.mlflow) as tracking_uri:
         run_id, version = registry.log_and_register(
@@ -153,6 +180,7 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
             at.model_dir,
             at.thresholds,
             [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
+            train_run,
         )
 
         def champion_value(champion: str) -> float | None:
@@ -160,7 +188,9 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
             champion_bundle = Bundle.load(
                 resolve_model_dir(uri, tracking_uri), device=cfg.train.device
             )
-            result = evaluate_bundle(champion_bundle, test_rows, cfg.evaluate.batch_size)
+            result = evaluate_bundle(
+                champion_bundle, test_rows, cfg.evaluate.batch_size, multi_label
+            )
             return registry.metric_value(result.metrics, cfg.promote.metric)
 
         promoted, comparison = registry.promote(

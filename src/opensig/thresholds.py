@@ -63,16 +63,37 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
     return float(np.mean(2.0 * true_pos / (support + predicted)))
 
 
+def decide_multi(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The multi-label form of the rule: every class whose score reaches its threshold, (N, K)
+    booleans; a row with none is ``unknown``. Single-label ``decide`` picks the best of these."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores >= np.asarray(thresholds, dtype=np.float64)
+
+
 def _check_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate shapes and label range once, so strategies can index without surprises."""
+    """Validate shapes and label range once, so strategies can index without surprises.
+
+    ``labels`` are class indices (N,) with UNKNOWN, or multi-hot targets (N, K) for
+    multi-label data (an all-zero row is an unknown image).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
-        raise ValueError(f"need scores (N, K) and labels (N,), got {scores.shape}, {labels.shape}")
+    if scores.ndim != 2 or labels.shape not in ((scores.shape[0],), scores.shape):
+        raise ValueError(
+            f"need scores (N, K) and labels (N,) or (N, K), got {scores.shape}, {labels.shape}"
+        )
     num_classes = scores.shape[1]
-    if labels.size and (labels.min() < UNKNOWN or labels.max() >= num_classes):
+    if labels.ndim == 2:
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise ValueError("multi-hot labels must be 0 or 1")
+    elif labels.size and (labels.min() < UNKNOWN or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [{UNKNOWN}, {num_classes - 1}]")
     return scores, labels
+
+
+def _positive(labels: np.ndarray, k: int) -> np.ndarray:
+    """Which images are of class ``k``, for class indices or multi-hot labels alike."""
+    return labels[:, k] == 1 if labels.ndim == 2 else labels == k
 
 
 def _ovr_curve(
@@ -109,7 +130,7 @@ def precision(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
     scores, labels = _check_inputs(scores, labels)
     out = np.full(scores.shape[1], _DEFAULT_THRESHOLD)
     for k in range(scores.shape[1]):
-        positive = labels == k
+        positive = _positive(labels, k)
         if not positive.any():
             logger.warning("class %d has no positive validation images; threshold stays 0.5", k)
             continue
@@ -142,7 +163,7 @@ def doc(scores: np.ndarray, labels: np.ndarray, doc_k: float = 3.0) -> np.ndarra
     scores, labels = _check_inputs(scores, labels)
     out = np.full(scores.shape[1], _DEFAULT_THRESHOLD)
     for k in range(scores.shape[1]):
-        own = scores[labels == k, k]
+        own = scores[_positive(labels, k), k]
         if own.size == 0:
             logger.warning("class %d has no validation images; DOC threshold stays 0.5", k)
             continue
@@ -155,7 +176,7 @@ def _ovr_f1_thresholds(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per class, the threshold maximising that class's own one-vs-rest F1 (0.5 if no positives)."""
     out = np.full(scores.shape[1], _DEFAULT_THRESHOLD)
     for k in range(scores.shape[1]):
-        positive = labels == k
+        positive = _positive(labels, k)
         if positive.any():
             thr, true_pos, false_pos = _ovr_curve(scores[:, k], positive)
             f1_k = 2.0 * true_pos / (positive.sum() + true_pos + false_pos)
@@ -243,16 +264,21 @@ def f1(
     Ties go to the highest threshold: validation has no novel unknowns, and a lower threshold
     that scores the same on it can only let more of them in. A class with no validation
     image keeps 0.5, with a warning: sweeping it would only learn to silence it.
+
+    With multi-hot labels every class is decided on its own (:func:`decide_multi`), so the
+    per-class one-vs-rest F1 thresholds are the optimum and no sweep is needed.
     """
     scores, labels = _check_inputs(scores, labels)
     num_classes = scores.shape[1]
     if labels.size == 0:
         logger.warning("no validation images; all thresholds stay 0.5")
         return np.full(num_classes, _DEFAULT_THRESHOLD)
-    y = np.where(labels == UNKNOWN, num_classes, labels)
-    tunable = [k for k in range(num_classes) if (labels == k).any()]
+    tunable = [k for k in range(num_classes) if _positive(labels, k).any()]
     for k in sorted(set(range(num_classes)) - set(tunable)):
         logger.warning("class %d has no validation images; threshold stays 0.5", k)
+    if labels.ndim == 2:
+        return _ovr_f1_thresholds(scores, labels)
+    y = np.where(labels == UNKNOWN, num_classes, labels)
 
     starts = [_ovr_f1_thresholds(scores, labels), np.full(num_classes, _DEFAULT_THRESHOLD)]
     start_f1 = [macro_f1(labels, decide(scores, t)) for t in starts]

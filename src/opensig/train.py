@@ -33,6 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,7 @@ from opensig.data.dataset import (
     model_input,
     train_transform,
 )
-from opensig.data.manifest import known_classes, label_indices, split_rows
+from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.io import atomic_write, remove_temp_files
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
@@ -80,6 +81,17 @@ class TrainResult:
     decode_seconds: float = 0.0
     images_per_s: float = 0.0  # training steps only, after the first epoch's warm-up
     history: list[dict] = field(default_factory=list)
+
+
+class EpochLog(Protocol):
+    """Where rank 0 reports each epoch's ``history`` row besides the log (the train stage: an
+    MLflow run). ``start`` gets the id a stopped training saved with its state (None if none)
+    and the rows of the epochs done; the id it returns is saved with the state, so that a
+    resumed training goes on reporting to the same place."""
+
+    def start(self, saved_id: str | None, history: list[dict]) -> str | None: ...
+
+    def log_epoch(self, row: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,7 @@ def _rows_for(method: Method, df: pd.DataFrame, split: str) -> pd.DataFrame:
 def _dataset(
     rows: pd.DataFrame,
     classes: list[str],
+    multi_label: bool,
     transform,
     spec: ModelSpec,
     cfg: Config,
@@ -224,7 +237,7 @@ def _dataset(
         if dist.world > 1:
             torch_dist.barrier()
             decoded = cached_images(*args, cfg.data.cache_dir, limit) if not dist.main else decoded
-    labels = label_indices(rows["label"], classes)
+    labels = label_targets(rows["label"], classes, multi_label)
     return ImageDataset(
         rows["path"].tolist(),
         labels,
@@ -370,13 +383,17 @@ def _check_readable(batch: dict) -> None:
 
 
 def train_model(
-    cfg: Config, manifest: pd.DataFrame, model_dir: Path, last_dir: Path
+    cfg: Config,
+    manifest: pd.DataFrame,
+    model_dir: Path,
+    last_dir: Path,
+    epoch_log: EpochLog | None = None,
 ) -> TrainResult:
     """Train on the manifest's train split; keep the best (val loss) in ``model_dir``."""
     dist = Distributed.from_env()
     device = _start_distributed(dist, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, manifest, model_dir, last_dir, dist, device)
+        return _train(cfg, manifest, model_dir, last_dir, dist, device, epoch_log)
     finally:
         if dist.world > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
@@ -389,10 +406,17 @@ def _train(
     last_dir: Path,
     dist: Distributed,
     device: torch.device,
+    epoch_log: EpochLog | None,
 ) -> TrainResult:
     seed_everything(cfg.train.seed)
     method = get_method(cfg.train.method)
     classes = known_classes(manifest)
+    multi = is_multi_label(manifest["label"])
+    if multi and not method.multi_label:
+        raise ValueError(
+            f"train.method: {method.name} picks one class per image and cannot learn images "
+            "with several labels (the labels CSV has some); use sigmoid_bce"
+        )
     net = create_model(
         cfg.model.backbone,
         method.num_outputs(len(classes)),
@@ -422,11 +446,15 @@ def _train(
     start = time.perf_counter()
     augment = train_transform(spec, cfg.train.augment, cfg.train.seed + dist.rank)
     train_set = _EpochSeeded(
-        _dataset(train_rows, classes, augment, spec, cfg, dist), cfg.train.seed, dist.rank
+        _dataset(train_rows, classes, multi, augment, spec, cfg, dist), cfg.train.seed, dist.rank
     )
     train_dl = _loader(train_set, cfg, True, device, dist)
     val_dl = _loader(
-        _dataset(val_rows, classes, eval_transform(spec), spec, cfg, dist), cfg, False, device, dist
+        _dataset(val_rows, classes, multi, eval_transform(spec), spec, cfg, dist),
+        cfg,
+        False,
+        device,
+        dist,
     )
     decode_seconds = time.perf_counter() - start
 
@@ -477,6 +505,9 @@ def _train(
         log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
         if dist.main:
             save_model_dir(last_dir, net, spec)
+    log_id = None if state is None else state.get("epoch_log_id")
+    if epoch_log is not None and dist.main:
+        log_id = epoch_log.start(log_id, history)
     earlier_seconds = history[-1]["seconds"] if history else 0.0
     epoch = done
     try:
@@ -533,8 +564,11 @@ def _train(
                     "best_epoch": best_epoch,
                     "best_loss": best_loss,
                     "history": history,
+                    "epoch_log_id": log_id,
                 }
                 _save_state(folder, net, optimizer, scheduler, scaler, progress)
+                if epoch_log is not None:  # after the save: a slow tracker delays no state
+                    epoch_log.log_epoch(row)
             done = epoch
     except (KeyboardInterrupt, SystemExit):
         if dist.main:

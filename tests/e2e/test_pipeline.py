@@ -10,10 +10,14 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from opensig.cli import app
+from opensig.config import load_config
+from opensig.registry import EPOCH_METRICS
 from tests.conftest import METRIC_KEYS, write_params
+from tests.test_plots import CSVS, PICTURES
 
 STAGES = ["ingest", "train", "tune", "evaluate", "register"]
 
@@ -69,10 +73,8 @@ def test_outputs_and_manifest(in_pipeline: Path) -> None:
         "artifacts/model/config.json",
         "artifacts/checkpoints/last/weights.safetensors",
         "reports/train.json",
-        "reports/plots/confusion.csv",
-        "reports/plots/roc.csv",
-        "reports/plots/confusion.png",
         "reports/train/train_history.csv",
+        "reports/train/loss.png",
     ]:
         assert Path(path).is_file(), path
     confusion = pd.read_csv("reports/plots/confusion.csv")
@@ -80,6 +82,22 @@ def test_outputs_and_manifest(in_pipeline: Path) -> None:
     thresholds = json.loads(Path("artifacts/thresholds.json").read_text())
     assert thresholds["strategy"] == "f1"
     assert sorted(thresholds["thresholds"]) == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_evaluate_writes_every_picture(in_pipeline: Path) -> None:
+    plots = Path("reports/plots")
+    assert {p.name for p in plots.iterdir()} == {*PICTURES, *CSVS}
+    for name, (min_width, min_height) in PICTURES.items():
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG"
+            assert min_width <= image.size[0] <= 4000, (name, image.size)
+            assert min_height <= image.size[1] <= 4000, (name, image.size)
+    for name, columns in CSVS.items():
+        frame = pd.read_csv(plots / name)
+        assert list(frame.columns) == columns and len(frame) > 1, name
+    # the digits demo holds out 8 and 9: both curves exist, and end at (1, 1)
+    for name in ("roc_seen_unknown.csv", "roc_novel_unknown.csv"):
+        assert pd.read_csv(plots / name).iloc[-1].tolist() == [1.0, 1.0], name
 
 
 def test_registered_as_champion_with_provenance(in_pipeline: Path) -> None:
@@ -94,8 +112,28 @@ def test_registered_as_champion_with_provenance(in_pipeline: Path) -> None:
     )
     assert "novel.auroc" in run.data.metrics
     assert "opensig_version" in run.data.tags
-    artifacts = {a.path for a in client.list_artifacts(registered["run_id"], "reports")}
-    assert "reports/confusion.png" in artifacts and "reports/roc.png" in artifacts
+    reports = {a.path for a in client.list_artifacts(registered["run_id"], "reports")}
+    assert {"reports/metrics.json", "reports/train.json"} <= reports
+    pictures = {a.path for a in client.list_artifacts(registered["run_id"], "plots")}
+    assert pictures == {f"plots/{name}" for name in [*PICTURES, "loss.png"]}
+    images = {a.path for a in client.list_artifacts(registered["run_id"], "images")}
+    for name in [*PICTURES, "loss.png"]:  # keyed images: the chart view compares them
+        assert any(path.startswith(f"images/{Path(name).stem}+step+0+") for path in images)
+
+
+def test_train_and_register_share_one_run_with_epoch_curves(in_pipeline: Path) -> None:
+    run_id = json.loads(Path("reports/train.json").read_text())["mlflow_run_id"]
+    assert run_id == json.loads(Path("reports/registered.json").read_text())["run_id"]
+    client = MlflowClient()
+    epochs = load_config().train.epochs
+    history = pd.read_csv("reports/train/train_history.csv")
+    for key in EPOCH_METRICS:
+        logged = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in logged] == list(range(1, epochs + 1)), key
+        assert [m.value for m in logged] == pytest.approx(history[key].tolist()), key
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "macro_f1" in run.data.metrics and run.data.params["train.epochs"] == str(epochs)
 
 
 def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> None:
@@ -111,7 +149,7 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     preds = pd.read_csv(out, dtype={"label": str})
     assert len(preds) == 21
     broken = preds[preds["path"].str.endswith("broken.png")]
-    assert broken["error"].str.contains("cannot identify").all()
+    assert broken["error"].str.contains("not an image").all()
     good = preds[preds["error"].isna()]
     truth = {
         Path(p).name: label

@@ -8,29 +8,16 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from opensig.cli import app
-from opensig.model import build_spec, create_model, save_model_dir
-from opensig.predict import write_thresholds
 from tests.reliability import messy
 
-CLASSES = ["0", "1", "2"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (untrained) resnet10t bundle: predict's plumbing does not need a good model."""
-    folder = tmp_path_factory.mktemp("bundle")
-    net = create_model("resnet10t", len(CLASSES), 3)
-    save_model_dir(folder, net, build_spec(net, "resnet10t", CLASSES, "sigmoid_bce", 3, 16, 3))
-    write_thresholds(folder / "thresholds.json", CLASSES, [0.5] * 3, "fixed", {"value": 0.5})
-    return folder
+CLASSES = ["0", "1", "2"]  # the untrained_bundle fixture's classes
 
 
 def test_good_files_are_predicted_and_bad_ones_reported(
-    bundle: Path, digits_data: Path, tmp_path: Path, caplog
+    untrained_bundle: Path, digits_data: Path, tmp_path: Path, caplog
 ) -> None:
     folder = tmp_path / "inbox"
     folder.mkdir()
@@ -51,7 +38,16 @@ def test_good_files_are_predicted_and_bad_ones_reported(
 
     with caplog.at_level(logging.INFO):
         result = CliRunner().invoke(
-            app, ["predict", str(folder), str(missing), "--model", str(bundle), "--out", str(out)]
+            app,
+            [
+                "predict",
+                str(folder),
+                str(missing),
+                "--model",
+                str(untrained_bundle),
+                "--out",
+                str(out),
+            ],
         )
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out, keep_default_na=False)

@@ -110,6 +110,7 @@ def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
         [at.metrics, at.train_report, at.thresholds],
         run_name=f"{cfg.train.method} seed {cfg.train.seed}",
         tags=tags,
+        run_id=read_json(at.train_report)["mlflow_run_id"],  # the run training logged to
     ):
         pass
     return flatten(metrics)

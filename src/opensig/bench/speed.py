@@ -166,6 +166,7 @@ def forward_limit(
 def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
     raw = budget_params(base, opts)
     raw["data"].update(root=str(data), holdout_unknown=[])
+    raw["mlflow"]["experiment"] = "opensig-bench-speed"  # not among the user's model runs
     return parse_config(raw)
 
 

@@ -18,6 +18,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at imp
 import albumentations as A
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from opensig.config import AugmentConfig
@@ -76,7 +77,8 @@ def train_transform(spec: ModelSpec, augment: AugmentConfig, seed: int | None = 
 
 
 class ImageDataset(Dataset):
-    """Images with integer labels (class index, or -1 for unknown).
+    """Images with labels: a class index (-1 for unknown), or a multi-hot row (all-zero for
+    unknown) for multi-label data.
 
     A file that cannot be read yields a zero image and its error text instead of raising,
     so one bad file in a folder of thousands costs one row in predict, not the whole run.
@@ -107,7 +109,7 @@ class ImageDataset(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict:
-        label = int(self.labels[index])
+        label = torch.as_tensor(self.labels[index])  # a class index, or a multi-hot row
         try:
             pixels = (
                 np.array(self.decoded[index])  # a writable copy of the read-only map
@@ -116,6 +118,9 @@ class ImageDataset(Dataset):
             )
             image = torch.from_numpy(np.ascontiguousarray(self.transform(image=pixels)["image"]))
             error = ""
+        except UnidentifiedImageError:  # its message names a BytesIO object for raw bytes
+            image = self._blank_image()
+            error = "UnidentifiedImageError: not an image, or a format Pillow cannot read"
         except Exception as err:
             image, error = self._blank_image(), f"{type(err).__name__}: {err}"
         image = image.view(*image.shape[:2], self.in_chans)  # OpenCV drops a single channel

@@ -85,6 +85,32 @@ def write_digits(out: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def write_digit_pairs(out: Path, n: int = 1500, seed: int = 0) -> dict[str, int]:
+    """A multi-label demo: two of scikit-learn's digits side by side (32x64 PNGs).
+
+    An image's labels are the known digits (0..5) in it: ``2|4``, or ``3`` when the other
+    digit is 6..9, or none (an unknown image) when both are. Writes ``out/pairs/*.png`` and
+    ``out/labels.csv`` (``path,labels``); point ``data.labels_csv`` at the latter.
+    """
+    from sklearn.datasets import load_digits  # heavy import, only needed here
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    rows, counts = [], Counter()
+    for index, (a, b) in enumerate(rng.integers(0, len(pixels), size=(n, 2))):
+        pair = np.hstack([pixels[a], pixels[b]])
+        big = np.asarray(Image.fromarray(pair).resize((64, 32), Image.Resampling.NEAREST))
+        name = f"pairs/pair_{index:04d}.png"
+        _write_png(Path(out) / name, big)
+        known = sorted({int(digits.target[i]) for i in (a, b)} & set(DIGITS_KNOWN))
+        rows.append(f"{name},{'|'.join(map(str, known))}")
+        counts[("unknown", "single", "multi")[len(known)]] += 1
+    (Path(out) / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    log.info("wrote %d digit pairs to %s: %s", n, out, dict(counts))
+    return dict(sorted(counts.items()))
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (the MNIST format), gzipped or not: magic 0 0 <dtype> <ndim>, then
     ndim big-endian uint32 sizes, then the data in C order."""

@@ -7,13 +7,13 @@ list before a model exists; afterwards the model's spec carries it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL
 from opensig.io import atomic_write
 from opensig.thresholds import UNKNOWN
 
@@ -53,26 +53,56 @@ def read_manifest(path: Path, root: Path) -> pd.DataFrame:
     return df
 
 
+def label_set(label: str) -> list[str]:
+    """A manifest label -> its classes: ``"cat|dog"`` -> ["cat", "dog"], ``"unknown"`` -> []."""
+    return [] if label == UNKNOWN_LABEL else label.split(LABEL_SEP)
+
+
+def is_multi_label(labels: Iterable[str]) -> bool:
+    """Does any image carry several classes (multi-label data, from a labels CSV)?"""
+    return any(LABEL_SEP in label for label in labels)
+
+
 def known_classes(df: pd.DataFrame) -> list[str]:
     """Sorted known class names: the order of the model's outputs."""
-    return sorted(set(df["label"]) - {UNKNOWN_LABEL})
+    return sorted({name for label in set(df["label"]) for name in label_set(label)})
 
 
-def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-    """Class names -> indices 0..K-1, ``unknown`` -> UNKNOWN (-1).
-
-    A label the model was not trained on is an error rather than a silent 'unknown': it
-    means the data changed since training and the pipeline must be rerun.
-    """
-    index = {name: i for i, name in enumerate(classes)}
-    index[UNKNOWN_LABEL] = UNKNOWN
-    stray = sorted(set(labels) - set(index))
+def _check_known(names: set[str], classes: Sequence[str]) -> None:
+    """A label the model was not trained on is an error rather than a silent 'unknown': it
+    means the data changed since training and the pipeline must be rerun."""
+    stray = sorted(names - set(classes) - {UNKNOWN_LABEL})
     if stray:
         raise ValueError(
             f"labels {stray} are not among the model's classes {list(classes)}; "
             "the data changed since training: rerun the pipeline (dvc repro)"
         )
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Class names -> indices 0..K-1, ``unknown`` -> UNKNOWN (-1)."""
+    _check_known(set(labels), classes)
+    index = {name: i for i, name in enumerate(classes)}
+    index[UNKNOWN_LABEL] = UNKNOWN
     return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def multi_hot(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Labels -> (N, K) 0/1 targets, one 1 per class of the image; all-zero for unknown."""
+    sets = [label_set(label) for label in labels]
+    _check_known({name for names in sets for name in names}, classes)
+    index = {name: i for i, name in enumerate(classes)}
+    out = np.zeros((len(sets), len(classes)), dtype=np.int64)
+    for row, names in enumerate(sets):
+        out[row, [index[name] for name in names]] = 1
+    return out
+
+
+def label_targets(labels: Sequence[str], classes: Sequence[str], multi_label: bool) -> np.ndarray:
+    """What training and tuning learn from: class indices (N,), or multi-hot (N, K) when the
+    data set is multi-label (decided on the whole manifest, so every split agrees)."""
+    labels = list(labels)
+    return multi_hot(labels, classes) if multi_label else label_indices(labels, classes)
 
 
 def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:

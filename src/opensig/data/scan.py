@@ -24,6 +24,7 @@ from opensig.io import atomic_write
 log = logging.getLogger(__name__)
 
 UNKNOWN_LABEL = "unknown"
+LABEL_SEP = "|"  # "cat|dog": an image of both classes (multi-label data, from a labels CSV)
 RECORD_COLUMNS = ["path", "hash", "label", "source", "width", "height"]
 
 
@@ -52,10 +53,23 @@ class ScanResult:
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class Candidate:
+    """A file to probe, with the label it was given (``a|b`` for several classes)."""
+
     path: str
     label: str
     source: str
+
+
+@dataclass
+class Listing:
+    """What a data folder or labels CSV lists, before any file is opened."""
+
+    classes: list[str]
+    candidates: list[Candidate]
+    skipped: list[dict]
+    found: int  # entries listed: each ends up kept, skipped, a duplicate or a conflict
+    where: dict[str, str]  # class -> where it was defined, for error messages
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,9 @@ def _identity(path: str | Path) -> tuple[int, int]:
 def _probe(path: str, max_pixels: int | None) -> _Probe:
     """Hash the bytes and fully decode them, so broken files fail here, not in training."""
     if not Path(path).is_file():
-        broken_link = Path(path).is_symlink() and not Path(path).exists()
-        return _Probe(reason="broken symlink" if broken_link else "not a regular file")
+        if Path(path).is_symlink() and not Path(path).exists():
+            return _Probe(reason="broken symlink")
+        return _Probe(reason="file not found" if not Path(path).exists() else "not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -184,7 +199,7 @@ def _probe(path: str, max_pixels: int | None) -> _Probe:
     return _Probe(hash=hashlib.sha256(data).hexdigest(), width=width, height=height)
 
 
-def _like_unknown(name: str) -> bool:
+def like_unknown(name: str) -> bool:
     return name.strip().strip("_-. ").lower() == UNKNOWN_LABEL
 
 
@@ -195,7 +210,7 @@ def _class_folders(root: Path, known: Path) -> list[str]:
             f"{known} has no class folders: put the images of each class in {known}/<class>/"
         )
     for name in classes:
-        if _like_unknown(name):
+        if like_unknown(name):
             raise ValueError(
                 f"{display(known / name)} is not allowed: '{UNKNOWN_LABEL}' is reserved for "
                 f"images of none of the classes; move those to {root / UNKNOWN_LABEL}/ instead"
@@ -220,9 +235,8 @@ def _place(relative: tuple[str, ...]) -> tuple[str, str] | str:
     return f"not under known/ or {UNKNOWN_LABEL}/ (not used)"
 
 
-def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict], int]:
-    """Class folders, every usable-looking file (sorted by path), what was skipped, and the
-    number of entries found under ``root``."""
+def _list_candidates(root: Path) -> Listing:
+    """Class folders and every file under ``root``: a candidate image, or skipped and why."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"data folder {root} does not exist: create it with known/<class>/ and unknown/ "
@@ -236,7 +250,7 @@ def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict
     classes = _class_folders(root, known)
     files, skipped = walk_files(root)
     found = len(files) + len(skipped)
-    candidates: list[_Candidate] = []
+    candidates: list[Candidate] = []
     for f in files:
         path = f.as_posix()
         placed = _place(f.relative_to(root).parts)
@@ -250,14 +264,15 @@ def _list_candidates(root: Path) -> tuple[list[str], list[_Candidate], list[dict
                 }
             )
         else:
-            candidates.append(_Candidate(path, *placed))
+            candidates.append(Candidate(path, *placed))
     if not (root / UNKNOWN_LABEL).is_dir():
         log.info("%s does not exist: scanning known classes only", root / UNKNOWN_LABEL)
-    return classes, candidates, skipped, found
+    where = {name: (known / name).as_posix() for name in classes}
+    return Listing(classes, candidates, skipped, found, where)
 
 
 def _probe_all(
-    candidates: list[_Candidate],
+    candidates: list[Candidate],
     cache: Path | None,
     workers: int | None,
     max_pixels: int | None,
@@ -283,13 +298,13 @@ def _probe_all(
 
 
 def _deduplicate(
-    candidates: list[_Candidate], probes: list[_Probe], skipped: list[dict]
+    candidates: list[Candidate], probes: list[_Probe], skipped: list[dict]
 ) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """Records (one per distinct image), duplicates, conflicts; unusable files go to ``skipped``."""
-    by_hash: dict[str, list[tuple[_Candidate, _Probe]]] = defaultdict(list)
+    by_hash: dict[str, list[tuple[Candidate, _Probe]]] = defaultdict(list)
     for cand, probe in zip(candidates, probes, strict=True):
         if probe.reason is not None:
-            skipped.append({"path": cand.path, "reason": probe.reason})
+            skipped.append({"path": cand.path, "reason": probe.reason, "label": cand.label})
         else:
             by_hash[probe.hash].append((cand, probe))
 
@@ -327,20 +342,83 @@ def _deduplicate(
     return records.astype({"width": "int64", "height": "int64"}), duplicates, conflicts
 
 
-def _check_classes(root: Path, classes: list[str], result: ScanResult) -> None:
-    """Every class folder must keep at least one image; say which files it lost and why."""
-    counts = result.records["label"].value_counts()
-    empty = [name for name in classes if counts.get(name, 0) == 0]
+def _check_classes(result: ScanResult, where: dict[str, str]) -> None:
+    """Every class must keep at least one image; say which files it lost and why.
+
+    ``where`` tells the user where each class was defined (its folder, or the labels CSV).
+    """
+    kept = {name for label in set(result.records["label"]) for name in label.split(LABEL_SEP)}
+    empty = [name for name in result.classes if name not in kept]
     if not empty:
         return
-    folders = [(root / "known" / name).as_posix() for name in empty]
-    left_out = [f"{s['path']} ({s['reason']})" for s in result.skipped]
-    left_out += [f"{p} (conflicting labels)" for c in result.conflicts for p in c["paths"]]
-    examples = [x for x in left_out if x.startswith(tuple(f + "/" for f in folders))]
+    left_out = [
+        f"{s['path']} ({s['reason']})"
+        for s in result.skipped
+        if set(s.get("label", "").split(LABEL_SEP)) & set(empty)
+    ]
+    left_out += [
+        f"{path} (conflicting labels)"
+        for c in result.conflicts
+        for path, label in zip(c["paths"], c["labels"], strict=True)
+        if set(label.split(LABEL_SEP)) & set(empty)
+    ]
     raise ValueError(
-        f"class folder(s) with no usable images: {', '.join(folders)}; add readable images "
-        "or remove the folder. Files left out there: " + ("; ".join(examples[:5]) or "none")
+        f"class(es) with no usable images: {', '.join(where[name] for name in empty)}; add "
+        "readable images or remove the class. Files left out there: "
+        + ("; ".join(left_out[:5]) or "none")
     )
+
+
+def scan_candidates(
+    root: Path,
+    listed: Listing,
+    workers: int | None = None,
+    cache: Path | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> ScanResult:
+    """Probe, deduplicate and account for the files of ``listed``, however they were listed
+    (class folders, or a labels CSV); log a summary line and warnings."""
+    candidates, skipped = listed.candidates, listed.skipped
+    probes, n_read = _probe_all(candidates, cache, workers, max_pixels, f"scanning {root}")
+    records, duplicates, conflicts = _deduplicate(candidates, probes, skipped)
+    skipped.sort(key=lambda s: s["path"])
+    result = ScanResult(
+        records,
+        listed.classes,
+        skipped,
+        duplicates,
+        conflicts,
+        len(candidates) - n_read,
+        listed.found,
+    )
+    _check_classes(result, listed.where)
+    counts = result.counts()
+    if sum(counts.values()) != 2 * listed.found:  # a bug guard: every file is accounted for
+        raise RuntimeError(f"scan of {root} lost track of files: {counts}")
+    if not (records["label"] == UNKNOWN_LABEL).any():
+        result.warnings.append(
+            f"no unknown images in {root}: training on known classes only, so the model "
+            "never learns what to reject; add images of what else the camera sees"
+        )
+    for s in skipped:
+        log.debug("skipped %s: %s", s["path"], s["reason"])
+    for message in result.warnings:
+        log.warning(message)
+    log.info(
+        "scanned %s: %d files found, %d kept (%d classes, %d unknown), %d skipped, "
+        "%d duplicates, %d with conflicting labels (%d files read, %d unchanged)",
+        root,
+        listed.found,
+        counts["kept"],
+        len(listed.classes),
+        int((records["label"] == UNKNOWN_LABEL).sum()),
+        counts["skipped"],
+        counts["duplicates"],
+        counts["conflicts"],
+        n_read,
+        result.reused,
+    )
+    return result
 
 
 def scan_folder(
@@ -360,38 +438,4 @@ def scan_folder(
     duplicate or a conflict, and :meth:`ScanResult.counts` adds up to the number found.
     """
     root = Path(root)
-    classes, candidates, skipped, found = _list_candidates(root)
-    probes, n_read = _probe_all(candidates, cache, workers, max_pixels, f"scanning {root}")
-    records, duplicates, conflicts = _deduplicate(candidates, probes, skipped)
-    skipped.sort(key=lambda s: s["path"])
-    result = ScanResult(
-        records, classes, skipped, duplicates, conflicts, len(candidates) - n_read, found
-    )
-    _check_classes(root, classes, result)
-    counts = result.counts()
-    if sum(counts.values()) != 2 * found:  # a bug guard: every file is accounted for once
-        raise RuntimeError(f"scan of {root} lost track of files: {counts}")
-    if not (records["label"] == UNKNOWN_LABEL).any():
-        result.warnings.append(
-            f"no unknown images in {root / UNKNOWN_LABEL}: training on known classes only, so "
-            "the model never learns what to reject; add images of what else the camera sees"
-        )
-    for s in skipped:
-        log.debug("skipped %s: %s", s["path"], s["reason"])
-    for message in result.warnings:
-        log.warning(message)
-    log.info(
-        "scanned %s: %d files found, %d kept (%d classes, %d unknown), %d skipped, "
-        "%d duplicates, %d with conflicting labels (%d files read, %d unchanged)",
-        root,
-        found,
-        counts["kept"],
-        len(classes),
-        int((records["label"] == UNKNOWN_LABEL).sum()),
-        counts["skipped"],
-        counts["duplicates"],
-        counts["conflicts"],
-        n_read,
-        result.reused,
-    )
-    return result
+    return scan_candidates(root, _list_candidates(root), workers, cache, max_pixels)

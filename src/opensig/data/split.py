@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,19 @@ def assign_splits(
     return out
 
 
+def _per_class(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (image, class): a multi-label image ("cat|dog") counts for each class."""
+    return df.assign(label=df["label"].str.split(LABEL_SEP)).explode("label")
+
+
 def split_summary(df: pd.DataFrame) -> dict:
     """Count images per split and label, and warn about classes missing from a split.
 
     Returns {"counts": {split: {label: n}}, "novel": n, "warnings": [...]}. Non-novel unknowns
     are checked like classes, since threshold tuning needs them in val. Warnings are logged too.
+    A multi-label image counts once for each of its classes.
     """
+    df = _per_class(df)
     sizes = df.groupby(["split", "label"]).size()
     labels = sorted(df["label"].unique())
     counts = {s: {lab: int(sizes.get((s, lab), 0)) for lab in labels} for s in SPLITS}
@@ -103,7 +110,7 @@ def check_trainable(df: pd.DataFrame) -> None:
     With few images a class can also miss val or test (the split is by hash, not quota);
     that only warns (:func:`split_summary`): its threshold stays 0.5 and test metrics lack it.
     """
-    known = df[df["label"] != UNKNOWN_LABEL]
+    known = _per_class(df[df["label"] != UNKNOWN_LABEL])
     totals = known.groupby("label").size()
     trained = known[known["split"] == "train"].groupby("label").size()
     missing = {label: int(n) for label, n in totals.items() if trained.get(label, 0) == 0}

@@ -1,0 +1,195 @@
+"""The registered champion behind the real `mlflow models serve`, answering HTTP requests.
+
+A small digits project runs every stage into its own SQLite registry; then MLflow's own
+scoring server (uvicorn, in a process group of its own so no child outlives the test)
+serves ``models:/opensig@champion`` and gets images as base64 bytes and as file paths.
+Its answers must be strict JSON and give the labels and scores ``opensig predict`` gives.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from opensig.cli import app
+from opensig.predict import Bundle, resolve_model_dir
+from tests.conftest import write_params
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent  # mlflow and uvicorn of this interpreter's venv
+MODEL_URI = "models:/opensig@champion"
+CLASSES = [str(d) for d in range(6)]
+START_TIMEOUT = 180  # seconds: importing torch and loading the model on a busy 2-core box
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> tuple[Path, str]:
+    """A project whose stages all ran, and the absolute URI of its MLflow store.
+
+    Absolute, so MLflow's per-process store cache cannot hand us another test's database.
+    """
+    root = tmp_path_factory.mktemp("serving")
+    shutil.copytree(digits_data, root / "data")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    write_params(root, {"mlflow": {"tracking_uri": uri}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in ["ingest", "train", "tune", "evaluate", "register"]:
+            result = CliRunner().invoke(app, [stage])
+            assert result.exit_code == 0, f"opensig {stage} failed:\n{result.output}"
+    # register made our store MLflow's global URI, and mlflow.set_tracking_uri also exports
+    # it as $MLFLOW_TRACKING_URI: later tests in this process must not inherit it.
+    mlflow.set_tracking_uri(None)
+    return root, uri
+
+
+@pytest.fixture(scope="module")
+def server(registered: tuple[Path, str]) -> Iterator[str]:
+    """The real `mlflow models serve`; yields its base URL and stops it (and uvicorn) after."""
+    root, uri = registered
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    log = root / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *(str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI),
+                *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)),
+            ],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # mlflow starts uvicorn as a child: stop the whole group
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping answer:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group ``proc`` leads; SIGKILL whatever is left after ``timeout``.
+
+    Waiting for ``proc`` alone is not enough: uvicorn, its child, may outlive it.
+    """
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so an empty group reads as gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _reject_nan(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def invoke(url: str, body: dict) -> list[dict]:
+    """POST to /invocations; the answer must parse as strict JSON (no NaN)."""
+    response = httpx.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return json.loads(response.text, parse_constant=_reject_nan)["predictions"]
+
+
+@pytest.fixture(scope="module")
+def images(registered: tuple[Path, str]) -> tuple[Bundle, Path, Path]:
+    """The bundle `opensig predict --model models:/...` loads, a test image it gives its
+    true class, and a held-out unknown it calls unknown."""
+    root, uri = registered
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)  # how the server finds the registry, too
+        bundle = Bundle.load(resolve_model_dir(MODEL_URI), device="cpu")
+    manifest = pd.read_parquet(root / "artifacts" / "manifest.parquet")
+    test = manifest[manifest["split"] == "test"]
+    known = [root / p for p in test[test["label"] == "3"]["path"]]
+    novel = [root / p for p in test[test["novel"]]["path"]]
+    found = {}
+    for want, candidates in [("3", known), ("unknown", novel)]:
+        labels = bundle.predict(candidates, progress=False)["label"]
+        matches = [p for p, label in zip(candidates, labels, strict=True) if label == want]
+        assert matches, f"the trained model labels none of {len(candidates)} images {want!r}"
+        found[want] = matches[0]
+    return bundle, found["3"], found["unknown"]
+
+
+def check_rows(rows: list[dict], expected: pd.DataFrame) -> None:
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected.itertuples(index=False), strict=True):
+        assert set(row) == {"path", "label", "score", *(f"score_{c}" for c in CLASSES), "error"}
+        assert row["path"] == want.path
+        # Pillow names a bytes source by its BytesIO object's address: differs per process.
+        assert row["error"].split(" <_io.")[0] == want.error.split(" <_io.")[0]
+        if want.error:
+            assert row["label"] is None and row["score"] is None
+            continue
+        assert row["label"] == want.label
+        assert isinstance(row["score"], float)
+        assert row["score"] == pytest.approx(want.score, abs=1e-6)
+        for c in CLASSES:
+            assert row[f"score_{c}"] == pytest.approx(getattr(want, f"score_{c}"), abs=1e-6)
+
+
+def test_base64_images_are_labelled_like_predict(
+    server: str, images: tuple[Bundle, Path, Path]
+) -> None:
+    bundle, known, novel = images
+    blobs = [known.read_bytes(), novel.read_bytes(), b"not an image"]
+    encoded = [base64.b64encode(b).decode("ascii") for b in blobs]
+    rows = invoke(
+        server, {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}
+    )
+    names = [f"image[{i}]" for i in range(len(blobs))]
+    check_rows(rows, bundle.predict(blobs, names=names, progress=False))
+    assert [r["label"] for r in rows] == ["3", "unknown", None]
+    assert rows[2]["error"].startswith("UnidentifiedImageError")
+
+
+def test_paths_are_labelled_like_predict(server: str, images: tuple[Bundle, Path, Path]) -> None:
+    bundle, known, novel = images
+    paths = [str(known), str(novel)]
+    rows = invoke(server, {"dataframe_records": [{"path": p} for p in paths]})
+    check_rows(rows, bundle.predict(paths, progress=False))
+    assert [r["label"] for r in rows] == ["3", "unknown"]

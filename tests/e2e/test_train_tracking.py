@@ -1,0 +1,91 @@
+"""Training logs its epochs to MLflow, and never depends on it: a dead tracking server is a
+warning, and a stopped training resumes logging into the run it started."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from opensig.config import load_config
+from opensig.stages import HERE, evaluate, ingest, register, train, tune
+from tests.conftest import write_params
+from tests.reliability.test_resume import stop_in_epoch_2
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True)
+def leave_no_tracking_uri() -> Iterator[None]:
+    """register sets MLflow's tracking URI for the process, and so $MLFLOW_TRACKING_URI,
+    which opensig would then take for the stages of later tests: put back what was."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_training_goes_on_when_the_tracking_server_is_down(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    write_params(project, {"train": {"epochs": 1}, "mlflow": {"tracking_uri": dead, "retries": 0}})
+    ingest(load_config())
+    caplog.set_level(logging.INFO, logger="opensig")
+    start = time.monotonic()
+    train(load_config())
+    assert time.monotonic() - start < 300
+    assert (HERE.model_dir / "weights.safetensors").is_file()
+    assert json.loads(HERE.train_report.read_text())["mlflow_run_id"] is None
+    [warning] = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cannot reach the MLflow tracking store" in warning
+    assert "training goes on without MLflow logging" in warning
+
+    # Once the store is back, register logs a run of its own, as it would without training's.
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    write_params(project, {"train": {"epochs": 1}, "mlflow": {"tracking_uri": store}})
+    cfg = load_config()
+    tune(cfg)
+    evaluate(cfg)
+    registered = register(cfg)
+    client = MlflowClient(store)
+    assert client.get_run(registered["run_id"]).data.metrics["macro_f1"] >= 0.0
+    assert client.get_metric_history(registered["run_id"], "train_loss") == []
+
+
+def test_stopped_training_resumes_logging_into_its_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    write_params(project, {"train": {"epochs": 2}, "mlflow": {"tracking_uri": store}})
+    cfg = load_config()
+    ingest(cfg)
+    stop_in_epoch_2(cfg, monkeypatch)
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    [stopped] = client.search_runs([experiment])
+    assert stopped.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(stopped.info.run_id, "val_loss")] == [1]
+
+    train(cfg)
+    run_id = json.loads(HERE.train_report.read_text())["mlflow_run_id"]
+    assert run_id == stopped.info.run_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
+    for key in ("train_loss", "val_loss"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == [1, 2], key
+    assert client.get_run(run_id).info.status == "FINISHED"
