@@ -8,18 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from opensig.cli import app
 from opensig.data.demo import write_digit_pairs
 from tests.conftest import write_params
+from tests.e2e.test_pipeline import run_cli
 
 pytestmark = pytest.mark.e2e
-
-
-def run_cli(*args: str) -> None:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, f"opensig {' '.join(args)} failed:\n{result.output}"
 
 
 @pytest.fixture(scope="module")
