@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from opensig.io import atomic_write, read_json, write_json
+from opensig.io import atomic_write, read_json, signals_deferred, write_json
 
 
 def _strict_loads(text: str) -> object:
@@ -105,3 +106,34 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path: Path) -> None:
     os.umask(umask)
     path = atomic_write(tmp_path / "out.json", lambda tmp: tmp.write_text("{}"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask != 0o600
+
+
+class Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def test_signal_in_a_deferred_block_arrives_after_it() -> None:
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    steps = []
+    try:
+        with pytest.raises(Stopped):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("saved")  # still runs: the signal waits for the block to end
+                steps.append("recorded")
+            steps.append("after")  # never runs: the held signal is delivered on exit
+        assert steps == ["saved", "recorded"]
+        assert signal.getsignal(signal.SIGTERM) is _raise_stopped  # handler restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_deferred_block_without_a_signal_changes_nothing() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with signals_deferred():
+        pass
+    assert signal.getsignal(signal.SIGINT) is before

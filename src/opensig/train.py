@@ -54,7 +54,7 @@ from opensig.data.dataset import (
     train_transform,
 )
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
-from opensig.io import atomic_write, remove_temp_files
+from opensig.io import atomic_write, remove_temp_files, signals_deferred
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
     ModelSpec,
@@ -566,10 +566,11 @@ def _train(
                     "history": history,
                     "epoch_log_id": log_id,
                 }
-                _save_state(folder, net, optimizer, scheduler, scaler, progress)
+                with signals_deferred():  # a stop now still reports the epoch just saved
+                    _save_state(folder, net, optimizer, scheduler, scaler, progress)
+                    done = epoch
                 if epoch_log is not None:  # after the save: a slow tracker delays no state
                     epoch_log.log_epoch(row)
-            done = epoch
     except (KeyboardInterrupt, SystemExit):
         if dist.main:
             log.warning(
