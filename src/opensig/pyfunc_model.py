@@ -9,7 +9,8 @@ Input: a DataFrame with a ``path`` column (image files) or an ``image`` column (
 base64 strings in a JSON request to ``mlflow models serve``, which decodes the signature's
 ``binary`` column). Output: one row per image with ``label`` (a class or ``unknown``),
 ``score``, one ``score_<class>`` column per class and ``error`` (empty when the image was
-read). An image that failed has ``None`` as its label and scores, not NaN: the scoring
+read); with the param ``multi_label`` true, also ``labels``: every class past its
+threshold. An image that failed has ``None`` as its label and scores, not NaN: the scoring
 server writes NaN into its JSON answer as a bare ``NaN``, which JSON parsers reject.
 """
 
@@ -38,7 +39,8 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 "input needs a 'path' column (image files) or an 'image' column (bytes)"
             )
-        frame = self.bundle.predict(sources, names=names, progress=False)
+        multi_label = bool((params or {}).get("multi_label", False))
+        frame = self.bundle.predict(sources, names=names, progress=False, multi_label=multi_label)
         if (frame["error"] != "").any():  # None, not NaN: the HTTP answer must be JSON
             frame = frame.astype(object).where(frame.notna(), None)
         return frame

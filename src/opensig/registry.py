@@ -40,7 +40,7 @@ from mlflow.environment_variables import (
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 import opensig
@@ -219,7 +219,11 @@ class Registration:
 
 
 def model_signature(classes: list[str]) -> ModelSignature:
-    """Inputs: image paths or raw bytes; outputs: label, score and one score per class."""
+    """Inputs: image paths or raw bytes; outputs: label, score and one score per class.
+
+    The ``multi_label`` param (a request's ``"params"``) adds ``labels``, as
+    ``opensig predict --multi-label`` does; MLflow drops params a signature does not declare.
+    """
     return ModelSignature(
         inputs=Schema(
             [ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)]
@@ -228,11 +232,13 @@ def model_signature(classes: list[str]) -> ModelSignature:
             [
                 ColSpec("string", "path"),
                 ColSpec("string", "label"),
+                ColSpec("string", "labels", required=False),
                 ColSpec("double", "score"),
                 *[ColSpec("double", f"score_{c}") for c in classes],
                 ColSpec("string", "error"),
             ]
         ),
+        params=ParamSchema([ParamSpec("multi_label", "boolean", False)]),
     )
 
 

@@ -158,14 +158,16 @@ def images(registered: tuple[Path, str]) -> tuple[Bundle, Path, Path]:
 def check_rows(rows: list[dict], expected: pd.DataFrame) -> None:
     assert len(rows) == len(expected)
     for row, want in zip(rows, expected.itertuples(index=False), strict=True):
-        assert set(row) == {"path", "label", "score", *(f"score_{c}" for c in CLASSES), "error"}
+        columns = {"path", "label", "score", *(f"score_{c}" for c in CLASSES), "error"}
+        assert set(row) == columns | ({"labels"} & set(expected.columns))
         assert row["path"] == want.path
         # Pillow names a bytes source by its BytesIO object's address: differs per process.
         assert row["error"].split(" <_io.")[0] == want.error.split(" <_io.")[0]
         if want.error:
-            assert row["label"] is None and row["score"] is None
+            assert row["label"] is None and row["score"] is None and row.get("labels") is None
             continue
         assert row["label"] == want.label
+        assert row.get("labels") == getattr(want, "labels", None)
         assert isinstance(row["score"], float)
         assert row["score"] == pytest.approx(want.score, abs=1e-6)
         for c in CLASSES:
@@ -193,3 +195,15 @@ def test_paths_are_labelled_like_predict(server: str, images: tuple[Bundle, Path
     rows = invoke(server, {"dataframe_records": [{"path": p} for p in paths]})
     check_rows(rows, bundle.predict(paths, progress=False))
     assert [r["label"] for r in rows] == ["3", "unknown"]
+
+
+def test_multi_label_param_adds_every_passing_class(
+    server: str, images: tuple[Bundle, Path, Path]
+) -> None:
+    bundle, known, novel = images
+    paths = [str(known), str(novel), str(known.with_name("missing.png"))]
+    body = {"dataframe_records": [{"path": p} for p in paths], "params": {"multi_label": True}}
+    rows = invoke(server, body)
+    check_rows(rows, bundle.predict(paths, progress=False, multi_label=True))
+    assert "3" in rows[0]["labels"].split("|")
+    assert [r["labels"] for r in rows[1:]] == ["unknown", None]
