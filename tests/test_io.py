@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opensig.io import atomic_write, read_json, signals_deferred, write_json
+from opensig.io import atomic_write, link_or_copy, read_json, signals_deferred, write_json
 
 
 def _strict_loads(text: str) -> object:
@@ -137,3 +137,32 @@ def test_deferred_block_without_a_signal_changes_nothing() -> None:
     with signals_deferred():
         pass
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_link_or_copy_links_where_it_can(tmp_path: Path) -> None:
+    source = tmp_path / "state" / "weights-0003.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    target = tmp_path / "model" / "weights.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"older weights")
+    link_or_copy(source, target)
+    assert target.read_bytes() == b"weights"
+    assert target.stat().st_ino == source.stat().st_ino  # no byte written twice
+    source.unlink()  # the checkpoint goes; the model stays
+    assert target.read_bytes() == b"weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["weights.safetensors"]
+
+
+def test_link_or_copy_copies_across_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    source, target = tmp_path / "a", tmp_path / "b"
+    source.write_bytes(b"weights")
+    link_or_copy(source, target)
+    assert target.read_bytes() == b"weights"
+    assert target.stat().st_ino != source.stat().st_ino

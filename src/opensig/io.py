@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -35,6 +36,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def link_or_copy(source: Path, path: Path) -> Path:
+    """Give ``path`` the content of ``source`` atomically: a hard link where the filesystem
+    allows (no byte rewritten, e.g. a checkpoint's weights placed as the model's), else a copy."""
+
+    def place(tmp: Path) -> None:
+        tmp.unlink()  # os.link will not overwrite the placeholder atomic_write made
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(source, tmp)
+
+    return atomic_write(path, place)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_model, save_model
 
-from opensig.io import atomic_write, read_json, write_json
+from opensig.io import atomic_write, link_or_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,18 @@ def check_input_size(model: torch.nn.Module, image_size: int, in_chans: int) -> 
         ) from None
 
 
-def save_model_dir(directory: Path, model: torch.nn.Module, spec: ModelSpec) -> None:
-    """Write weights and spec atomically, so a reader never sees a half-written model."""
+def save_model_dir(directory: Path, model: torch.nn.Module | Path, spec: ModelSpec) -> None:
+    """Write weights and spec atomically, so a reader never sees a half-written model.
+
+    ``model`` may be a safetensors file already written (a training checkpoint): it is
+    hard-linked where possible, so a big model's weights are not written twice.
+    """
     directory = Path(directory)
-    unwrapped = getattr(model, "module", model)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_model(unwrapped, str(tmp)))
+    if isinstance(model, Path):
+        link_or_copy(model, directory / WEIGHTS_FILE)
+    else:
+        unwrapped = getattr(model, "module", model)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_model(unwrapped, str(tmp)))
     write_json(directory / SPEC_FILE, asdict(spec))
 
 

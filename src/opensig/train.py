@@ -321,14 +321,19 @@ def _tidy(folder: Path, outputs: list[Path]) -> None:
 def _save_state(
     folder: Path,
     net: torch.nn.Module,
+    spec: ModelSpec,
+    outputs: list[Path],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     progress: dict,
 ) -> None:
-    """Weights first, then the state file naming them, then drop the weights no state names."""
+    """Weights first (written once, linked into the model folders ``outputs``), then the
+    state file naming them, then drop the weights no state names."""
     epoch, best_epoch = progress["epoch"], progress["best_epoch"]
-    atomic_write(_weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
+    weights = atomic_write(_weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
+    for directory in outputs:
+        save_model_dir(directory, weights, spec)
     state = {**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
@@ -359,8 +364,7 @@ def _resume(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if restore_best is not None:
-            load_model(net, str(_weights_file(folder, state["best_epoch"])))
-            save_model_dir(restore_best, net, spec)
+            save_model_dir(restore_best, _weights_file(folder, state["best_epoch"]), spec)
         load_model(net, str(_weights_file(folder, state["epoch"])))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -504,7 +508,7 @@ def _train(
         )
         log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
         if dist.main:
-            save_model_dir(last_dir, net, spec)
+            save_model_dir(last_dir, _weights_file(folder, done), spec)
     log_id = None if state is None else state.get("epoch_log_id")
     if epoch_log is not None and dist.main:
         log_id = epoch_log.start(log_id, history)
@@ -553,12 +557,11 @@ def _train(
                 val_loss,
                 row["images_per_s"],
             )
-            if math.isnan(val_loss) or val_loss < best_loss:
+            improved = math.isnan(val_loss) or val_loss < best_loss
+            if improved:
                 best_loss, best_epoch = val_loss, epoch
-                if dist.main:
-                    save_model_dir(model_dir, net, spec)
             if dist.main:
-                save_model_dir(last_dir, net, spec)
+                outputs = [model_dir, last_dir] if improved else [last_dir]
                 progress = {
                     "epoch": epoch,
                     "best_epoch": best_epoch,
@@ -567,7 +570,7 @@ def _train(
                     "epoch_log_id": log_id,
                 }
                 with signals_deferred():  # a stop now still reports the epoch just saved
-                    _save_state(folder, net, optimizer, scheduler, scaler, progress)
+                    _save_state(folder, net, spec, outputs, optimizer, scheduler, scaler, progress)
                     done = epoch
                 if epoch_log is not None:  # after the save: a slow tracker delays no state
                     epoch_log.log_epoch(row)
