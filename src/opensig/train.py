@@ -12,7 +12,8 @@ progress under ``data.cache_dir/train-state/<fingerprint>``. That folder is outs
 outputs because ``dvc repro`` deletes a stage's outputs before it reruns the stage. The
 fingerprint covers the train/val rows, the model and train params and the world size: change
 any and the next run starts afresh. Each file is written atomically and the state file, written
-last, names the weights it belongs to, so a kill at any instant leaves a loadable state.
+last, names the weights it belongs to, so a kill at any instant leaves a loadable state. A run
+holds a lock on its folder, so no second run trains into it or deletes it.
 
 No RNG state is saved because none is carried from one epoch to the next: every epoch reseeds
 python, numpy and torch, the shuffle order and the augmentation (in the main process and in
@@ -30,7 +31,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as torch_dist
+from filelock import FileLock, Timeout
 from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, get_worker_info
@@ -288,6 +291,7 @@ def _start_epoch(loader: DataLoader, train_set: _EpochSeeded, epoch: int) -> Non
 
 
 STATE_FILE = "trainer.pt"
+STATE_LOCK = "trainer.lock"  # held by the run training from this folder
 
 
 def resume_dir(cfg: Config, rows: pd.DataFrame, world: int) -> Path:
@@ -306,16 +310,39 @@ def _weights_file(folder: Path, epoch: int) -> Path:
     return folder / f"weights-{epoch:04d}.safetensors"
 
 
-def _tidy(folder: Path, outputs: list[Path]) -> None:
-    """Drop what stopped runs left behind: states for other params or data, temp files."""
-    others = [p for p in folder.parent.glob("*") if p.is_dir() and p != folder]
-    for other in others:
-        log.info("params or data changed: discarding the state of the stopped run in %s", other)
-        shutil.rmtree(other, ignore_errors=True)
-    for directory in (folder, *outputs):
-        removed = remove_temp_files(directory)
-        if removed:
-            log.info("removed %d half-written file(s) in %s", len(removed), directory)
+@contextmanager
+def _state_folder(folder: Path, outputs: list[Path], main: bool) -> Iterator[None]:
+    """Hold this run's state folder while it trains; remove it once training has finished.
+
+    Rank 0 locks the folder, so a second run with the same fingerprint stops with a clear
+    message, and drops what stopped runs left: half-written files, and states for other
+    params or data unless a running training holds them (several runs may share a cache_dir).
+    """
+    if not main:
+        yield
+        return
+    for other in sorted(p for p in folder.parent.glob("*") if p.is_dir() and p != folder):
+        with suppress(Timeout), FileLock(other / STATE_LOCK, timeout=0):
+            log.info("params or data changed: discarding the state of the stopped run in %s", other)
+            shutil.rmtree(other, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / STATE_LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(
+            f"{folder}: another training on the same data with the same params is running "
+            "(it holds this state folder); wait for it, or stop it and rerun to resume"
+        ) from None
+    try:
+        for directory in (folder, *outputs):
+            removed = remove_temp_files(directory)
+            if removed:
+                log.info("removed %d half-written file(s) in %s", len(removed), directory)
+        yield
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def _save_state(
@@ -493,100 +520,101 @@ def _train(
         train_dl.num_workers,
     )
     folder = resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world)
-    if dist.main:
-        _tidy(folder, [model_dir, last_dir])
-    state = _resume(
-        folder, net, optimizer, scheduler, scaler, spec, model_dir if dist.main else None
-    )
-    best_loss, best_epoch, history, done = math.inf, 0, [], 0
-    if state is not None:
-        best_loss, best_epoch, history, done = (
-            state["best_loss"],
-            state["best_epoch"],
-            state["history"],
-            state["epoch"],
+    with _state_folder(folder, [model_dir, last_dir], dist.main):
+        state = _resume(
+            folder, net, optimizer, scheduler, scaler, spec, model_dir if dist.main else None
         )
-        log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
-        if dist.main:
-            save_model_dir(last_dir, _weights_file(folder, done), spec)
-    log_id = None if state is None else state.get("epoch_log_id")
-    if epoch_log is not None and dist.main:
-        log_id = epoch_log.start(log_id, history)
-    earlier_seconds = history[-1]["seconds"] if history else 0.0
-    epoch = done
-    try:
-        for epoch in range(done + 1, cfg.train.epochs + 1):
-            _start_epoch(train_dl, train_set, epoch)
-            model.train()
-            epoch_start = time.perf_counter()
-            total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
-            bar = tqdm(
-                train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None
+        best_loss, best_epoch, history, done = math.inf, 0, [], 0
+        if state is not None:
+            best_loss, best_epoch, history, done = (
+                state["best_loss"],
+                state["best_epoch"],
+                state["history"],
+                state["epoch"],
             )
-            for step, batch in enumerate(bar):
-                _check_readable(batch)
-                images = model_input(batch["image"], spec, device, cfg.train.channels_last)
-                labels = batch["label"].to(device, non_blocking=True)
-                with autocast:
-                    logits = model(images)
-                loss = method.loss(logits, labels, **loss_kwargs)
-                optimizer_step(loss, optimizer, scaler)
-                scheduler.step()
-                total[0] += loss.detach() * len(labels)
-                total[1] += len(labels)
-                if not bar.disable and step % 25 == 0:  # the only host sync, and only for a TTY
-                    bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - epoch_start
-            train_loss, seen = _all_sum(total, dist)
-            val_loss = _evaluate_loss(net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss / seen,
-                "val_loss": val_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": seen / epoch_seconds,
-                "seconds": earlier_seconds + time.perf_counter() - start,
-            }
-            history.append(row)
-            log.info(
-                "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
-                epoch,
-                row["train_loss"],
-                val_loss,
-                row["images_per_s"],
-            )
-            improved = math.isnan(val_loss) or val_loss < best_loss
-            if improved:
-                best_loss, best_epoch = val_loss, epoch
+            log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
             if dist.main:
-                outputs = [model_dir, last_dir] if improved else [last_dir]
-                progress = {
+                save_model_dir(last_dir, _weights_file(folder, done), spec)
+        log_id = None if state is None else state.get("epoch_log_id")
+        if epoch_log is not None and dist.main:
+            log_id = epoch_log.start(log_id, history)
+        earlier_seconds = history[-1]["seconds"] if history else 0.0
+        epoch = done
+        try:
+            for epoch in range(done + 1, cfg.train.epochs + 1):
+                _start_epoch(train_dl, train_set, epoch)
+                model.train()
+                epoch_start = time.perf_counter()
+                total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
+                bar = tqdm(
+                    train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None
+                )
+                for step, batch in enumerate(bar):
+                    _check_readable(batch)
+                    images = model_input(batch["image"], spec, device, cfg.train.channels_last)
+                    labels = batch["label"].to(device, non_blocking=True)
+                    with autocast:
+                        logits = model(images)
+                    loss = method.loss(logits, labels, **loss_kwargs)
+                    optimizer_step(loss, optimizer, scaler)
+                    scheduler.step()
+                    total[0] += loss.detach() * len(labels)
+                    total[1] += len(labels)
+                    if not bar.disable and step % 25 == 0:  # the only host sync, and only for a TTY
+                        bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                epoch_seconds = time.perf_counter() - epoch_start
+                train_loss, seen = _all_sum(total, dist)
+                val_loss = _evaluate_loss(
+                    net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist
+                )
+                row = {
                     "epoch": epoch,
-                    "best_epoch": best_epoch,
-                    "best_loss": best_loss,
-                    "history": history,
-                    "epoch_log_id": log_id,
+                    "train_loss": train_loss / seen,
+                    "val_loss": val_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": seen / epoch_seconds,
+                    "seconds": earlier_seconds + time.perf_counter() - start,
                 }
-                with signals_deferred():  # a stop now still reports the epoch just saved
-                    _save_state(folder, net, spec, outputs, optimizer, scheduler, scaler, progress)
-                    done = epoch
-                if epoch_log is not None:  # after the save: a slow tracker delays no state
-                    epoch_log.log_epoch(row)
-    except (KeyboardInterrupt, SystemExit):
-        if dist.main:
-            log.warning(
-                "training stopped in epoch %d/%d; %s",
-                epoch,
-                cfg.train.epochs,
-                f"rerun to resume from epoch {done + 1} (state in {folder})"
-                if done
-                else "no epoch was finished, a rerun starts from scratch",
-            )
-        raise
-    if dist.main:
-        shutil.rmtree(folder, ignore_errors=True)
+                history.append(row)
+                log.info(
+                    "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
+                    epoch,
+                    row["train_loss"],
+                    val_loss,
+                    row["images_per_s"],
+                )
+                improved = math.isnan(val_loss) or val_loss < best_loss
+                if improved:
+                    best_loss, best_epoch = val_loss, epoch
+                if dist.main:
+                    outputs = [model_dir, last_dir] if improved else [last_dir]
+                    progress = {
+                        "epoch": epoch,
+                        "best_epoch": best_epoch,
+                        "best_loss": best_loss,
+                        "history": history,
+                        "epoch_log_id": log_id,
+                    }
+                    with signals_deferred():  # a stop now still reports the epoch just saved
+                        _save_state(
+                            folder, net, spec, outputs, optimizer, scheduler, scaler, progress
+                        )
+                        done = epoch
+                    if epoch_log is not None:  # after the save: a slow tracker delays no state
+                        epoch_log.log_epoch(row)
+        except (KeyboardInterrupt, SystemExit):
+            if dist.main:
+                log.warning(
+                    "training stopped in epoch %d/%d; %s",
+                    epoch,
+                    cfg.train.epochs,
+                    f"rerun to resume from epoch {done + 1} (state in {folder})"
+                    if done
+                    else "no epoch was finished, a rerun starts from scratch",
+                )
+            raise
     steady = history[1:] or history
     return TrainResult(
         spec,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -65,6 +66,14 @@ def state_files(root: Path) -> list[Path]:
     return sorted((root / STATES).glob("*/trainer.pt"))
 
 
+def wait_for_a_saved_epoch(root: Path, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not state_files(root):
+        assert proc.poll() is None, f"train ended before saving an epoch:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no epoch saved in 300 s"
+        time.sleep(0.05)
+
+
 def load_any(path: Path) -> None:
     """Read a file the way its consumer does; raises if it is truncated or corrupt."""
     readers = {
@@ -73,6 +82,7 @@ def load_any(path: Path) -> None:
         ".pt": lambda p: torch.load(p, weights_only=True),
         ".parquet": pd.read_parquet,
         ".npy": np.load,
+        ".lock": Path.read_bytes,  # the state folder's lock: no content, nothing to check
     }
     readers[path.suffix](path)
 
@@ -103,11 +113,7 @@ def test_killed_training_resumes_and_ends_as_uninterrupted(
 ) -> None:
     log = ingested / "killed.log"
     proc = start_train(ingested, log)
-    deadline = time.monotonic() + 300
-    while not state_files(ingested):  # the first epoch is saved
-        assert proc.poll() is None, f"train ended before saving an epoch:\n{log.read_text()}"
-        assert time.monotonic() < deadline, "no epoch saved in 300 s"
-        time.sleep(0.05)
+    wait_for_a_saved_epoch(ingested, proc, log)
     proc.send_signal(sig)
     returncode = proc.wait(timeout=120)
 
@@ -190,3 +196,47 @@ def test_stopped_run_resumes_with_loader_workers_and_restarts_on_new_params(
     assert "params or data changed" in caplog.text and "resuming" not in caplog.text
     assert history(project)["epoch"].tolist() == [1, 2]
     assert not list(Path(STATES).iterdir())
+
+
+def test_a_second_training_of_the_same_run_stops_and_leaves_the_first_alone(
+    project: Path, reference: Path
+) -> None:
+    """Same data and params (the same state folder): the second `opensig train` must not
+    train into the first's checkpoints; it stops, naming the folder, before any work."""
+    write_params(project, {"train": {"epochs": 50, "num_workers": 0}})  # long enough to overlap
+    (project / HERE.manifest).parent.mkdir(parents=True)
+    shutil.copy(reference / HERE.manifest, project / HERE.manifest)
+    log = project / "first.log"
+    first = start_train(project, log)
+    try:
+        wait_for_a_saved_epoch(project, first, log)
+        second = subprocess.run(
+            [str(BIN / "opensig"), "train"], cwd=project, env=ENV, capture_output=True, text=True
+        )
+        assert first.poll() is None, "the first training did not outlive the second"
+        assert second.returncode != 0
+        [state] = state_files(project)
+        assert f"{STATES}/{state.parent.name}: another training on the same data" in second.stderr
+        assert "wait for it, or stop it and rerun to resume" in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM
+        assert "rerun to resume from epoch" in log.read_text()  # the first's state is intact
+    finally:
+        first.kill()
+
+
+def test_new_params_discard_stopped_states_but_not_running_ones(tmp_path: Path) -> None:
+    """Runs with other params may share a cache_dir: only states nobody holds are stale."""
+    states = tmp_path / "train-state"
+    running, stopped, ours = states / "running", states / "stopped", states / "ours"
+    for folder in (running, stopped):
+        folder.mkdir(parents=True)
+        (folder / opensig.train.STATE_FILE).write_bytes(b"state")
+    with FileLock(running / opensig.train.STATE_LOCK, timeout=0):  # as a live run holds it
+        with opensig.train._state_folder(ours, [], main=True):
+            assert running.is_dir() and not stopped.exists()
+            second = opensig.train._state_folder(ours, [], main=True)
+            with pytest.raises(RuntimeError, match="another training on the same data"), second:
+                pass
+        assert not ours.exists()  # removed once its training ended
+    assert (running / opensig.train.STATE_FILE).read_bytes() == b"state"
