@@ -36,6 +36,7 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+    MLFLOW_TRACKING_URI,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -372,22 +373,28 @@ def logged_run(
     run, or ``run_id`` resumed (the training's run, which holds the same params).
 
     The one place that decides how files are logged: PNGs as pictures (:func:`_log_picture`),
-    the others under reports/.
+    the others under reports/. MLflow's fluent API needs a global tracking URI, which
+    ``mlflow.set_tracking_uri`` also exports as $MLFLOW_TRACKING_URI: it is put back after,
+    so in-process callers (bench, notebooks, tests) do not inherit this store.
     """
+    before = os.environ.get(MLFLOW_TRACKING_URI.name)
     mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
-        mlflow.log_params(run_params(cfg))
-        mlflow.log_metrics(
-            {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
-        )
-        mlflow.set_tags({**provenance_tags(), **(tags or {})})
-        for path in artifacts:
-            if path.is_file() and path.suffix == ".png":
-                _log_picture(path)
-            elif path.is_file():
-                mlflow.log_artifact(str(path), artifact_path="reports")
-        yield run
+    try:
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
+            mlflow.log_params(run_params(cfg))
+            mlflow.log_metrics(
+                {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+            )
+            mlflow.set_tags({**provenance_tags(), **(tags or {})})
+            for path in artifacts:
+                if path.is_file() and path.suffix == ".png":
+                    _log_picture(path)
+                elif path.is_file():
+                    mlflow.log_artifact(str(path), artifact_path="reports")
+            yield run
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets it
 
 
 def _training_run(cfg: Config, run_id: str | None, digest: str) -> str | None:

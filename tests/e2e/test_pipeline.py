@@ -45,7 +45,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> Pat
 @pytest.fixture
 def in_pipeline(pipeline: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(pipeline)
-    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     return pipeline
 
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import mlflow
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -59,9 +58,6 @@ def registered(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> t
         for stage in ["ingest", "train", "tune", "evaluate", "register"]:
             result = CliRunner().invoke(app, [stage])
             assert result.exit_code == 0, f"opensig {stage} failed:\n{result.output}"
-    # register made our store MLflow's global URI, and mlflow.set_tracking_uri also exports
-    # it as $MLFLOW_TRACKING_URI: later tests in this process must not inherit it.
-    mlflow.set_tracking_uri(None)
     return root, uri
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -21,15 +18,6 @@ from tests.conftest import write_params
 from tests.reliability.test_resume import stop_in_epoch_2
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(autouse=True)
-def leave_no_tracking_uri() -> Iterator[None]:
-    """register sets MLflow's tracking URI for the process, and so $MLFLOW_TRACKING_URI,
-    which opensig would then take for the stages of later tests: put back what was."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(previous)
 
 
 def closed_port() -> int:

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner, Result
@@ -68,9 +67,9 @@ def in_bundle(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The bundle folder as working directory, with no registration report yet."""
     monkeypatch.chdir(bundle)
     (bundle / "reports/registered.json").unlink(missing_ok=True)
-    previous = mlflow.get_tracking_uri()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     yield bundle
-    mlflow.set_tracking_uri(previous)  # register sets it globally: leave no trace
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "register left its store behind"
 
 
 def register(project: Path, uri: str | None, name: str, **mlflow_params: object) -> Result:
