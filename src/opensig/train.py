@@ -543,27 +543,19 @@ def _train(
         try:
             for epoch in range(done + 1, cfg.train.epochs + 1):
                 _start_epoch(train_dl, train_set, epoch)
-                model.train()
                 epoch_start = time.perf_counter()
-                total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
-                bar = tqdm(
-                    train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None
+                total = _train_epoch(
+                    model,
+                    tqdm(train_dl, f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None),
+                    method,
+                    spec,
+                    cfg,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    autocast,
+                    loss_kwargs,
                 )
-                for step, batch in enumerate(bar):
-                    _check_readable(batch)
-                    images = model_input(batch["image"], spec, device, cfg.train.channels_last)
-                    labels = batch["label"].to(device, non_blocking=True)
-                    with autocast:
-                        logits = model(images)
-                    loss = method.loss(logits, labels, **loss_kwargs)
-                    optimizer_step(loss, optimizer, scaler)
-                    scheduler.step()
-                    total[0] += loss.detach() * len(labels)
-                    total[1] += len(labels)
-                    if not bar.disable and step % 25 == 0:  # the only host sync, and only for a TTY
-                        bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
                 epoch_seconds = time.perf_counter() - epoch_start
                 train_loss, seen = _all_sum(total, dist)
                 val_loss = _evaluate_loss(
@@ -636,6 +628,43 @@ def _all_sum(values: torch.Tensor, dist: Distributed) -> list[float]:
     if dist.world > 1:
         torch_dist.all_reduce(values)
     return values.tolist()
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    bar: tqdm,
+    method: Method,
+    spec: ModelSpec,
+    cfg: Config,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    autocast,
+    loss_kwargs: dict,
+) -> torch.Tensor:
+    """One pass over this process's shard; returns (loss sum, images) on the device.
+
+    No per-step host sync: the loss is read back only for a progress bar on a terminal.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for step, batch in enumerate(bar):
+        _check_readable(batch)
+        images = model_input(batch["image"], spec, device, cfg.train.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        loss = method.loss(logits, labels, **loss_kwargs)
+        optimizer_step(loss, optimizer, scaler)
+        scheduler.step()
+        total[0] += loss.detach() * len(labels)
+        total[1] += len(labels)
+        if not bar.disable and step % 25 == 0:
+            bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return total
 
 
 @torch.no_grad()

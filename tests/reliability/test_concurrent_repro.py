@@ -71,7 +71,7 @@ def test_second_repro_is_turned_away_and_the_first_finishes_cleanly(dvc_project:
     assert second.returncode != 0
     assert any(message in second.stderr for message in LOCK_BUSY), second.stderr
     assert time.monotonic() - start < 60
-    assert first.poll() is None  # the second did not disturb the first, still running
+    # (the second failing on the lock is the proof they overlapped; the first may be done now)
 
     lines += first.stdout.readlines()
     assert first.wait(timeout=300) == 0, "".join(lines)
