@@ -6,33 +6,22 @@ GPU it runs in bf16/fp16 with channels-last tensors fed from pinned memory by wo
 processes. Under ``torchrun`` it trains with DistributedDataParallel: every process takes a
 shard of each epoch, and only rank 0 writes checkpoints and reports.
 
-A stopped run (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes when rerun: after every
-epoch rank 0 saves the weights, the optimizer, scheduler and grad-scaler state and the loop's
-progress under ``data.cache_dir/train-state/<fingerprint>``. That folder is outside the DVC
-outputs because ``dvc repro`` deletes a stage's outputs before it reruns the stage. The
-fingerprint covers the train/val rows, the model and train params and the world size: change
-any and the next run starts afresh. Each file is written atomically and the state file, written
-last, names the weights it belongs to, so a kill at any instant leaves a loadable state. A run
-holds a lock on its folder, so no second run trains into it or deletes it.
-
-No RNG state is saved because none is carried from one epoch to the next: every epoch reseeds
-python, numpy and torch, the shuffle order and the augmentation (in the main process and in
-each loader worker) from (train.seed, epoch, rank). Epoch k thus draws the same numbers after a
-restart as after epoch k-1, and on CPU a resumed run ends with the uninterrupted run's weights.
+A stopped run (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes when rerun, from the state
+rank 0 saves after every epoch (``opensig.resume``). No RNG state is saved because none is
+carried from one epoch to the next: every epoch reseeds python, numpy and torch, the shuffle
+order and the augmentation (in the main process and in each loader worker) from (train.seed,
+epoch, rank). Epoch k thus draws the same numbers after a restart as after epoch k-1, and on
+CPU a resumed run ends with the uninterrupted run's weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,8 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as torch_dist
-from filelock import FileLock, Timeout
-from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, get_worker_info
 from tqdm.auto import tqdm
@@ -57,7 +44,7 @@ from opensig.data.dataset import (
     train_transform,
 )
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
-from opensig.io import atomic_write, remove_temp_files, signals_deferred
+from opensig.io import signals_deferred
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
     ModelSpec,
@@ -67,6 +54,7 @@ from opensig.model import (
     resolve_device,
     save_model_dir,
 )
+from opensig.resume import load_state, resume_dir, save_state, state_folder, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -290,121 +278,6 @@ def _start_epoch(loader: DataLoader, train_set: _EpochSeeded, epoch: int) -> Non
     train_set.epoch.fill_(epoch)
 
 
-STATE_FILE = "trainer.pt"
-STATE_LOCK = "trainer.lock"  # held by the run training from this folder
-
-
-def resume_dir(cfg: Config, rows: pd.DataFrame, world: int) -> Path:
-    """The state folder of a run on these rows with these params: its name is their fingerprint."""
-    digest = hashlib.sha256(rows[["path", "hash", "label", "split"]].to_csv(index=False).encode())
-    params = {
-        "model": cfg.model.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json"),
-        "world": world,
-    }
-    digest.update(json.dumps(params, sort_keys=True).encode())
-    return Path(cfg.data.cache_dir) / "train-state" / digest.hexdigest()[:16]
-
-
-def _weights_file(folder: Path, epoch: int) -> Path:
-    return folder / f"weights-{epoch:04d}.safetensors"
-
-
-@contextmanager
-def _state_folder(folder: Path, outputs: list[Path], main: bool) -> Iterator[None]:
-    """Hold this run's state folder while it trains; remove it once training has finished.
-
-    Rank 0 locks the folder, so a second run with the same fingerprint stops with a clear
-    message, and drops what stopped runs left: half-written files, and states for other
-    params or data unless a running training holds them (several runs may share a cache_dir).
-    """
-    if not main:
-        yield
-        return
-    for other in sorted(p for p in folder.parent.glob("*") if p.is_dir() and p != folder):
-        with suppress(Timeout), FileLock(other / STATE_LOCK, timeout=0):
-            log.info("params or data changed: discarding the state of the stopped run in %s", other)
-            shutil.rmtree(other, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / STATE_LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RuntimeError(
-            f"{folder}: another training on the same data with the same params is running "
-            "(it holds this state folder); wait for it, or stop it and rerun to resume"
-        ) from None
-    try:
-        for directory in (folder, *outputs):
-            removed = remove_temp_files(directory)
-            if removed:
-                log.info("removed %d half-written file(s) in %s", len(removed), directory)
-        yield
-        shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        lock.release()
-
-
-def _save_state(
-    folder: Path,
-    net: torch.nn.Module,
-    spec: ModelSpec,
-    outputs: list[Path],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    progress: dict,
-) -> None:
-    """Weights first (written once, linked into the model folders ``outputs``), then the
-    state file naming them, then drop the weights no state names."""
-    epoch, best_epoch = progress["epoch"], progress["best_epoch"]
-    weights = atomic_write(_weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
-    for directory in outputs:
-        save_model_dir(directory, weights, spec)
-    state = {**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    keep = {_weights_file(folder, epoch), _weights_file(folder, best_epoch)}
-    for old in folder.glob("weights-*.safetensors"):
-        if old not in keep:
-            old.unlink(missing_ok=True)
-
-
-def _resume(
-    folder: Path,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    spec: ModelSpec,
-    restore_best: Path | None,
-) -> dict | None:
-    """Load a stopped run's state (None if there is none) into the model and optimizers.
-
-    ``restore_best`` (rank 0) gets the best weights so far back: ``dvc repro`` deletes the
-    model folder before it reruns the stage. Tensors and plain values only (weights_only).
-    """
-    path = folder / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if restore_best is not None:
-            save_model_dir(restore_best, _weights_file(folder, state["best_epoch"]), spec)
-        load_model(net, str(_weights_file(folder, state["epoch"])))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-    except Exception as err:
-        raise RuntimeError(
-            f"cannot resume from {folder} ({type(err).__name__}: {err}); "
-            "delete that folder to train from scratch"
-        ) from err
-    return state
-
-
 def _check_readable(batch: dict) -> None:
     bad = [e for e in batch["error"] if e]
     if bad:
@@ -520,8 +393,8 @@ def _train(
         train_dl.num_workers,
     )
     folder = resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world)
-    with _state_folder(folder, [model_dir, last_dir], dist.main):
-        state = _resume(
+    with state_folder(folder, [model_dir, last_dir], dist.main):
+        state = load_state(
             folder, net, optimizer, scheduler, scaler, spec, model_dir if dist.main else None
         )
         best_loss, best_epoch, history, done = math.inf, 0, [], 0
@@ -534,7 +407,7 @@ def _train(
             )
             log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
             if dist.main:
-                save_model_dir(last_dir, _weights_file(folder, done), spec)
+                save_model_dir(last_dir, weights_file(folder, done), spec)
         log_id = None if state is None else state.get("epoch_log_id")
         if epoch_log is not None and dist.main:
             log_id = epoch_log.start(log_id, history)
@@ -590,7 +463,7 @@ def _train(
                         "epoch_log_id": log_id,
                     }
                     with signals_deferred():  # a stop now still reports the epoch just saved
-                        _save_state(
+                        save_state(
                             folder, net, spec, outputs, optimizer, scheduler, scaler, progress
                         )
                         done = epoch

@@ -25,6 +25,7 @@ from filelock import FileLock
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+import opensig.resume
 import opensig.train
 from opensig.config import Config, load_config
 from opensig.stages import HERE, ingest, train
@@ -231,12 +232,12 @@ def test_new_params_discard_stopped_states_but_not_running_ones(tmp_path: Path) 
     running, stopped, ours = states / "running", states / "stopped", states / "ours"
     for folder in (running, stopped):
         folder.mkdir(parents=True)
-        (folder / opensig.train.STATE_FILE).write_bytes(b"state")
-    with FileLock(running / opensig.train.STATE_LOCK, timeout=0):  # as a live run holds it
-        with opensig.train._state_folder(ours, [], main=True):
+        (folder / opensig.resume.STATE_FILE).write_bytes(b"state")
+    with FileLock(running / opensig.resume.STATE_LOCK, timeout=0):  # as a live run holds it
+        with opensig.resume.state_folder(ours, [], main=True):
             assert running.is_dir() and not stopped.exists()
-            second = opensig.train._state_folder(ours, [], main=True)
+            second = opensig.resume.state_folder(ours, [], main=True)
             with pytest.raises(RuntimeError, match="another training on the same data"), second:
                 pass
         assert not ours.exists()  # removed once its training ended
-    assert (running / opensig.train.STATE_FILE).read_bytes() == b"state"
+    assert (running / opensig.resume.STATE_FILE).read_bytes() == b"state"
