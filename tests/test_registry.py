@@ -13,6 +13,7 @@ from opensig.redaction import redact, uri_credentials
 from opensig.registry import (
     DEFAULT_TRACKING_URI,
     bundle_digest,
+    class_sets,
     compare,
     flatten,
     http_limits,
@@ -127,3 +128,16 @@ def test_bundle_digest_follows_content(tmp_path: Path) -> None:
     assert bundle_digest(model, thresholds) == first
     thresholds.write_text('{"t": 0.6}')
     assert bundle_digest(model, thresholds) != first
+
+
+def test_class_sets_say_how_the_champion_differs() -> None:
+    assert class_sets(["a", "b"], ["a", "b"]) == {
+        "class_sets": "same",
+        "champion_lacks": [],
+        "champion_extra": [],
+    }
+    assert class_sets(["circle", "square"], ["0", "1", "square"]) == {
+        "class_sets": "differ",
+        "champion_lacks": ["circle"],
+        "champion_extra": ["0", "1"],
+    }

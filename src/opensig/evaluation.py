@@ -6,6 +6,7 @@ register, so both numbers come from the same code on the same images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,16 +49,53 @@ def score_rows(
     return scores
 
 
+def align_classes(
+    scores: np.ndarray,
+    thresholds: np.ndarray,
+    model_classes: Sequence[str],
+    classes: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A model's scores and thresholds in the columns of ``classes``, then of its own classes
+    that ``classes`` lacks: (scores, thresholds, column names).
+
+    How a champion trained on another class set is judged on today's data: a class it does
+    not know scores 0 with an infinite threshold, so it is never decided and its images count
+    as the model's mistakes (it cannot name them); a class of its own that today's data lacks
+    stays a column it may still decide, wrongly, since no image has that label.
+    """
+    columns = [*classes, *(c for c in model_classes if c not in classes)]
+    source = {name: k for k, name in enumerate(model_classes)}
+    aligned = np.zeros((len(scores), len(columns)), dtype=np.asarray(scores).dtype)
+    limits = np.full(len(columns), np.inf)
+    for j, name in enumerate(columns):
+        if name in source:
+            aligned[:, j] = scores[:, source[name]]
+            limits[j] = thresholds[source[name]]
+    return aligned, limits, columns
+
+
 def evaluate_bundle(
-    bundle: Bundle, rows: pd.DataFrame, batch_size: int = 256, multi_label: bool = False
+    bundle: Bundle,
+    rows: pd.DataFrame,
+    batch_size: int = 256,
+    multi_label: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> Evaluation:
     """Metrics of ``bundle`` on manifest ``rows`` (known, unknown and novel unknown images).
 
     ``multi_label`` (the manifest has images of several classes): every class that passes
     its threshold is a decision, and the metrics are per class plus subset accuracy.
+    ``classes``: judge the bundle on this class list instead of its own (see
+    :func:`align_classes`), as the promotion gate does with a champion of another class set.
     """
     scores = score_rows(bundle.model, bundle.spec, rows, batch_size)
-    classes, thresholds = bundle.spec.classes, bundle.thresholds
+    thresholds = bundle.thresholds
+    if classes is None:
+        classes = bundle.spec.classes
+    else:
+        scores, thresholds, classes = align_classes(
+            scores, thresholds, bundle.spec.classes, classes
+        )
     novel = rows["novel"].to_numpy(dtype=bool)
     labels = label_targets(rows["label"], classes, multi_label)
     if multi_label:

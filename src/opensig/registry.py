@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,19 +435,9 @@ def log_and_register(
     """One MLflow run with the pyfunc model, registered. Returns (run id, model version).
 
     The run is the training's (``train_run``) when it can be (:func:`_training_run`), so
-    that one run holds the epochs, the metrics and the model. A bundle already registered
-    under this name (same content digest) is not registered again: its run and version are
-    returned.
+    that one run holds the epochs, the metrics and the model.
     """
     digest = bundle_digest(model_dir, thresholds)
-    if found := find_registered(cfg, digest):
-        log.info(
-            "model %s: this bundle is already registered as version %s (run %s)",
-            cfg.mlflow.registered_model,
-            found[1],
-            found[0],
-        )
-        return found
     tags = {DIGEST_TAG: digest}  # set before log_model registers: a re-run then finds it
     with (
         logged_run(
@@ -503,9 +493,15 @@ def _require_logged_metric(client: MlflowClient, name: str, version: str, metric
 
 
 def _champion_version(client: MlflowClient, name: str) -> str | None:
-    # Read from the model, not by catching a lookup error: a server that fails to answer
-    # must not look like "no champion yet" (that would promote any challenger).
-    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    """The champion's version; None when there is none yet, or no such model yet."""
+    # Read from the model, not by catching an alias lookup error: a server that fails to
+    # answer must not look like "no champion yet" (that would promote any challenger).
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
     return None if version is None else str(version)
 
 
@@ -526,44 +522,134 @@ def compare(
     return promoted, gain, f"gain {gain:+.4f} {'>' if promoted else '<='} min_delta {min_delta}"
 
 
-def promote(
-    cfg: Config,
-    version: str,
-    challenger_value: float | None,
-    champion_value_of: Callable[[str], float | None],
-) -> tuple[bool, dict]:
-    """Set ``challenger`` on ``version``; set ``champion`` if it wins. Records why, as tags.
+def class_sets(classes: Sequence[str], champion_classes: Sequence[str]) -> dict:
+    """How the champion's classes differ from today's: part of every comparison, so that a
+    promotion across class sets (new data, a class added by review) explains itself."""
+    lacks = sorted(set(classes) - set(champion_classes))
+    extra = sorted(set(champion_classes) - set(classes))
+    return {
+        "class_sets": "differ" if lacks or extra else "same",
+        "champion_lacks": lacks,  # today's classes the champion cannot name
+        "champion_extra": extra,  # the champion's classes today's data no longer has
+    }
 
-    A version that already is the champion (a re-run of the same bundle) is left as it is.
-    """
+
+@dataclass
+class Decision:
+    """The gate's verdict, reached before anything is registered or re-aliased."""
+
+    promoted: bool
+    comparison: dict
+    already_champion: bool = False
+
+
+ChampionJudge = Callable[[str], tuple[float | None, list[str]]]
+"""version -> (its promote.metric on today's test split and classes, its own classes)."""
+
+
+def judge(
+    cfg: Config,
+    challenger_value: float | None,
+    classes: Sequence[str],
+    registered_version: str | None,
+    judge_champion: ChampionJudge,
+) -> Decision:
+    """Challenger vs champion, with every check that can fail: the champion's download and
+    evaluation, and the metric a promotion rests on. ``registered_version``: this bundle's
+    version when it is registered already (a re-run), else None."""
     client = MlflowClient(tracking_uri(cfg.mlflow))
     name, metric, delta = cfg.mlflow.registered_model, cfg.promote.metric, cfg.promote.min_delta
     champion = _champion_version(client, name)
-    comparison = {"metric": metric, "min_delta": delta, "challenger_value": challenger_value}
-    if champion == version:
+    comparison: dict = {"metric": metric, "min_delta": delta, "challenger_value": challenger_value}
+    if champion is not None and champion == registered_version:
         comparison.update(reason="already the champion", decision="already champion")
-        log.info("model %s version %s: already the %s", name, version, CHAMPION)
-        return True, comparison
-    client.set_registered_model_alias(name, CHALLENGER, version)
+        return Decision(True, comparison, already_champion=True)
     if champion is None:
         promoted, comparison["reason"] = True, "no champion yet"
     else:
-        champion_value = champion_value_of(champion)
+        try:
+            champion_value, champion_classes = judge_champion(champion)
+        except (MlflowException, OSError, ValueError, RuntimeError) as err:
+            message = err.message if isinstance(err, MlflowException) else str(err)
+            raise RuntimeError(
+                f"model {name}: the champion, version {champion}, could not be judged on the "
+                f"current test split ({redact(message)}); nothing was registered and no alias "
+                f"moved. Repair or delete that version, or move the {CHAMPION} alias, then "
+                "re-run register."
+            ) from None
         promoted, gain, comparison["reason"] = compare(
             metric, challenger_value, champion_value, delta
         )
         comparison.update(champion_version=champion, champion_value=champion_value, gain=gain)
+        comparison.update(class_sets(classes, champion_classes))
     comparison["decision"] = "promoted" if promoted else "kept champion"
-    if promoted:
-        _require_logged_metric(client, name, version, metric)
-    for key, value in comparison.items():
-        client.set_model_version_tag(name, version, f"promote.{key}", str(value))
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    if promoted and registered_version is not None:
+        _require_logged_metric(client, name, registered_version, metric)
+    elif promoted and challenger_value is None:
+        raise RuntimeError(
+            f"{metric} is undefined on the test split (reports/metrics.json), so this model "
+            f"cannot become {CHAMPION}; nothing was registered. Pick another promote.metric, "
+            "or give the test split the images it needs."
+        )
+    return Decision(promoted, comparison)
+
+
+def apply(cfg: Config, version: str, decision: Decision) -> None:
+    """Record the comparison as ``promote.*`` tags and move the aliases: ``challenger`` to
+    ``version``, and ``champion`` too when it won. The last step of a registration."""
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    name, comparison = cfg.mlflow.registered_model, decision.comparison
+    if not decision.already_champion:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        for key, value in comparison.items():
+            text = ", ".join(value) if isinstance(value, list) else str(value)
+            client.set_model_version_tag(name, version, f"promote.{key}", text)
+        if decision.promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
     log.info(
         "model %s version %s: %s (%s)", name, version, comparison["decision"], comparison["reason"]
     )
-    return promoted, comparison
+
+
+def register_and_promote(
+    cfg: Config,
+    metrics: dict,
+    model_dir: Path,
+    thresholds: Path,
+    artifacts: list[Path],
+    train_run: str | None,
+    judge_champion: ChampionJudge,
+) -> Registration:
+    """Register the bundle and move the aliases, in an order that fails safe: the gate
+    (:func:`judge`) runs before anything is registered or re-aliased, so a failing champion
+    evaluation or a missing metric leaves the registry as it was.
+
+    Idempotent: a bundle already registered under this name (same content digest) reuses
+    its run and version instead of adding a duplicate.
+    """
+    name = cfg.mlflow.registered_model
+    found = find_registered(cfg, bundle_digest(model_dir, thresholds))
+    if found:
+        log.info(
+            "model %s: this bundle is already registered as version %s (run %s)",
+            name,
+            found[1],
+            found[0],
+        )
+    classes = read_spec(model_dir).classes
+    decision = judge(
+        cfg,
+        metric_value(metrics, cfg.promote.metric),
+        classes,
+        found[1] if found else None,
+        judge_champion,
+    )
+    run_id, version = found or log_and_register(
+        cfg, metrics, model_dir, thresholds, artifacts, train_run
+    )
+    apply(cfg, version, decision)
+    aliases = aliases_of(cfg, version)
+    return Registration(name, version, run_id, aliases, decision.promoted, decision.comparison)
 
 
 def aliases_of(cfg: Config, version: str) -> list[str]:

@@ -22,7 +22,7 @@ from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits, check_trainable, split_summary
 from opensig.evaluation import evaluate_bundle, score_rows
 from opensig.io import read_json, write_json
-from opensig.model import load_model_dir, resolve_device
+from opensig.model import load_model_dir, read_spec, resolve_device
 from opensig.plots import write_history, write_pictures
 from opensig.predict import Bundle, resolve_model_dir, write_thresholds
 from opensig.thresholds import tune_thresholds
@@ -162,7 +162,11 @@ def evaluate(cfg: Config, at: Layout = HERE) -> dict:
 
 def register(cfg: Config, at: Layout = HERE) -> dict:
     """Log metrics, reports and pictures to MLflow (into the training's run when it can),
-    register the model, move the aliases, write registered.json."""
+    register the model, move the aliases, write registered.json.
+
+    The gate judges the champion on today's test split and today's classes: a champion of
+    another class set cannot name the new classes, and those images count as its mistakes.
+    """
     from opensig import registry  # mlflow is a heavy import
 
     metrics = read_json(at.metrics)
@@ -172,34 +176,27 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
     pngs = sorted(at.plots.glob("*.png")) + sorted(at.train_plots.glob("*.png"))
     manifest = read_manifest(at.manifest, cfg.data.root)
     test_rows, multi_label = split_rows(manifest, "test"), is_multi_label(manifest["label"])
+    classes = read_spec(at.model_dir).classes
     # Bounded retries, a reachability check before anything is logged, redacted errors.
     with registry.connected(cfg.mlflow) as tracking_uri:
-        run_id, version = registry.log_and_register(
+
+        def judge_champion(version: str) -> tuple[float | None, list[str]]:
+            uri = f"models:/{cfg.mlflow.registered_model}/{version}"
+            champion = Bundle.load(resolve_model_dir(uri, tracking_uri), device=cfg.train.device)
+            result = evaluate_bundle(
+                champion, test_rows, cfg.evaluate.batch_size, multi_label, classes
+            )
+            return registry.metric_value(result.metrics, cfg.promote.metric), champion.spec.classes
+
+        out = registry.register_and_promote(
             cfg,
             metrics,
             at.model_dir,
             at.thresholds,
             [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
             train_run,
+            judge_champion,
         )
-
-        def champion_value(champion: str) -> float | None:
-            uri = f"models:/{cfg.mlflow.registered_model}/{champion}"
-            champion_bundle = Bundle.load(
-                resolve_model_dir(uri, tracking_uri), device=cfg.train.device
-            )
-            result = evaluate_bundle(
-                champion_bundle, test_rows, cfg.evaluate.batch_size, multi_label
-            )
-            return registry.metric_value(result.metrics, cfg.promote.metric)
-
-        promoted, comparison = registry.promote(
-            cfg, version, registry.metric_value(metrics, cfg.promote.metric), champion_value
-        )
-        aliases = registry.aliases_of(cfg, version)
-    out = registry.Registration(
-        cfg.mlflow.registered_model, version, run_id, aliases, promoted, comparison
-    )
     write_json(at.registered, out.to_dict())
     return out.to_dict()
 

@@ -69,13 +69,16 @@ def known_classes(df: pd.DataFrame) -> list[str]:
 
 
 def _check_known(names: set[str], classes: Sequence[str]) -> None:
-    """A label the model was not trained on is an error rather than a silent 'unknown': it
-    means the data changed since training and the pipeline must be rerun."""
+    """A label the model was not trained on is an error rather than a silent 'unknown': the
+    model and the manifest come from different data, and the pipeline must be rerun. (The
+    promotion gate, which judges a champion of other classes on purpose, aligns the classes
+    first: :func:`opensig.evaluation.align_classes`.)"""
     stray = sorted(names - set(classes) - {UNKNOWN_LABEL})
     if stray:
         raise ValueError(
-            f"labels {stray} are not among the model's classes {list(classes)}; "
-            "the data changed since training: rerun the pipeline (dvc repro)"
+            f"labels {stray} are not among the model's classes {list(classes)}: the model was "
+            "trained on other data than this manifest; rerun the pipeline (dvc repro) so that "
+            "train sees the current data"
         )
 
 
