@@ -81,6 +81,21 @@ def test_promotion_markdown_shows_both_metrics_and_the_reason() -> None:
     assert "- data.dvc: data modified" in text
 
 
+def test_promotion_markdown_says_when_the_class_sets_differ() -> None:
+    assert "class sets differ" not in promotion_markdown(REGISTRATION, [])
+    other = {
+        **REGISTRATION,
+        "comparison": {
+            **REGISTRATION["comparison"],
+            "class_sets": "differ",
+            "champion_lacks": ["circle", "square"],
+            "champion_extra": ["0", "1"],
+        },
+    }
+    text = promotion_markdown(other, [])
+    assert "champion lacks circle, square, and has 0, 1 that today's data lacks" in text
+
+
 def test_promotion_markdown_first_version_and_undefined_metric() -> None:
     first = {
         **REGISTRATION,

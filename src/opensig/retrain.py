@@ -191,6 +191,15 @@ def promotion_markdown(registration: dict, changes: list[str]) -> str:
         f"Reason: {c['reason']} (metric `{c['metric']}`, min_delta {c['min_delta']}, "
         "both on the current test split).",
         "",
+    ]
+    if c.get("class_sets") == "differ":
+        body += [
+            "The class sets differ, and both models were judged on today's classes: the "
+            f"champion lacks {', '.join(c['champion_lacks']) or 'none'}, and has "
+            f"{', '.join(c['champion_extra']) or 'none'} that today's data lacks.",
+            "",
+        ]
+    body += [
         f"Aliases of version {registration['version']}: {', '.join(registration['aliases'])}. "
         f"MLflow run `{registration['run_id']}`.",
     ]
