@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PATH := $(abspath $(BIN)):$(PATH)
 PREFECT_PORT ?= 4200
 
-.PHONY: install demo test lint clean retrain prefect-server
+.PHONY: install demo test lint clean retrain prefect-server offline-plots
 
 install: $(VENV)/.installed
 
@@ -37,5 +37,23 @@ lint: install
 	$(BIN)/ruff check src tests pipelines
 	$(BIN)/ruff format --check src tests pipelines
 
+# .dvc/plots/offline.html, the page `dvc plots show` fills (.dvc/config: plots.html_template):
+# vega, vega-lite and vega-embed inlined, unmodified, with their licences, in the versions
+# dvc_render's VegaRenderer would load from a CDN, so the plots draw offline. Rebuild it
+# (needs the npm registry) when dvc-render changes those versions.
+VEGA_PACKAGES := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+offline-plots:
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack -q $(VEGA_PACKAGES) >/dev/null && cd $(CURDIR) && \
+	{ printf '<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<title>DVC Plot</title>\n'; \
+	  for pkg in $(VEGA_PACKAGES); do name=$${pkg%@*}; version=$${pkg#*@}; \
+	    tar -xzf $$tmp/$$name-$$version.tgz -C $$tmp && \
+	    printf '<!-- %s %s: build/%s.min.js of the npm package, unmodified. Its licence:\n' \
+	      $$name $$version $$name && cat $$tmp/package/LICENSE && printf -- '-->\n<script>\n' && \
+	    cat $$tmp/package/build/$$name.min.js && printf '\n</script>\n' && rm -rf $$tmp/package; \
+	  done; \
+	  printf '<style>\ntable { border-spacing: 15px; }\n</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n'; \
+	} > .dvc/plots/offline.html.tmp && mv .dvc/plots/offline.html.tmp .dvc/plots/offline.html; \
+	status=$$?; rm -rf $$tmp; exit $$status
+
 clean:
-	rm -rf artifacts reports/plots reports/train mlflow.db mlruns mlartifacts
+	rm -rf artifacts reports/plots reports/train mlflow.db mlruns mlartifacts dvc_plots

@@ -44,6 +44,7 @@ class Layout:
     thresholds: Path = Path("artifacts/thresholds.json")
     ingest_report: Path = Path("reports/ingest.json")
     train_report: Path = Path("reports/train.json")
+    train_metrics: Path = Path("reports/train_metrics.json")
     train_plots: Path = Path("reports/train")
     metrics: Path = Path("reports/metrics.json")
     plots: Path = Path("reports/plots")
@@ -115,6 +116,17 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
     report["classes"] = result.spec.classes
     report["mlflow_run_id"] = mlflow_run.run_id  # None: MLflow was unreachable
     write_json(at.train_report, report)
+    # The DVC metrics of training (`dvc exp show`): only what a person compares across runs.
+    last = result.history[-1]
+    write_json(
+        at.train_metrics,
+        {
+            "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss,
+            "final_train_loss": last["train_loss"],
+            "final_val_loss": last["val_loss"],
+        },
+    )
     return report
 
 
