@@ -165,8 +165,8 @@ def check_model_dir(directory: Path) -> Path:
     missing = [name for name in (WEIGHTS_FILE, SPEC_FILE) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{directory}: not a model folder (no {' or '.join(missing)}); pass a training "
-            "output folder (artifacts/model after `opensig train`) or a models:/ URI"
+            f"{directory}: not a model folder (no {' or '.join(missing)}); `opensig train` "
+            "writes one (artifacts/model), and predict also takes a models:/ URI"
         )
     return directory
 
