@@ -74,12 +74,19 @@ def project(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) 
 def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real resnet10t bundle (classes 0, 1, 2; 16 px; thresholds 0.5), untrained: enough
     for tests of predict's plumbing, which do not need a good model."""
-    from opensig.model import build_spec, create_model, save_model_dir
+    from opensig.model import build_spec, create_model, model_digest, save_model_dir
     from opensig.predict import THRESHOLDS_FILE, write_thresholds
 
     folder = tmp_path_factory.mktemp("bundle")
     classes = ["0", "1", "2"]
     net = create_model("resnet10t", len(classes), 3)
     save_model_dir(folder, net, build_spec(net, "resnet10t", classes, "sigmoid_bce", 3, 16, 3))
-    write_thresholds(folder / THRESHOLDS_FILE, classes, [0.5] * 3, "fixed", {"value": 0.5})
+    write_thresholds(
+        folder / THRESHOLDS_FILE,
+        classes,
+        [0.5] * 3,
+        "fixed",
+        {"value": 0.5},
+        model_sha256=model_digest(folder),
+    )
     return folder

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +70,175 @@ def test_ingest_reports_skipped_files(project: Path) -> None:
     assert set(reasons) == {"notes.txt", "empty.png"}
     assert reasons["empty.png"] == "empty file"
     assert report["images"] == 1797
+
+
+# --- Failures: one line, exit code 2, the traceback only with --debug ----------------------
+
+REGISTERED = "digits"  # the registered model of the `sources` fixture
+
+
+@pytest.fixture(scope="module")
+def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What --model and --thresholds may wrongly name: a model folder without thresholds, a
+    model of the same classes at another image size, thresholds for other classes, and a
+    SQLite registry holding the untrained bundle as version 1, @champion (really registered)."""
+    from mlflow import MlflowClient
+
+    from opensig.config import Config
+    from opensig.model import build_spec, create_model, model_digest, save_model_dir
+    from opensig.predict import THRESHOLDS_FILE, write_thresholds
+    from opensig.registry import log_and_register
+
+    root = tmp_path_factory.mktemp("sources")
+    bare = root / "no_thresholds"
+    shutil.copytree(untrained_bundle, bare)
+    (bare / THRESHOLDS_FILE).unlink()
+    other_size = root / "size24"
+    net = create_model("resnet10t", 3, 3)
+    spec = build_spec(net, "resnet10t", ["0", "1", "2"], "sigmoid_bce", 3, 24, 3)
+    save_model_dir(other_size, net, spec)
+    other_classes = root / "ab.json"
+    write_thresholds(other_classes, ["a", "b"], [0.5, 0.5], "fixed", {}, model_sha256="0" * 64)
+    (root / "empty").mkdir()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = Config.model_validate(
+        {"mlflow": {"tracking_uri": uri, "experiment": REGISTERED, "registered_model": REGISTERED}}
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
+        _, version = log_and_register(
+            cfg, {}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
+        )
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(REGISTERED, "champion", version)
+    return {
+        "bundle": str(untrained_bundle),
+        "digest": model_digest(untrained_bundle),
+        "no_thresholds": str(bare),
+        "other_size": str(other_size),
+        "other_classes": str(other_classes),
+        "empty": str(root / "empty"),
+        "uri": uri,
+        "root": str(root),
+    }
+
+
+# case: (--model and the options after it, what the one line must say)
+FAILURES = {
+    "mistyped folder": (["{root}/artifacts/modle"], "no such folder, and not a models:/"),
+    "not a model folder": (["{empty}"], "not a model folder (no weights.safetensors or config"),
+    "no thresholds": (["{no_thresholds}"], "no thresholds for model"),
+    "thresholds for other classes": (
+        ["{bundle}", "--thresholds", "{other_classes}"],
+        "thresholds are for classes ['a', 'b'], the model has ['0', '1', '2']",
+    ),
+    "thresholds of another model": (
+        ["{other_size}", "--thresholds", "{bundle}/thresholds.json"],
+        "was tuned for another model",
+    ),
+    "unknown registered model": (
+        ["models:/digit@champion", "--tracking-uri", "{uri}"],
+        f"not found in {{uri}}: no registered model 'digit'; registered models: {REGISTERED}",
+    ),
+    "unknown alias": (
+        [f"models:/{REGISTERED}@champoin", "--tracking-uri", "{uri}"],
+        f"model '{REGISTERED}' has no alias @champoin; its aliases: @champion (version 1); "
+        "its versions: 1",
+    ),
+    "unknown version": (
+        [f"models:/{REGISTERED}/7", "--tracking-uri", "{uri}"],
+        "has no version 7; its aliases: @champion (version 1); its versions: 1",
+    ),
+}
+
+
+def command_line(command: str, model_args: list[str], sources: dict[str, str]) -> list[str]:
+    """predict or export with --model and its options (placeholders filled from sources)."""
+    out = Path(sources["root"]) / ("p.csv" if command == "predict" else "m.onnx")
+    inputs = [str(Path(sources["bundle"]) / "config.json")] if command == "predict" else []
+    filled = [arg.format(**sources) for arg in model_args]
+    return [command, *inputs, "--model", *filled, "--out", str(out)]
+
+
+def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_a_failure_is_one_line_and_exit_2(
+    sources: dict[str, str], case: str, command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_args, says = FAILURES[case]
+    args = command_line(command, model_args, sources)
+
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert error_lines(caplog) == [error_lines(caplog)[0]]
+    line = error_lines(caplog)[0]
+    assert line.startswith(f"{command} failed: ") and "\n" not in line
+    assert says.format(**sources) in line
+    assert "Traceback" not in caplog.text + result.output
+
+    caplog.clear()
+    result = invoke("--debug", *args)
+    assert result.exit_code == 2
+    first, *trace = error_lines(caplog)[0].splitlines()
+    assert first == line and trace[0] == "Traceback (most recent call last):"
+
+
+def test_force_uses_thresholds_of_another_model_with_a_warning(
+    sources: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model_args, _ = FAILURES["thresholds of another model"]
+    result = invoke(*command_line("predict", model_args, sources), "--force")
+    assert result.exit_code == 0, result.output
+    assert "was tuned for another model" in caplog.text and "used anyway (--force)" in caplog.text
+
+
+def test_thresholds_from_before_the_digest_load_with_a_warning(
+    sources: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = json.loads((Path(sources["bundle"]) / "thresholds.json").read_text())
+    assert old.pop("model_sha256") == sources["digest"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    args = [sources["other_size"], "--thresholds", str(tmp_path / "old.json")]
+    result = invoke(*command_line("predict", args, sources))
+    assert result.exit_code == 0, result.output  # no record of the model: cannot be refused
+    assert "does not record the model it was tuned for" in caplog.text
+
+
+def test_a_registered_model_loads_with_its_own_thresholds(sources: dict[str, str]) -> None:
+    args = [f"models:/{REGISTERED}@champion", "--tracking-uri", "{uri}"]
+    result = invoke(*command_line("predict", args, sources))
+    assert result.exit_code == 0, result.output
+
+
+def test_the_failure_line_is_all_of_stderr(tmp_path: Path) -> None:
+    """The contract as a shell sees it: a real process, its stderr and exit status."""
+    command = [sys.executable, "-m", "opensig", "predict", "x.png", "--model", "artifacts/modle"]
+    env = {k: v for k, v in os.environ.items() if k != "OPENSIG_DEBUG"}
+    quiet = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert quiet.returncode == 2
+    assert len(quiet.stderr.splitlines()) == 1, quiet.stderr
+    assert "predict failed: --model artifacts/modle: no such folder" in quiet.stderr
+    debug = subprocess.run(
+        command, cwd=tmp_path, env={**env, "OPENSIG_DEBUG": "1"}, capture_output=True, text=True
+    )
+    assert debug.returncode == 2
+    assert "Traceback (most recent call last)" in debug.stderr
+    first_line = debug.stderr.splitlines()[0]
+    assert first_line.partition(" ERROR ")[2] == quiet.stderr.partition(" ERROR ")[2].strip()
+
+
+@pytest.mark.parametrize("args", [["ingest"], ["bench", "openset"]], ids=str)
+def test_every_command_fails_through_the_one_wrapper(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Stages and benches as predict and export (retrain: tests/test_retrain.py)."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert error_lines(caplog) == [
+        f"{args[0]} failed: params.yaml: params file not found "
+        "(run from the project folder or pass --params)"
+    ]

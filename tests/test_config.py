@@ -112,10 +112,29 @@ def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
     assert str(path) in msg
 
 
-def test_invalid_yaml(tmp_path: Path) -> None:
-    msg, path = _error(tmp_path, "train: [unclosed\n")
-    assert "not valid YAML" in msg
-    assert str(path) in msg
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        ("train: [unclosed\n", "line 2, column 1", "flow sequence opened at line 1"),
+        ("train:\n  epochs: 3\n   lr: 0.1\n", "line 3, column 6", "mapping values are not allowed"),
+        ("data:\n\troot: data\n", "line 2, column 1", "'\\t' that cannot start any token"),
+    ],
+)
+def test_invalid_yaml_names_file_and_line_in_one_line(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
+    msg, path = _error(tmp_path, text)
+    assert msg.startswith(f"{path}, {where}: not valid YAML: ")
+    assert problem in msg
+    assert "\n" not in msg and "<unicode string>" not in msg
+
+
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"data:\n  root: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_defaults_fill_missing_sections(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from opensig.cli import app
 from opensig.data.dataset import ImageDataset, eval_transform
 from opensig.methods import get_method
-from opensig.model import build_spec, create_model, save_model_dir
+from opensig.model import build_spec, create_model, model_digest, save_model_dir
 from opensig.predict import Bundle, score_sources, write_thresholds
 from opensig.thresholds import UNKNOWN, decide
 
@@ -31,7 +31,14 @@ def bundle_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     outputs = get_method(method).num_outputs(len(CLASSES))
     net = create_model("resnet10t", outputs, 3)
     save_model_dir(folder, net, build_spec(net, "resnet10t", CLASSES, method, outputs, 16, 3))
-    write_thresholds(folder / "thresholds.json", CLASSES, [0.5] * 3, "fixed", {"value": 0.5})
+    write_thresholds(
+        folder / "thresholds.json",
+        CLASSES,
+        [0.5] * 3,
+        "fixed",
+        {"value": 0.5},
+        model_sha256=model_digest(folder),
+    )
     return folder
 
 
@@ -64,7 +71,14 @@ def test_onnx_scores_and_labels_match_the_bundle(
     cut = 3 * len(ranked) // 4
     chosen = (ranked[cut - 1] + ranked[cut]) / 2
     assert np.abs(scores - chosen).min() > 1e-5
-    write_thresholds(bundle_dir / "thresholds.json", CLASSES, chosen, "test", {})
+    write_thresholds(
+        bundle_dir / "thresholds.json",
+        CLASSES,
+        chosen,
+        "test",
+        {},
+        model_sha256=model_digest(bundle_dir),
+    )
     bundle = Bundle.load(bundle_dir, device="cpu")
     out = tmp_path / "model.onnx"
 

@@ -6,30 +6,67 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from typer.core import TyperGroup
 
-from opensig.config import DEFAULT_PARAMS, Config, ConfigError, load_config
+from opensig.config import DEFAULT_PARAMS, load_config
+from opensig.redaction import redact
+
+log = logging.getLogger("opensig")
+
+# Errors whose own words are meant for a person: opensig raises them naming the file or key
+# and what to do. Any other error is unexpected: its type is shown too.
+EXPLAINED = (ValueError, OSError, RuntimeError)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, EXPLAINED):
+        return redact(str(err))
+    return redact(f"{type(err).__name__}: {err} (unexpected: --debug shows where; please report)")
+
+
+class ReportedGroup(TyperGroup):
+    """The one failure wrapper of every command (as lightning-hydra-template's
+    ``task_wrapper``): an error ends in one line on stderr, what failed and what to do, and
+    exit code 2; the traceback follows only with --debug (or OPENSIG_DEBUG=1). Usage errors,
+    exits and interrupts (Ctrl-C, SIGTERM) pass as they are: they are not failures."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as err:
+            line = f"{ctx.invoked_subcommand or ctx.info_name} failed: {_one_line(err)}"
+            if ctx.params.get("debug"):  # redacted too: an error may quote a tracking URI
+                line += "\n" + redact("".join(traceback.format_exception(err))).rstrip()
+            log.error("%s", line)
+            raise typer.Exit(code=2) from None
+
 
 app = typer.Typer(
+    cls=ReportedGroup,
     help="Image classifiers that can say 'none of the above'.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-log = logging.getLogger("opensig")
 
-T = TypeVar("T")
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 ModelOption = Annotated[str, typer.Option(help="models:/name@alias, runs:/id/model, or a folder")]
 ThresholdsOption = Annotated[
     Path | None,
     typer.Option(help="thresholds.json, for a training output folder (artifacts/model)"),
+]
+ForceOption = Annotated[
+    bool, typer.Option(help="use thresholds recorded as tuned for another model (a warning)")
 ]
 TrackingUriOption = Annotated[
     str | None,
@@ -75,23 +112,25 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _run_stage(name: str, params: Path) -> None:
+    """A stage with the user's params; errors end as every command's do (ReportedGroup)."""
     from opensig import stages
 
     try:
         with _sigterm_raises():
-            cfg = load_config(params)
-            stages.STAGES[name](cfg)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # A message naming the key or file is what the user needs; -v adds the traceback.
-        log.error("%s failed: %s", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
-        raise typer.Exit(code=2) from None
+            stages.STAGES[name](load_config(params))
     except Terminated:
         log.error("%s interrupted (SIGTERM)", name)
         raise
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug-level logs")] = False,
+    debug: Annotated[  # read by ReportedGroup from the context
+        bool,
+        typer.Option(envvar="OPENSIG_DEBUG", help="on failure, show the traceback too"),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -152,8 +191,11 @@ def predict(
         str | None,
         typer.Option(help="with --sort-into: score sub-folders cut at e.g. 0.5,0.8"),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
-    """Label images as a known class or 'unknown'; unreadable files get an error row."""
+    """Label images as a known class or 'unknown'; unreadable files get an error row.
+
+    Exit code 1 when an input does not exist (the others are still predicted and written)."""
     from opensig.predict import Bundle, collect_images, with_left_out, write_predictions
     from opensig.sorting import check_destination, parse_buckets
     from opensig.sorting import sort_into as sort_images
@@ -171,7 +213,7 @@ def predict(
     files, left_out = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device)
+    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device, force)
     workers_setting = "auto" if workers is None else workers
     frame = bundle.predict(
         files, batch_size=batch_size, num_workers=workers_setting, multi_label=multi_label
@@ -191,6 +233,14 @@ def predict(
         int((frame["label"] == "unknown").sum()),
         len(failed),
     )
+    if missing := [str(p) for p in inputs if not p.exists()]:
+        log.error(
+            "predict: %d input(s) do not exist: %s (the other inputs are predicted in %s)",
+            len(missing),
+            ", ".join(missing),
+            out,
+        )
+        raise typer.Exit(code=1)
 
 
 class ExportFormat(str, Enum):
@@ -207,23 +257,18 @@ def export(
     ] = ExportFormat.onnx,
     thresholds: ThresholdsOption = None,
     tracking_uri: TrackingUriOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Export a model for runtimes without Python: resized pixels -> per-class scores, with
     classes, thresholds and the decision rule in the file's metadata."""
-    from mlflow.exceptions import MlflowException
-
     from opensig.export import export_onnx
     from opensig.predict import Bundle
-    from opensig.redaction import redact
 
     if not log.isEnabledFor(logging.DEBUG):  # the exporter's passes log every step at INFO
         for name in ("onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        export_onnx(Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu"), out)
-    except (FileNotFoundError, ValueError, RuntimeError, MlflowException) as err:
-        log.error("export failed: %s", redact(str(err)), exc_info=log.isEnabledFor(logging.DEBUG))
-        raise typer.Exit(code=2) from None
+    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu", force=force)
+    export_onnx(bundle, out)
 
 
 @app.command()
@@ -240,20 +285,16 @@ def retrain(
     from opensig import retrain as flows
 
     params = project / "params.yaml"
-    try:
-        cfg = load_config(params)
-        if serve:
-            settings = cfg.retrain.model_copy(
-                update={k: v for k, v in {"cron": cron, "timezone": timezone}.items() if v}
-            )
-            flows.check_schedule(settings, params)
-            flows.serve(str(project), settings.cron, settings.timezone)
-        else:
-            summary = flows.retrain(str(project), force=force)
-            typer.echo(json.dumps(summary, indent=2))
-    except (ConfigError, flows.StepFailed) as err:
-        log.error("retrain failed: %s", err)
-        raise typer.Exit(code=2) from None
+    cfg = load_config(params)
+    if serve:
+        settings = cfg.retrain.model_copy(
+            update={k: v for k, v in {"cron": cron, "timezone": timezone}.items() if v}
+        )
+        flows.check_schedule(settings, params)
+        flows.serve(str(project), settings.cron, settings.timezone)
+    else:
+        summary = flows.retrain(str(project), force=force)
+        typer.echo(json.dumps(summary, indent=2))
 
 
 class DemoSource(str, Enum):
@@ -282,15 +323,6 @@ def demo_data(
 
 bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-
-def _run_bench(run: Callable[[Config, Any], T], params: Path, opts: Any) -> T:
-    """A bench with the user's params; bad input ends in one line naming it, exit code 2."""
-    try:
-        return run(load_config(params), opts)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        log.error("bench failed: %s", err)
-        raise typer.Exit(code=2) from None
 
 
 @bench_app.command("openset")
@@ -331,7 +363,7 @@ def bench_openset(
         work=work,
         out=out,
     )
-    summary = _run_bench(run_openset, params, opts)
+    summary = run_openset(load_config(params), opts)
     typer.echo(to_markdown(summary, seeds))
 
 
@@ -368,4 +400,4 @@ def bench_speed(
         work=work,
         out=out,
     )
-    typer.echo(to_markdown(_run_bench(run_speed, params, opts)))
+    typer.echo(to_markdown(run_speed(load_config(params), opts)))

@@ -227,6 +227,17 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """One line naming the file, line and column, instead of PyYAML's multi-line report."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # e.g. a byte that is not UTF-8: the message names the file and position
+        return f"{path}: not valid YAML: {' '.join(str(err).split())}"
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    opened = f" ({context} opened at line {start.line + 1})" if context and start else ""
+    return f"{where}: not valid YAML: {err.problem}{opened}; fix the file there"
+
+
 def parse_config(raw: dict, source: Path = DEFAULT_PARAMS) -> Config:
     """Validate an already-loaded params mapping; errors name `source` and the key."""
     try:
@@ -243,9 +254,10 @@ def load_config(path: Path = DEFAULT_PARAMS) -> Config:
             f"{path}: params file not found (run from the project folder or pass --params)"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with path.open("rb") as stream:  # from the file, so that YAML's messages name it
+            raw = yaml.safe_load(stream) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(_yaml_error(path, err)) from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: expected a mapping of sections (data:, model:, ...) at top level"

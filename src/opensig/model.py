@@ -9,6 +9,7 @@ there, so the class list and the preprocessing are defined exactly once.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,8 +159,30 @@ def confine(directory: Path) -> Path:
     return directory
 
 
+def check_model_dir(directory: Path) -> Path:
+    """``directory``, once it holds a model's files: else an error naming what is missing."""
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS_FILE, SPEC_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: not a model folder (no {' or '.join(missing)}); `opensig train` "
+            "writes one (artifacts/model), and predict also takes a models:/ URI"
+        )
+    return directory
+
+
+def model_digest(directory: Path) -> str:
+    """sha256 over the weights and the spec: which model a thresholds file was tuned for
+    (another model with the same classes, e.g. another image size, scores differently)."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_FILE, SPEC_FILE):
+        with (check_model_dir(directory) / name).open("rb") as f:
+            digest.update(f"{name}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def read_spec(directory: Path) -> ModelSpec:
-    return ModelSpec(**read_json(Path(directory) / SPEC_FILE))
+    return ModelSpec(**read_json(check_model_dir(directory) / SPEC_FILE))
 
 
 def load_model_dir(

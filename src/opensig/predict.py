@@ -8,7 +8,9 @@ was evaluated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +25,14 @@ from opensig.data.images import ImageSource
 from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
-from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
+from opensig.model import ModelSpec, confine, load_model_dir, model_digest, resolve_device
+from opensig.redaction import redact
 from opensig.thresholds import UNKNOWN, decide, decide_multi
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
+MODEL_DIGEST_KEY = "model_sha256"  # in thresholds.json: the model_digest they were tuned for
 BUNDLE_DIR = "bundle"  # the folder name inside a logged MLflow model's artifacts
 
 
@@ -68,26 +72,59 @@ def score_sources(
 
 
 def write_thresholds(
-    path: Path, classes: Sequence[str], values: np.ndarray, strategy: str, options: dict
+    path: Path,
+    classes: Sequence[str],
+    values: np.ndarray,
+    strategy: str,
+    options: dict,
+    *,
+    model_sha256: str,
 ) -> None:
+    """Thresholds by class, with the ``model_digest`` of the model they were tuned for."""
     write_json(
         path,
         {
             "strategy": strategy,
             "options": options,
+            MODEL_DIGEST_KEY: model_sha256,
             "thresholds": {c: float(v) for c, v in zip(classes, values, strict=True)},
         },
     )
 
 
-def read_thresholds(path: Path, classes: Sequence[str]) -> np.ndarray:
-    """Thresholds in the model's class order; a mismatch means files from two different runs."""
-    by_class = read_json(path)["thresholds"]
+def read_thresholds(
+    path: Path, classes: Sequence[str], model_dir: Path, force: bool = False
+) -> np.ndarray:
+    """Thresholds in the model's class order, once they are known to be this model's: the
+    same classes and, when the file records it, the same model (``--force`` overrides that)."""
+    content = read_json(path)
+    by_class = content.get("thresholds") if isinstance(content, dict) else None
+    if not isinstance(by_class, dict):
+        raise ValueError(f"{path}: no thresholds by class in it; rerun `opensig tune`")
     if sorted(by_class) != sorted(classes):
         raise ValueError(
             f"{path}: thresholds are for classes {sorted(by_class)}, "
             f"the model has {list(classes)}; rerun `opensig tune`"
         )
+    tuned_for = content.get(MODEL_DIGEST_KEY)
+    if tuned_for is None:
+        log.warning(
+            "%s does not record the model it was tuned for (an older opensig wrote it), so it "
+            "cannot be checked against %s; rerun `opensig tune` to record it",
+            path,
+            model_dir,
+        )
+    elif tuned_for != (digest := model_digest(model_dir)):
+        problem = (
+            f"{path} was tuned for another model (sha256 {tuned_for[:12]}), not for "
+            f"{model_dir} (sha256 {digest[:12]})"
+        )
+        if not force:
+            raise ValueError(
+                f"{problem}; pass the thresholds tuned with this model, rerun `opensig tune`, "
+                "or --force to use them anyway"
+            )
+        log.warning("%s; used anyway (--force)", problem)
     return np.array([by_class[c] for c in classes], dtype=np.float64)
 
 
@@ -100,16 +137,24 @@ class Bundle:
     thresholds: np.ndarray
 
     @classmethod
-    def load(cls, model_dir: Path, thresholds: Path | None = None, device: str = "auto") -> Bundle:
+    def load(
+        cls,
+        model_dir: Path,
+        thresholds: Path | None = None,
+        device: str = "auto",
+        force: bool = False,
+    ) -> Bundle:
+        """The model in ``model_dir`` with its thresholds (``model_dir/thresholds.json`` unless
+        given); ``force`` accepts thresholds recorded as tuned for another model."""
         model_dir = Path(model_dir)
+        model, spec = load_model_dir(model_dir, resolve_device(device))
         thresholds = Path(thresholds) if thresholds else model_dir / THRESHOLDS_FILE
         if not thresholds.is_file():
             raise FileNotFoundError(
                 f"{thresholds}: no thresholds for model {model_dir}; pass --thresholds "
                 "(e.g. artifacts/thresholds.json) or use a registered model"
             )
-        model, spec = load_model_dir(model_dir, resolve_device(device))
-        return cls(model, spec, read_thresholds(thresholds, spec.classes))
+        return cls(model, spec, read_thresholds(thresholds, spec.classes, model_dir, force))
 
     def predict(
         self,
@@ -163,16 +208,85 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         return confine(local) / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
+        from mlflow.exceptions import MlflowException
 
-        downloaded = Path(
-            # models:/ aliases resolve in the registry store: the same one, or MLflow would
-            # silently use its default registry (./mlflow.db) instead
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
-            )
-        )
+        try:
+            with _registry_at(tracking_uri):
+                downloaded = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                    )
+                )
+        except MlflowException as err:
+            where = redact(tracking_uri or mlflow.get_tracking_uri())
+            found = _registry_entries(model, tracking_uri) if model.startswith("models:/") else None
+            raise FileNotFoundError(
+                f"--model {model}: not found in {where}: {found}"
+                if found
+                else f"--model {model}: {redact(err.message)} (tracking store {where})"
+            ) from None
         return confine(downloaded) / "artifacts" / BUNDLE_DIR
-    raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
+    raise FileNotFoundError(
+        f"--model {model}: no such folder, and not a models:/ or runs:/ URI; pass a model "
+        "folder (e.g. artifacts/model) or a registered model (e.g. models:/opensig@champion)"
+    )
+
+
+@contextmanager
+def _registry_at(tracking_uri: str | None) -> Iterator[None]:
+    """Resolve models:/ names in ``tracking_uri``'s registry, not MLflow's default one
+    (./mlflow.db): MLflow looks them up in $MLFLOW_REGISTRY_URI's, whatever its
+    ``registry_uri`` argument says, so that variable is set for the block."""
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+
+    before = os.environ.get(MLFLOW_REGISTRY_URI.name)
+    if tracking_uri:
+        os.environ[MLFLOW_REGISTRY_URI.name] = tracking_uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MLFLOW_REGISTRY_URI.name, None)
+        else:
+            os.environ[MLFLOW_REGISTRY_URI.name] = before
+
+
+def _registry_entries(model: str, tracking_uri: str | None, shown: int = 20) -> str | None:
+    """What the registry holds instead of ``model`` (a models:/ URI that did not resolve): the
+    registered models, or that model's aliases and versions. None when what it names exists
+    (the failure lies elsewhere), when it names no alias or version, or on a read failure."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    name, _, suffix = model.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        try:
+            aliases = client.get_registered_model(name).aliases
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return None
+            names = [m.name for m in client.search_registered_models(max_results=shown + 1)]
+            listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+            return f"no registered model {name!r}; " + (
+                f"registered models: {listed}"
+                if names
+                else "none is registered there (run the pipeline, or pass --tracking-uri)"
+            )
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return None
+    if alias and alias not in aliases:
+        missing = f"alias @{alias}"
+    elif suffix.isdigit() and int(suffix) not in versions:
+        missing = f"version {suffix}"
+    else:
+        return None
+    held = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+    listed = ("..., " if len(versions) > shown else "") + ", ".join(map(str, versions[-shown:]))
+    return f"model {name!r} has no {missing}; its aliases: {held}; its versions: {listed or 'none'}"
 
 
 def collect_images(inputs: Iterable[Path]) -> tuple[list[Path], list[dict]]:

@@ -35,9 +35,10 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             names = [f"image[{i}]" for i in range(len(sources))]
         elif "path" in model_input.columns:
             sources = names = [str(p) for p in model_input["path"]]
-        else:
-            raise ValueError(
-                "input needs a 'path' column (image files) or an 'image' column (bytes)"
+        else:  # MLflow's invalid-parameter error: the server answers 400 with this message
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                "input needs a 'path' column (image files) or an 'image' column (bytes), "
+                f"got columns {list(model_input.columns)}"
             )
         multi_label = bool((params or {}).get("multi_label", False))
         frame = self.bundle.predict(sources, names=names, progress=False, multi_label=multi_label)

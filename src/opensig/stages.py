@@ -22,7 +22,7 @@ from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits, check_trainable, split_summary
 from opensig.evaluation import evaluate_bundle, score_rows
 from opensig.io import read_json, write_json
-from opensig.model import load_model_dir, read_spec, resolve_device
+from opensig.model import load_model_dir, model_digest, read_spec, resolve_device
 from opensig.plots import write_history, write_pictures
 from opensig.predict import Bundle, resolve_model_dir, write_thresholds
 from opensig.thresholds import tune_thresholds
@@ -151,7 +151,14 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
         cfg.tune.strategy,
         **options,
     )
-    write_thresholds(at.thresholds, spec.classes, values, cfg.tune.strategy, options)
+    write_thresholds(
+        at.thresholds,
+        spec.classes,
+        values,
+        cfg.tune.strategy,
+        options,
+        model_sha256=model_digest(at.model_dir),
+    )
     return {
         "strategy": cfg.tune.strategy,
         "thresholds": dict(zip(spec.classes, values.tolist(), strict=True)),

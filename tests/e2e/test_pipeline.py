@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from opensig.cli import app
 from opensig.config import load_config
+from opensig.model import model_digest
 from opensig.registry import EPOCH_METRICS
 from tests.conftest import METRIC_KEYS, write_params
 from tests.test_plots import CSVS, PICTURES
@@ -82,6 +83,7 @@ def test_outputs_and_manifest(in_pipeline: Path) -> None:
     thresholds = json.loads(Path("artifacts/thresholds.json").read_text())
     assert thresholds["strategy"] == "f1"
     assert sorted(thresholds["thresholds"]) == ["0", "1", "2", "3", "4", "5"]
+    assert thresholds["model_sha256"] == model_digest(Path("artifacts/model"))  # tuned for it
 
 
 def test_evaluate_writes_every_picture(in_pipeline: Path) -> None:

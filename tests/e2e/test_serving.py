@@ -203,3 +203,19 @@ def test_multi_label_param_adds_every_passing_class(
     check_rows(rows, bundle.predict(paths, progress=False, multi_label=True))
     assert "3" in rows[0]["labels"].split("|")
     assert [r["labels"] for r in rows[1:]] == ["unknown", None]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"dataframe_split": {"columns": ["file"], "data": [["a.png"]]}},
+        {"dataframe_records": [{"name": "a.png"}]},
+    ],
+    ids=["split", "records"],
+)
+def test_a_request_without_image_or_path_is_a_400_saying_why(server: str, body: dict) -> None:
+    response = httpx.post(f"{server}/invocations", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "input needs a 'path' column (image files) or an 'image' column" in answer["message"]

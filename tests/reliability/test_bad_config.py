@@ -48,3 +48,18 @@ def test_bad_params_fail_before_work_naming_the_key(
     assert message in caplog.text
     assert "params.yaml" in caplog.text
     assert not Path("artifacts").exists() and not Path("reports").exists()  # no work done
+
+
+def test_broken_yaml_names_the_file_and_line(project: Path, caplog) -> None:
+    lines = Path("params.yaml").read_text().splitlines()
+    at = lines.index("train:") + 2  # a key indented one space too far, as a typo does
+    lines[at] = " " + lines[at]
+    Path("params.yaml").write_text("\n".join(lines) + "\n")
+
+    with caplog.at_level(logging.ERROR):
+        result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith(f"train failed: params.yaml, line {at + 1}, column ")
+    assert "not valid YAML" in line and "<unicode string>" not in line
+    assert not Path("artifacts").exists()

@@ -49,7 +49,7 @@ def test_good_files_are_predicted_and_bad_ones_reported(
                 str(out),
             ],
         )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # an input does not exist: not a success
     frame = pd.read_csv(out, keep_default_na=False)
     by_name = {Path(p).name: row for p, row in zip(frame["path"], frame.itertuples(), strict=True)}
     n_good = len(good) + 1  # the digits and the CMYK photo
@@ -64,3 +64,18 @@ def test_good_files_are_predicted_and_bad_ones_reported(
     assert "symlink loop" in by_name["loop"].error
     assert by_name["not_there.png"].error
     assert f"{n_good} predicted" in caplog.text and f"{len(bad) + 2} not predicted" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        f"predict: 1 input(s) do not exist: {missing} (the other inputs are predicted in {out})"
+    ]
+
+
+def test_only_existing_inputs_exit_zero(
+    untrained_bundle: Path, digits_data: Path, tmp_path: Path
+) -> None:
+    image = next((digits_data / "known" / "0").iterdir())
+    out = tmp_path / "p.csv"
+    args = ["predict", str(image), "--model", str(untrained_bundle), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out)) == 1

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from opensig.cli import app
-from opensig.model import build_spec, create_model, save_model_dir
+from opensig.model import build_spec, create_model, model_digest, save_model_dir
 from opensig.predict import THRESHOLDS_FILE, resolve_model_dir, write_thresholds
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "opensig"
@@ -61,7 +61,14 @@ def mlflow_model_folder(tmp_path: Path) -> Path:
     bundle = folder / "artifacts" / "bundle"
     net = create_model("resnet10t", 2, 3)
     save_model_dir(bundle, net, build_spec(net, "resnet10t", ["a", "b"], "sigmoid_bce", 2, 16, 3))
-    write_thresholds(bundle / THRESHOLDS_FILE, ["a", "b"], [0.5, 0.5], "fixed", {})
+    write_thresholds(
+        bundle / THRESHOLDS_FILE,
+        ["a", "b"],
+        [0.5, 0.5],
+        "fixed",
+        {},
+        model_sha256=model_digest(bundle),
+    )
     (folder / "MLmodel").write_text("flavors: {}\n")
     return folder
 

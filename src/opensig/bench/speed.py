@@ -34,7 +34,7 @@ from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
-from opensig.model import create_model, resolve_device
+from opensig.model import create_model, model_digest, resolve_device
 from opensig.predict import Bundle, collect_images, write_thresholds
 from opensig.stages import Layout, train
 
@@ -212,7 +212,14 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     results: dict = {"train": {**_medians(rounds), "rounds": rounds, "epochs": opts.epochs}}
 
     # Predict: the trained model on every PNG of the folder, interleaved with its forward.
-    write_thresholds(at.thresholds, scan.classes, [0.5] * n_classes, "fixed", {"value": 0.5})
+    write_thresholds(
+        at.thresholds,
+        scan.classes,
+        [0.5] * n_classes,
+        "fixed",
+        {"value": 0.5},
+        model_sha256=model_digest(at.model_dir),
+    )
     bundle = Bundle.load(at.model_dir, at.thresholds, opts.device)
     files, _ = collect_images([data])
     rounds = []
