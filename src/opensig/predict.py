@@ -8,7 +8,9 @@ was evaluated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,24 @@ class Bundle:
         return frame
 
 
+@contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` (if any) for a while, then put back with
+    the $MLFLOW_TRACKING_URI that setting it exports. The fluent API, and the registry
+    lookup of a ``models:/`` download, read only the global URI (else ./mlflow.db)."""
+    if uri is None:
+        yield
+        return
+    import mlflow  # heavy import, only when a store is used
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets it
+
+
 def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder.
 
@@ -164,13 +184,15 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
 
-        downloaded = Path(
-            # models:/ aliases resolve in the registry store: the same one, or MLflow would
-            # silently use its default registry (./mlflow.db) instead
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        # models:/ resolve in the registry store: the same one, or MLflow would silently
+        # use its default registry (./mlflow.db) instead; it passes neither URI on to the
+        # registry lookup, which reads the global one
+        with tracking_store(tracking_uri):
+            downloaded = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                )
             )
-        )
         return confine(downloaded) / "artifacts" / BUNDLE_DIR
     raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
 
