@@ -66,7 +66,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "lr", "images_per_s")  # logged with 
 OPENSET_METRICS = ("auroc", "fpr95", "oscr", "unknown_recall")
 PICTURE_KEY = "pictures/{}"  # image key of a PNG: the chart view shows the pictures together
 TABLES_DIR = "tables"  # run folder of the pictures' data (mlflow.log_table)
-# MLflow's experiment-kind tag: the UI opens a model-training experiment on its runs
+# MLflow's experiment-kind tag (the UI's "experiment type"): opensig trains models
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DVC_EXP_NAME = "DVC_EXP_NAME"  # set by `dvc exp run` for the stages it runs
 BACKOFF_FACTOR = 1  # seconds; waits 0, 2, 4, ... between retries (MLflow's default is 2)
