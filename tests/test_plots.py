@@ -14,7 +14,7 @@ from sklearn.metrics import roc_curve
 
 from opensig.evaluation import Evaluation
 from opensig.metrics import open_set_metrics, oscr_points, reliability
-from opensig.plots import write_pictures
+from opensig.plots import FPR_GRID, on_fpr_grid, picture_tables, write_pictures
 from opensig.thresholds import UNKNOWN, decide
 
 CLASSES = ["cat", "dog", "bird"]
@@ -121,3 +121,41 @@ def test_mistakes_grid_with_no_mistakes_of_some_kind(tmp_path: Path) -> None:
     write_pictures(result, tmp_path)
     with Image.open(tmp_path / "worst_mistakes.png") as image:
         assert image.size[1] < 600  # one row of pictures: the empty kinds take a line each
+
+
+def test_curve_on_the_fpr_grid_takes_the_best_point_at_or_below_each_fpr() -> None:
+    curve = pd.DataFrame(
+        {"fpr": [0.0, 0.0, 0.1, 0.1, 0.5, 1.0], "tpr": [0.0, 0.4, 0.4, 0.8, 0.9, 1.0]}
+    )
+    table = on_fpr_grid(curve)
+    assert table["fpr"].tolist() == FPR_GRID.tolist() and len(table) == 101
+    at = dict(zip(table["fpr"], table["tpr"], strict=True))
+    assert (at[0.0], at[0.09], at[0.1], at[0.49], at[0.5], at[0.99], at[1.0]) == (
+        0.4,
+        0.4,
+        0.8,
+        0.8,
+        0.9,
+        0.9,
+        1.0,
+    )
+
+
+def test_picture_tables_line_up_across_runs(tmp_path: Path) -> None:
+    result = synthetic(tmp_path)
+    write_pictures(result, tmp_path / "plots")
+    plots = tmp_path / "plots"
+    roc = picture_tables(plots / "roc.png")
+    assert set(roc) == {"roc_seen_unknown", "roc_novel_unknown"}
+    assert all(table["fpr"].tolist() == FPR_GRID.tolist() for table in roc.values())
+    assert set(picture_tables(plots / "oscr.png")) == {"oscr_seen_unknown", "oscr_novel_unknown"}
+    [confusion] = picture_tables(plots / "confusion.png").values()
+    labels = [*CLASSES, "unknown"]
+    assert len(confusion) == len(labels) ** 2  # every cell, zeros included
+    assert confusion["count"].sum() == len(result.labels)
+    cat = confusion[confusion["actual"] == "cat"]
+    assert cat["share_of_row"].sum() == pytest.approx(1.0)
+    assert set(picture_tables(plots / "reliability.png")) == {"reliability"}
+    assert picture_tables(plots / "score_histograms.png") == {}
+    write_pictures(synthetic(tmp_path, with_novel=False), tmp_path / "no_novel")
+    assert set(picture_tables(tmp_path / "no_novel" / "roc.png")) == {"roc_seen_unknown"}

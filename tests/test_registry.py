@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opensig.config import MlflowConfig
+from opensig.config import MlflowConfig, load_config
 from opensig.redaction import redact, uri_credentials
 from opensig.registry import (
     DEFAULT_TRACKING_URI,
@@ -18,8 +18,12 @@ from opensig.registry import (
     flatten,
     http_limits,
     metric_value,
+    mlflow_metric_name,
+    run_name,
+    split_counts,
     tracking_uri,
 )
+from tests.conftest import write_params
 
 
 @pytest.mark.parametrize(
@@ -141,3 +145,38 @@ def test_class_sets_say_how_the_champion_differs() -> None:
         "champion_lacks": ["circle"],
         "champion_extra": ["0", "1"],
     }
+
+
+def test_metrics_are_named_by_group_and_counts_become_tags() -> None:
+    metrics = {
+        "macro_f1": 0.8,
+        "auroc": 0.9,
+        "fpr95": None,  # undefined on this test split: not logged
+        "n_known": 175,
+        "novel": {"auroc": 0.85, "n_novel": 354},
+    }
+    logged, counts = split_counts(metrics)
+    assert logged == {"macro_f1": 0.8, "openset/auroc": 0.9, "novel/auroc": 0.85}
+    assert counts == {"n_known": "175", "novel.n_novel": "354"}
+    # promote.metric names a metrics.json key; the run carries it under its MLflow name
+    assert mlflow_metric_name("novel.auroc") == "novel/auroc"
+    assert mlflow_metric_name("fpr95") == "openset/fpr95"
+    assert mlflow_metric_name("macro_f1") == "macro_f1"
+
+
+def test_run_names_are_readable_and_follow_params_data_and_dvc_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    name = run_name(load_config(write_params(tmp_path)))
+    method, backbone, size, digest = name.split(" ")
+    assert (method, backbone, size, len(digest)) == ("sigmoid_bce", "resnet10t", "16px", 7)
+    assert run_name(load_config(write_params(tmp_path))) == name  # same params and data
+    assert run_name(load_config(write_params(tmp_path, {"train": {"epochs": 4}}))) != name
+    assert run_name(load_config(write_params(tmp_path, {"tune": {"strategy": "doc"}}))) != name
+    assert run_name(load_config(write_params(tmp_path, {"mlflow": {"retries": 1}}))) == name
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
+    assert run_name(load_config(write_params(tmp_path))) != name  # other data
+    monkeypatch.setenv("DVC_EXP_NAME", "gusty-reef")
+    assert run_name(load_config(write_params(tmp_path))).startswith("gusty-reef sigmoid_bce ")

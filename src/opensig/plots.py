@@ -400,3 +400,54 @@ def write_history(history: list[dict], out_dir: Path) -> list[Path]:
     plt.grid(alpha=0.3)
     plt.legend()
     return [csv, _save_png(fig, out_dir / "loss.png")]
+
+
+# Tables for MLflow: the data of a picture, in rows that line up across runs, so that
+# MLflow's artifact view (and mlflow.load_table) compares runs row by row.
+FPR_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)  # where curves are read: 0, 0.01, ..., 1
+
+
+def on_fpr_grid(curve: pd.DataFrame) -> pd.DataFrame:
+    """A curve (``fpr`` and one y column) read at each FPR of :data:`FPR_GRID`: the best y
+    among its points with an FPR no higher, i.e. what some threshold reaches without
+    accepting more unknowns. Runs' curves have points at different FPRs; these rows match."""
+    y = next(column for column in curve.columns if column != "fpr")
+    order = np.argsort(curve["fpr"].to_numpy(), kind="stable")
+    fpr = curve["fpr"].to_numpy()[order]
+    best = np.maximum.accumulate(curve[y].to_numpy()[order])
+    index = np.searchsorted(fpr, FPR_GRID + 1e-9, side="right") - 1  # 1e-9: float noise
+    values = np.where(index >= 0, best[np.maximum(index, 0)], np.nan)
+    return pd.DataFrame({"fpr": FPR_GRID, y: values})
+
+
+def confusion_counts(confusion: pd.DataFrame) -> pd.DataFrame:
+    """One row per (actual, predicted) pair, zeros included, with its count and its share
+    of the actual class (the colour of confusion.png); confusion.csv has a row per image."""
+    labels = sorted(set(confusion["actual"]) | set(confusion["predicted"]))
+    matrix = pd.crosstab(confusion["actual"], confusion["predicted"])
+    matrix = matrix.reindex(index=labels, columns=labels, fill_value=0)
+    counts = matrix.stack().rename("count").reset_index()
+    totals = counts.groupby("actual")["count"].transform("sum")
+    return counts.assign(share_of_row=counts["count"] / totals.where(totals > 0))
+
+
+_PICTURE_DATA = {  # picture -> (the CSVs next to it holding its data, their table)
+    "roc": ("roc_*.csv", on_fpr_grid),
+    "oscr": ("oscr_*.csv", on_fpr_grid),
+    "confusion": ("confusion.csv", confusion_counts),
+    "reliability": ("reliability.csv", lambda bins: bins),  # fixed bins: rows already match
+}
+
+
+def picture_tables(picture: Path) -> dict[str, pd.DataFrame]:
+    """The data drawn in ``picture`` as tables whose rows line up across runs, named after
+    the CSVs they come from; none for pictures without such data or curves without points."""
+    if picture.stem not in _PICTURE_DATA:
+        return {}
+    pattern, table = _PICTURE_DATA[picture.stem]
+    tables = {}
+    for path in sorted(picture.parent.glob(pattern)):
+        frame = pd.read_csv(path, dtype={"actual": str, "predicted": str})
+        if not frame.empty:
+            tables[path.stem] = table(frame)
+    return tables

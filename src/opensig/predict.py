@@ -198,6 +198,24 @@ class Bundle:
         return frame
 
 
+@contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` (if any) for a while, then put back with
+    the $MLFLOW_TRACKING_URI that setting it exports. The fluent API, and the registry
+    lookup of a ``models:/`` download, read only the global URI (else ./mlflow.db)."""
+    if uri is None:
+        yield
+        return
+    import mlflow  # heavy import, only when a store is used
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets it
+
+
 def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder.
 
@@ -211,7 +229,9 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         from mlflow.exceptions import MlflowException
 
         try:
-            with _registry_at(tracking_uri):
+            # models:/ names resolve in the registry of the global tracking URI, whatever
+            # download_artifacts' registry_uri says (else ./mlflow.db): tracking_store sets it
+            with tracking_store(tracking_uri):
                 downloaded = Path(
                     mlflow.artifacts.download_artifacts(
                         artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
@@ -230,25 +250,6 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         f"--model {model}: no such folder, and not a models:/ or runs:/ URI; pass a model "
         "folder (e.g. artifacts/model) or a registered model (e.g. models:/opensig@champion)"
     )
-
-
-@contextmanager
-def _registry_at(tracking_uri: str | None) -> Iterator[None]:
-    """Resolve models:/ names in ``tracking_uri``'s registry, not MLflow's default one
-    (./mlflow.db): MLflow looks them up in $MLFLOW_REGISTRY_URI's, whatever its
-    ``registry_uri`` argument says, so that variable is set for the block."""
-    from mlflow.environment_variables import MLFLOW_REGISTRY_URI
-
-    before = os.environ.get(MLFLOW_REGISTRY_URI.name)
-    if tracking_uri:
-        os.environ[MLFLOW_REGISTRY_URI.name] = tracking_uri
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(MLFLOW_REGISTRY_URI.name, None)
-        else:
-            os.environ[MLFLOW_REGISTRY_URI.name] = before
 
 
 def _registry_entries(model: str, tracking_uri: str | None, shown: int = 20) -> str | None:

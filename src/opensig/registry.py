@@ -15,6 +15,7 @@ opensig logs or re-raises is redacted (a tracking URI may carry credentials).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,18 +37,19 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
-    MLFLOW_TRACKING_URI,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig
 from opensig.model import read_spec
-from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE
+from opensig.plots import picture_tables
+from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, tracking_store
 from opensig.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,15 @@ LOWER_IS_BETTER = {"fpr95", "ece"}
 DIGEST_TAG = "bundle_sha256"  # run tag: what makes a re-run find its earlier registration
 BUNDLE_FILES = ("weights.safetensors", "config.json")  # + thresholds.json
 TRAIN_SECTIONS = ("data", "model", "train")  # the params a trained model depends on
+LOGGED_SECTIONS = (*TRAIN_SECTIONS, "tune")  # the params a person compares runs by
 EPOCH_METRICS = ("train_loss", "val_loss", "lr", "images_per_s")  # logged with step = epoch
-PICTURES_DIR = "plots"  # run folder of the PNGs; the other report files go to "reports"
+# metrics.json keys measured against every unknown image; logged as openset/<key>
+OPENSET_METRICS = ("auroc", "fpr95", "oscr", "unknown_recall")
+PICTURE_KEY = "pictures/{}"  # image key of a PNG: the chart view shows the pictures together
+TABLES_DIR = "tables"  # run folder of the pictures' data (mlflow.log_table)
+# MLflow's experiment-kind tag (the UI's "experiment type"): opensig trains models
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DVC_EXP_NAME = "DVC_EXP_NAME"  # set by `dvc exp run` for the stages it runs
 BACKOFF_FACTOR = 1  # seconds; waits 0, 2, 4, ... between retries (MLflow's default is 2)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_REQUIREMENTS = [
@@ -180,8 +189,17 @@ def bundle_digest(model_dir: Path, thresholds: Path) -> str:
     return digest.hexdigest()
 
 
+def _data_version() -> str | None:
+    """The md5 that data.dvc records for data/ (None outside a DVC project)."""
+    if not Path("data.dvc").is_file():
+        return None
+    outs = (yaml.safe_load(Path("data.dvc").read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
 def provenance_tags() -> dict[str, str]:
-    """Git commit, the data.dvc hash and the dvc.lock hash: what exactly produced this model."""
+    """Git commit (also as MLflow's own tag, which the run page shows), the data.dvc hash,
+    the dvc.lock hash and the DVC experiment: what exactly produced this model."""
 
     def git(*args: str) -> str | None:
         try:
@@ -190,20 +208,65 @@ def provenance_tags() -> dict[str, str]:
             return None
         return out.stdout.strip()
 
-    data_md5 = None
-    if Path("data.dvc").is_file():
-        outs = (yaml.safe_load(Path("data.dvc").read_text()) or {}).get("outs") or [{}]
-        data_md5 = outs[0].get("md5")
+    commit = git("rev-parse", "HEAD")
     tags = {
-        "git_commit": git("rev-parse", "HEAD"),
+        "git_commit": commit,
+        MLFLOW_GIT_COMMIT: commit,
         "git_dirty": None
         if (status := git("status", "--porcelain")) is None
         else str(bool(status)),
-        "data_dvc_md5": data_md5,
+        "data_dvc_md5": _data_version(),
         "dvc_lock_sha256": _file_sha256(Path("dvc.lock")),
+        "dvc_experiment": os.environ.get(DVC_EXP_NAME),
         "opensig_version": opensig.__version__,
     }
     return {k: v for k, v in tags.items() if v is not None}
+
+
+def run_name(cfg: Config) -> str:
+    """Readable and unique: method, backbone, image size and a digest of the logged params
+    and the data version, after the DVC experiment's name when `dvc exp run` runs the stage.
+    Two runs share a name only when they share params and data (a rerun)."""
+    content = {"params": run_params(cfg, LOGGED_SECTIONS), "data": _data_version()}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:7]
+    parts = [
+        os.environ.get(DVC_EXP_NAME),
+        cfg.train.method,
+        cfg.model.backbone,
+        f"{cfg.model.image_size}px",
+        digest,
+    ]
+    return " ".join(part for part in parts if part)
+
+
+def training_experiment(client: MlflowClient, name: str) -> str:
+    """The id of the experiment ``name``, made if missing, marked as model training (MLflow's
+    experiment-kind tag) unless someone chose its kind already."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def mlflow_metric_name(key: str) -> str:
+    """A metrics.json key (``macro_f1``, ``novel.auroc``) as logged to MLflow. The chart view
+    groups metrics by what precedes their last '/': ``novel/…`` (held-out unknowns) and
+    ``openset/…`` (every unknown) come first, the closed-set ones stay under Model metrics."""
+    return f"openset/{key}" if key in OPENSET_METRICS else key.replace(".", "/")
+
+
+def split_counts(metrics: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """(MLflow metrics, tags): counts (ints in metrics.json, e.g. ``n_known``) become tags,
+    so the chart view shows rates only; undefined metrics (None) are left out."""
+    logged, counts = {}, {}
+    for key, value in flatten(metrics).items():
+        if isinstance(value, int):
+            counts[key] = str(value)
+        elif isinstance(value, float):
+            logged[mlflow_metric_name(key)] = value
+    return logged, counts
 
 
 @dataclass
@@ -318,10 +381,7 @@ class TrainingRun:
         with self._tolerated("starting the training run"):
             self._client = client = MlflowClient(check_reachable(self.cfg.mlflow))
             name = self.cfg.mlflow.experiment
-            experiment = client.get_experiment_by_name(name)
-            experiment_id = (
-                experiment.experiment_id if experiment else client.create_experiment(name)
-            )
+            experiment_id = training_experiment(client, name)
             run = _existing_run(client, saved_id) if saved_id else None
             if (
                 run is not None
@@ -330,7 +390,9 @@ class TrainingRun:
             ):
                 client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             else:
-                run = client.create_run(experiment_id)
+                run = client.create_run(
+                    experiment_id, run_name=run_name(self.cfg), tags=provenance_tags()
+                )
             params = run_params(self.cfg, TRAIN_SECTIONS)
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
             logged = {m.step for m in client.get_metric_history(run.info.run_id, EPOCH_METRICS[0])}
@@ -352,12 +414,17 @@ class TrainingRun:
         self._client.log_batch(self.run_id, metrics=metrics)
 
 
-def _log_picture(path: Path) -> None:
-    """A PNG twice: as a file under plots/ (the run's Artifacts tab), and as an image keyed
-    by its name, which the UI's chart view shows side by side for the runs compared."""
-    mlflow.log_artifact(str(path), artifact_path=PICTURES_DIR)
+def _log_picture(path: Path, existing: set[str]) -> None:
+    """A PNG at the top of the run's artifacts (the Compare page shows the files there side by
+    side for the runs compared), as an image keyed ``pictures/<name>`` (the chart view's
+    image cards), and its data as tables under tables/ (rows that line up across runs, for
+    the artifact view). A table already logged is not logged again: MLflow would append."""
+    mlflow.log_artifact(str(path))
     with Image.open(path) as image:
-        mlflow.log_image(image, key=path.stem)
+        mlflow.log_image(image, key=PICTURE_KEY.format(path.stem), synchronous=True)
+    for name, table in picture_tables(path).items():
+        if (artifact := f"{TABLES_DIR}/{name}.json") not in existing:
+            mlflow.log_table(table, artifact_file=artifact)
 
 
 @contextmanager
@@ -365,58 +432,58 @@ def logged_run(
     cfg: Config,
     metrics: dict,
     artifacts: list[Path],
-    run_name: str | None = None,
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run holding the params, metrics, report files and provenance tags: a new
-    run, or ``run_id`` resumed (the training's run, which holds the same params).
+    """An MLflow run holding the params a person compares (:data:`LOGGED_SECTIONS`), the
+    metrics (counts as tags), report files and provenance tags: a new run named by
+    :func:`run_name`, or ``run_id`` resumed (the training's run, which keeps its name).
 
     The one place that decides how files are logged: PNGs as pictures (:func:`_log_picture`),
-    the others under reports/. MLflow's fluent API needs a global tracking URI, which
-    ``mlflow.set_tracking_uri`` also exports as $MLFLOW_TRACKING_URI: it is put back after,
-    so in-process callers (bench, notebooks, tests) do not inherit this store.
+    the others under reports/. MLflow's fluent API needs a global tracking URI: it is put
+    back after (:func:`tracking_store`), so in-process callers (bench, notebooks, tests) do
+    not inherit this store.
     """
-    before = os.environ.get(MLFLOW_TRACKING_URI.name)
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
-    try:
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
-            mlflow.log_params(run_params(cfg))
-            mlflow.log_metrics(
-                {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
-            )
-            mlflow.set_tags({**provenance_tags(), **(tags or {})})
+    with tracking_store(tracking_uri(cfg.mlflow)):
+        client = MlflowClient()
+        mlflow.set_experiment(experiment_id=training_experiment(client, cfg.mlflow.experiment))
+        name = None if run_id else run_name(cfg)
+        with mlflow.start_run(run_id=run_id, run_name=name) as run:
+            values, counts = split_counts(metrics)
+            mlflow.log_params(run_params(cfg, LOGGED_SECTIONS))
+            mlflow.log_metrics(values)
+            mlflow.set_tags({**provenance_tags(), **counts, **(tags or {})})
+            tables = {a.path for a in client.list_artifacts(run.info.run_id, TABLES_DIR)}
             for path in artifacts:
                 if path.is_file() and path.suffix == ".png":
-                    _log_picture(path)
+                    _log_picture(path, tables)
                 elif path.is_file():
                     mlflow.log_artifact(str(path), artifact_path="reports")
             yield run
-    finally:
-        mlflow.set_tracking_uri(before)  # None unsets it
 
 
 def _training_run(cfg: Config, run_id: str | None, digest: str) -> str | None:
     """``run_id``, the training's run, when this registration may complete it; else None.
 
     It has to be in this store and experiment and not deleted, hold no other bundle (a run
-    holds one registered model: its digest tag is how a re-run finds that model), and have
-    been trained with the params being logged now.
+    holds one registered model: its digest tag is how a re-run finds that model), and hold
+    no other value of a param logged now (MLflow never changes a logged param). Settings that
+    are not logged (``mlflow``, ``promote``, ``retrain``) never break the link: a new
+    ``mlflow.registered_model`` still completes the training's run.
     """
     if run_id is None:
         return None
     client = MlflowClient(tracking_uri(cfg.mlflow))
     run = _existing_run(client, run_id)
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    params = run_params(cfg)
+    params = run_params(cfg, LOGGED_SECTIONS)
     if run is None or run.info.lifecycle_stage != LifecycleStage.ACTIVE:
         why = "not in this tracking store, or deleted"
     elif experiment is None or run.info.experiment_id != experiment.experiment_id:
         why = f"not in the experiment {cfg.mlflow.experiment}"
     elif run.data.tags.get(DIGEST_TAG, digest) != digest:
         why = "it holds another registered bundle"
-    elif changed := sorted(k for k, v in run.data.params.items() if params.get(k) != v):
+    elif changed := sorted(k for k, v in run.data.params.items() if params.get(k, v) != v):
         why = f"params changed since training: {', '.join(changed)}"
     else:
         return run_id
@@ -483,10 +550,11 @@ def _require_logged_metric(client: MlflowClient, name: str, version: str, metric
     """A champion must be explainable: its run has to carry the metric it was chosen on."""
     run_id = client.get_model_version(name, version).run_id
     logged = client.get_run(run_id).data.metrics if run_id else {}
-    if metric not in logged:
+    if (logged_as := mlflow_metric_name(metric)) not in logged:
         raise RuntimeError(
             f"model {name} version {version}: its run {run_id} has no {metric!r} metric "
-            f"(not logged, or undefined on the test split), so it cannot become {CHAMPION}; "
+            f"({logged_as!r} in MLflow: not logged, or undefined on the test split), so it "
+            f"cannot become {CHAMPION}; "
             "the alias was not moved. Log the metric on that run (or delete the version and "
             "re-run register), or pick another promote.metric."
         )

@@ -83,3 +83,10 @@ def test_own_classes_after_the_demo(
     assert (
         registered["run_id"] == json.loads(Path("reports/train.json").read_text())["mlflow_run_id"]
     )
+
+    # A new registered model name (settings that are not params) keeps the training's run.
+    write_params(tmp_path, {"train": {"epochs": 2}, "mlflow": {"registered_model": "shapes"}})
+    run_cli("register")
+    renamed = json.loads(Path("reports/registered.json").read_text())
+    assert (renamed["name"], renamed["version"]) == ("shapes", "1")
+    assert renamed["run_id"] == registered["run_id"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -14,23 +13,16 @@ from mlflow import MlflowClient
 
 from opensig.config import load_config
 from opensig.stages import HERE, evaluate, ingest, register, train, tune
-from tests.conftest import write_params
+from tests.conftest import free_port, write_params
 from tests.reliability.test_resume import stop_in_epoch_2
 
 pytestmark = pytest.mark.e2e
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_training_goes_on_when_the_tracking_server_is_down(
     project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     write_params(project, {"train": {"epochs": 1}, "mlflow": {"tracking_uri": dead, "retries": 0}})
     ingest(load_config())
     caplog.set_level(logging.INFO, logger="opensig")

@@ -93,7 +93,8 @@ def run_config(base: Config, opts: BenchOptions, method: str, seed: int) -> Conf
 
 
 def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
-    """Train, tune on val, evaluate on test; log one MLflow run. Returns flat results."""
+    """Train, tune on val, evaluate on test; log one MLflow run (named, with its pictures, as
+    a pipeline run is). Returns flat results."""
     from opensig.registry import flatten, logged_run
 
     at = Layout.under(run_dir)
@@ -107,8 +108,7 @@ def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
     with logged_run(
         cfg,
         metrics,
-        [at.metrics, at.train_report, at.thresholds],
-        run_name=f"{cfg.train.method} seed {cfg.train.seed}",
+        [*sorted(at.plots.glob("*.png")), at.metrics, at.train_report, at.thresholds],
         tags=tags,
         run_id=read_json(at.train_report)["mlflow_run_id"],  # the run training logged to
     ):
