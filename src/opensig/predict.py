@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
 from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
-from opensig.io import atomic_write, read_json, write_json
+from opensig.io import atomic_write, env_defaults, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
 from opensig.thresholds import UNKNOWN, decide, decide_multi
@@ -164,13 +164,15 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
 
-        downloaded = Path(
-            # models:/ aliases resolve in the registry store: the same one, or MLflow would
-            # silently use its default registry (./mlflow.db) instead
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        # MLflow draws its download bar even into logs (a Prefect run's, a stage's)
+        with env_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            downloaded = Path(
+                # models:/ aliases resolve in the registry store: the same one, or MLflow would
+                # silently use its default registry (./mlflow.db) instead
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                )
             )
-        )
         return confine(downloaded) / "artifacts" / BUNDLE_DIR
     raise FileNotFoundError(f"--model {model}: neither a folder nor a models:/ or runs:/ URI")
 

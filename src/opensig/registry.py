@@ -46,6 +46,7 @@ from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig
+from opensig.io import env_defaults
 from opensig.model import read_spec
 from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE
 from opensig.redaction import redact
@@ -106,13 +107,8 @@ def http_limits(cfg: MlflowConfig) -> Iterator[None]:
     uri = tracking_uri(cfg)
     if redact(uri) != uri:
         settings[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
-    added = {k: v for k, v in settings.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
+    with env_defaults(settings):
         yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 def check_reachable(cfg: MlflowConfig) -> str:
