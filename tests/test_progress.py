@@ -2,15 +2,64 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from opensig.predict import resolve_model_dir
+from opensig.progress import image_bar
 
 PROGRESS_SWITCH = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal, so that tqdm draws its bars (it skips non-terminals)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def on_terminal(monkeypatch: pytest.MonkeyPatch) -> Terminal:
+    """Patched in the test itself: pytest puts its own stderr back after fixtures ran."""
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    return screen
+
+
+def test_image_bar_counts_images_from_where_a_resumed_run_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terminal = on_terminal(monkeypatch)
+    with image_bar(300, "training", initial=100) as bar:
+        bar.update(64)
+    drawn = terminal.getvalue()
+    assert "training:  33%" in drawn and "| 100/300 [" in drawn and "img/s" in drawn
+
+
+def test_image_bar_puts_log_lines_above_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = on_terminal(monkeypatch)
+    console = logging.StreamHandler(sys.stderr)  # the CLI's handler, on the terminal
+    monkeypatch.setattr(logging.root, "handlers", [console])
+    with image_bar(10, "scoring") as bar:
+        bar.update(5)
+        logging.getLogger("opensig.test").warning("halfway")
+    drawn = terminal.getvalue()
+    assert "]halfway" not in drawn and "\rhalfway\n" in drawn  # the bar is cleared first
+    assert logging.root.handlers == [console]
+
+
+def test_hidden_image_bar_draws_nothing_even_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terminal = on_terminal(monkeypatch)
+    with image_bar(10, "scoring", show=False) as bar:
+        bar.update(10)
+    assert terminal.getvalue() == ""
 
 
 @pytest.fixture

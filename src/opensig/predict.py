@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
@@ -24,6 +23,7 @@ from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
 from opensig.io import atomic_write, env_defaults, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
+from opensig.progress import image_bar
 from opensig.thresholds import UNKNOWN, decide, decide_multi
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,12 @@ def score_sources(
     )
     scores, errors = [], []
     model.eval()
-    for batch in tqdm(loader, desc="scoring", disable=not progress or None, leave=False):
-        logits = model(model_input(batch["image"], spec, device))
-        scores.append(method.scores(logits).cpu().numpy())
-        errors.extend(batch["error"])
+    with image_bar(len(dataset), "scoring", show=progress) as bar:
+        for batch in loader:
+            logits = model(model_input(batch["image"], spec, device))
+            scores.append(method.scores(logits).cpu().numpy())
+            errors.extend(batch["error"])
+            bar.update(len(batch["error"]))
     empty = np.zeros((0, spec.num_classes), dtype=np.float32)
     return (np.concatenate(scores) if scores else empty), errors
 
