@@ -11,8 +11,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from opensig.predict import resolve_model_dir
+from opensig.config import load_config
+from opensig.predict import THRESHOLDS_FILE, resolve_model_dir
 from opensig.progress import image_bar
+from opensig.registry import connected, log_and_register
+from tests.conftest import write_params
 
 PROGRESS_SWITCH = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
@@ -91,3 +94,24 @@ def test_model_download_shows_no_mlflow_bar(
     ]
     assert "Downloading artifacts" not in capfd.readouterr().err
     assert PROGRESS_SWITCH not in os.environ  # the process's environment is given back
+
+
+def test_registering_a_model_shows_no_mlflow_bar(
+    tmp_path: Path,
+    untrained_bundle: Path,
+    capfd: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """log_model copies the bundle into the model through MLflow's download code: the
+    register stage drew the same bar there, champion or not."""
+    monkeypatch.delenv(PROGRESS_SWITCH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    cfg = load_config()
+    with connected(cfg.mlflow):
+        _, version = log_and_register(
+            cfg, {"macro_f1": 0.5}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
+        )
+    assert version == "1"
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert PROGRESS_SWITCH not in os.environ

@@ -165,9 +165,10 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         return confine(local) / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
         # MLflow draws its download bar even into logs (a Prefect run's, a stage's)
-        with env_defaults({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        with env_defaults({MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}):
             downloaded = Path(
                 # models:/ aliases resolve in the registry store: the same one, or MLflow would
                 # silently use its default registry (./mlflow.db) instead
