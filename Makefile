@@ -28,7 +28,8 @@ retrain: install  ## the Prefect flow, once, no server needed
 
 prefect-server: install  ## a local Prefect server for scheduled runs (then: export PREFECT_API_URL=...)
 	@echo "export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api  # in the shell that serves the flow"
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,25 @@ def test_image_dataset_unreadable_file(tmp_path: Path, in_chans: int) -> None:
         assert torch.count_nonzero(item["image"]) == 0
     assert "UnidentifiedImageError" in dataset[0]["error"]
     assert "FileNotFoundError" in dataset[1]["error"]
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_image_at_the_model_size_reaches_torch_without_a_warning(
+    tmp_path: Path, in_chans: int
+) -> None:
+    """The resize leaves such an image as decoded: Pillow's read-only buffer reached
+    torch.from_numpy, and tune, evaluate and register printed NumPy's 'not writable'
+    warning (with warnings as errors it even became an unreadable-image row)."""
+    path = tmp_path / "at_size.png"
+    Image.fromarray(_noise(SIZE, SIZE)).save(path)
+    assert decode(path, in_chans).flags.writeable
+    assert decode(path.read_bytes(), in_chans).flags.writeable
+    dataset = ImageDataset([path], None, eval_transform(_spec(in_chans)), in_chans)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = dataset[0]
+    assert item["error"] == ""
+    assert item["image"].shape == (SIZE, SIZE, in_chans)
 
 
 def test_image_dataset_works_with_dataloader(tmp_path: Path) -> None:

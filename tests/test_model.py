@@ -7,9 +7,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from opensig.model import (
     SPEC_FILE,
@@ -104,6 +105,33 @@ def test_pretrained_file_loads_offline(tmp_path: Path) -> None:
     assert not torch.equal(fresh.state_dict()[key], src_tensor)
     assert torch.equal(loaded.state_dict()[key], src_tensor)
     assert torch.equal(loaded.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_pretrained_file_from_a_checkpoint_gets_a_head_for_the_classes(
+    tmp_path: Path, in_chans: int
+) -> None:
+    """The README's offline recipe: timm turns a training checkpoint (1000-class ImageNet
+    head, EMA weights) into a plain safetensors file; the backbone comes from it, the head
+    is new and as wide as the project's classes."""
+    torch.manual_seed(1)
+    imagenet = create_model(BACKBONE, 1000)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in imagenet.state_dict().items()}
+    checkpoint = tmp_path / "checkpoint.pth"
+    trained = {"epoch": 90, "state_dict": imagenet.state_dict(), "state_dict_ema": ema}
+    torch.save(trained, checkpoint)
+    converted = timm.create_model(BACKBONE, checkpoint_path=str(checkpoint))  # the recipe
+    weights = tmp_path / "backbone.safetensors"
+    save_file(converted.state_dict(), str(weights))
+
+    loaded = create_model(BACKBONE, 3, in_chans, pretrained_file=weights).state_dict()
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(loaded[key], ema[key])  # timm keeps the EMA copy of a checkpoint
+    assert loaded["fc.weight"].shape == (3, ema["fc.weight"].shape[1])
+    first = ema["conv1.0.weight"]
+    assert torch.allclose(
+        loaded["conv1.0.weight"], first if in_chans == 3 else first.sum(dim=1, keepdim=True)
+    )
 
 
 def test_pretrained_file_missing(tmp_path: Path) -> None:

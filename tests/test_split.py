@@ -7,7 +7,13 @@ import hashlib
 import pandas as pd
 import pytest
 
-from opensig.data.split import assign_splits, split_summary
+from opensig.data.split import (
+    MIN_TRAIN_PER_CLASS,
+    assign_splits,
+    small_test_warnings,
+    small_train_warning,
+    split_summary,
+)
 
 
 def _records(n: int, start: int = 0) -> pd.DataFrame:
@@ -111,3 +117,48 @@ def test_summary_warns_when_training_unknowns_are_missing_from_a_split() -> None
     warnings = split_summary(assign_splits(mixed, 0.2, 0.1, []))["warnings"]
     assert len(warnings) == 2
     assert all("unknowns from non-held-out sources" in w for w in warnings)
+
+
+def _split_rows(counts: dict[str, int], novel: int = 0) -> pd.DataFrame:
+    """Rows of one split: ``counts`` images per label, plus ``novel`` held-out unknowns."""
+    labels = [label for label, n in counts.items() for _ in range(n)]
+    return pd.DataFrame(
+        {
+            "label": labels + ["unknown"] * novel,
+            "novel": [False] * len(labels) + [True] * novel,
+        }
+    )
+
+
+def test_small_train_split_warns_without_pretrained_weights() -> None:
+    rows = _split_rows({"circle": 120, "square": 299, "triangle": 300, "unknown": 50})
+    warning = small_train_warning(rows, pretrained=False)
+    assert warning is not None
+    assert "'circle' (120), 'square' (299), with no pretrained weights" in warning
+    assert "triangle" not in warning
+    assert "model.pretrained: true" in warning and "model.pretrained_file" in warning
+    assert small_train_warning(rows, pretrained=True) is None
+    enough = _split_rows({"circle": MIN_TRAIN_PER_CLASS, "square": 1000})
+    assert small_train_warning(enough, pretrained=False) is None
+
+
+def test_small_train_warning_counts_multi_label_images_per_class_and_lists_five() -> None:
+    rows = _split_rows({f"c{i}": 10 + i for i in range(8)} | {"c0|c1": 400})
+    warning = small_train_warning(rows, pretrained=False)
+    assert warning is not None
+    assert "'c2' (12), 'c3' (13), 'c4' (14), 'c5' (15), 'c6' (16) and 1 more," in warning
+    assert (
+        "c0" not in warning and "c1" not in warning
+    )  # 410 images: the multi-label ones count for both classes
+
+
+def test_small_test_split_warns_per_metric_group() -> None:
+    assert small_test_warnings(_split_rows({"a": 30, "b": 40, "unknown": 100}, novel=100)) == []
+    few_class, few_unknown, few_novel = small_test_warnings(
+        _split_rows({"a": 29, "b": 40, "unknown": 60}, novel=30)
+    )
+    assert few_class.startswith("test split: under 30 images in class(es) 'a' (29):")
+    assert "only 90 unknown images (under 100): unknown_recall, auroc" in few_unknown
+    assert "only 30 held-out unknown images" in few_novel and "novel.*" in few_novel
+    # no held-out source at all: no novel metrics to warn about
+    assert len(small_test_warnings(_split_rows({"a": 30, "unknown": 99}))) == 1

@@ -1,7 +1,8 @@
 """Small file helpers: every output is written atomically (temp file + rename).
 
 A stage killed half-way must never leave a truncated JSON or weights file that the next
-stage, or DVC, would take for a finished one.
+stage, or DVC, would take for a finished one. Also the process-wide settings a stage
+changes for a while: deferred signals, environment defaults.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if caught:
             signal.raise_signal(caught[0])
+
+
+@contextmanager
+def env_defaults(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, except those the user already set.
+
+    For libraries that read their switches from the environment on every call (MLflow): the
+    user's own setting wins, and the process gets its environment back afterwards.
+    """
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _json_safe(obj: Any) -> Any:

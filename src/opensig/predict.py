@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
 from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
-from opensig.io import atomic_write, read_json, write_json
+from opensig.io import atomic_write, env_defaults, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, model_digest, resolve_device
+from opensig.progress import image_bar
 from opensig.redaction import redact
 from opensig.thresholds import UNKNOWN, decide, decide_multi
 
@@ -63,10 +63,12 @@ def score_sources(
     )
     scores, errors = [], []
     model.eval()
-    for batch in tqdm(loader, desc="scoring", disable=not progress or None, leave=False):
-        logits = model(model_input(batch["image"], spec, device))
-        scores.append(method.scores(logits).cpu().numpy())
-        errors.extend(batch["error"])
+    with image_bar(len(dataset), "scoring", show=progress) as bar:
+        for batch in loader:
+            logits = model(model_input(batch["image"], spec, device))
+            scores.append(method.scores(logits).cpu().numpy())
+            errors.extend(batch["error"])
+            bar.update(len(batch["error"]))
     empty = np.zeros((0, spec.num_classes), dtype=np.float32)
     return (np.concatenate(scores) if scores else empty), errors
 
@@ -226,12 +228,17 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         return confine(local) / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow  # heavy import, only for registry URIs
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
         from mlflow.exceptions import MlflowException
 
         try:
             # models:/ names resolve in the registry of the global tracking URI, whatever
-            # download_artifacts' registry_uri says (else ./mlflow.db): tracking_store sets it
-            with tracking_store(tracking_uri):
+            # download_artifacts' registry_uri says (else ./mlflow.db): tracking_store sets it.
+            # MLflow draws its download bar even into logs (a Prefect run's, a stage's).
+            with (
+                tracking_store(tracking_uri),
+                env_defaults({MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}),
+            ):
                 downloaded = Path(
                     mlflow.artifacts.download_artifacts(
                         artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri

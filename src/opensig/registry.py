@@ -33,6 +33,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage, Metric, Param, Run, RunStatus
 from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
@@ -47,6 +48,7 @@ from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig
+from opensig.io import env_defaults
 from opensig.model import read_spec
 from opensig.plots import picture_tables
 from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, tracking_store
@@ -105,23 +107,21 @@ def http_limits(cfg: MlflowConfig) -> Iterator[None]:
 
     MLflow reads these variables on every request; its defaults (7 retries with exponential
     backoff, 120 s per request) can hang a stage for many minutes on a dead server. Also
-    stops MLflow printing run links when the URI holds credentials (it prints them as is).
+    stops MLflow printing run links when the URI holds credentials (it prints them as is),
+    and drawing its artifact bars into the stage's log (log_model copies the bundle with
+    MLflow's download code).
     """
     settings = {
         MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(cfg.retries),
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: str(BACKOFF_FACTOR),
         MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(cfg.timeout),
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false",
     }
     uri = tracking_uri(cfg)
     if redact(uri) != uri:
         settings[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
-    added = {k: v for k, v in settings.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
+    with env_defaults(settings):
         yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 def check_reachable(cfg: MlflowConfig) -> str:

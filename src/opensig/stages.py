@@ -19,7 +19,12 @@ from opensig.data.manifest import (
     write_manifest,
 )
 from opensig.data.scan import scan_folder
-from opensig.data.split import assign_splits, check_trainable, split_summary
+from opensig.data.split import (
+    assign_splits,
+    check_trainable,
+    small_test_warnings,
+    split_summary,
+)
 from opensig.evaluation import evaluate_bundle, score_rows
 from opensig.io import read_json, write_json
 from opensig.model import load_model_dir, model_digest, read_spec, resolve_device
@@ -170,9 +175,10 @@ def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
     manifest = read_manifest(at.manifest, cfg.data.root)
     multi_label = is_multi_label(manifest["label"])
-    result = evaluate_bundle(
-        bundle, split_rows(manifest, "test"), cfg.evaluate.batch_size, multi_label
-    )
+    rows = split_rows(manifest, "test")
+    for warning in small_test_warnings(rows):
+        log.warning(warning)
+    result = evaluate_bundle(bundle, rows, cfg.evaluate.batch_size, multi_label)
     write_pictures(result, at.plots)
     write_json(at.metrics, result.metrics)
     log.info("evaluate: %s", {k: v for k, v in result.metrics.items() if k != "novel"})

@@ -44,6 +44,7 @@ from opensig.data.dataset import (
     train_transform,
 )
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
+from opensig.data.split import small_train_warning
 from opensig.io import signals_deferred
 from opensig.methods import Method, get_method, sample_weights
 from opensig.model import (
@@ -54,6 +55,7 @@ from opensig.model import (
     resolve_device,
     save_model_dir,
 )
+from opensig.progress import image_bar
 from opensig.resume import load_state, resume_dir, save_state, state_folder, weights_file
 
 log = logging.getLogger(__name__)
@@ -347,6 +349,10 @@ def _train(
         raise ValueError("the train split is empty: add images or lower data.val/test_fraction")
     if val_rows.empty:
         log.warning("the val split is empty: the last epoch is kept as the best model")
+    pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
+    few_images = small_train_warning(train_rows, pretrained)
+    if few_images and dist.main:
+        log.warning(few_images)
     start = time.perf_counter()
     augment = train_transform(spec, cfg.train.augment, cfg.train.seed + dist.rank)
     train_set = _EpochSeeded(
@@ -413,73 +419,80 @@ def _train(
             log_id = epoch_log.start(log_id, history)
         earlier_seconds = history[-1]["seconds"] if history else 0.0
         epoch = done
-        try:
-            for epoch in range(done + 1, cfg.train.epochs + 1):
-                _start_epoch(train_dl, train_set, epoch)
-                epoch_start = time.perf_counter()
-                total = _train_epoch(
-                    model,
-                    tqdm(train_dl, f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=None),
-                    method,
-                    spec,
-                    cfg,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    autocast,
-                    loss_kwargs,
-                )
-                epoch_seconds = time.perf_counter() - epoch_start
-                train_loss, seen = _all_sum(total, dist)
-                val_loss = _evaluate_loss(
-                    net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist
-                )
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss / seen,
-                    "val_loss": val_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": seen / epoch_seconds,
-                    "seconds": earlier_seconds + time.perf_counter() - start,
-                }
-                history.append(row)
-                log.info(
-                    "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
-                    epoch,
-                    row["train_loss"],
-                    val_loss,
-                    row["images_per_s"],
-                )
-                improved = math.isnan(val_loss) or val_loss < best_loss
-                if improved:
-                    best_loss, best_epoch = val_loss, epoch
-                if dist.main:
-                    outputs = [model_dir, last_dir] if improved else [last_dir]
-                    progress = {
+        per_epoch = len(train_dl.sampler) * dist.world  # every process's images
+        with image_bar(
+            cfg.train.epochs * per_epoch, "training", done * per_epoch, dist.main
+        ) as bar:
+            try:
+                for epoch in range(done + 1, cfg.train.epochs + 1):
+                    _start_epoch(train_dl, train_set, epoch)
+                    bar.set_description(f"epoch {epoch}/{cfg.train.epochs}")
+                    epoch_start = time.perf_counter()
+                    total = _train_epoch(
+                        model,
+                        train_dl,
+                        bar,
+                        dist.world,
+                        method,
+                        spec,
+                        cfg,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        autocast,
+                        loss_kwargs,
+                    )
+                    epoch_seconds = time.perf_counter() - epoch_start
+                    train_loss, seen = _all_sum(total, dist)
+                    val_loss = _evaluate_loss(
+                        net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist
+                    )
+                    row = {
                         "epoch": epoch,
-                        "best_epoch": best_epoch,
-                        "best_loss": best_loss,
-                        "history": history,
-                        "epoch_log_id": log_id,
+                        "train_loss": train_loss / seen,
+                        "val_loss": val_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "images_per_s": seen / epoch_seconds,
+                        "seconds": earlier_seconds + time.perf_counter() - start,
                     }
-                    with signals_deferred():  # a stop now still reports the epoch just saved
-                        save_state(
-                            folder, net, spec, outputs, optimizer, scheduler, scaler, progress
-                        )
-                        done = epoch
-                    if epoch_log is not None:  # after the save: a slow tracker delays no state
-                        epoch_log.log_epoch(row)
-        except (KeyboardInterrupt, SystemExit):
-            if dist.main:
-                log.warning(
-                    "training stopped in epoch %d/%d; %s",
-                    epoch,
-                    cfg.train.epochs,
-                    f"rerun to resume from epoch {done + 1} (state in {folder})"
-                    if done
-                    else "no epoch was finished, a rerun starts from scratch",
-                )
-            raise
+                    history.append(row)
+                    log.info(
+                        "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
+                        epoch,
+                        row["train_loss"],
+                        val_loss,
+                        row["images_per_s"],
+                    )
+                    improved = math.isnan(val_loss) or val_loss < best_loss
+                    if improved:
+                        best_loss, best_epoch = val_loss, epoch
+                    if dist.main:
+                        outputs = [model_dir, last_dir] if improved else [last_dir]
+                        progress = {
+                            "epoch": epoch,
+                            "best_epoch": best_epoch,
+                            "best_loss": best_loss,
+                            "history": history,
+                            "epoch_log_id": log_id,
+                        }
+                        with signals_deferred():  # a stop now still reports the epoch just saved
+                            save_state(
+                                folder, net, spec, outputs, optimizer, scheduler, scaler, progress
+                            )
+                            done = epoch
+                        if epoch_log is not None:  # after the save: a slow tracker delays no state
+                            epoch_log.log_epoch(row)
+            except (KeyboardInterrupt, SystemExit):
+                if dist.main:
+                    log.warning(
+                        "training stopped in epoch %d/%d; %s",
+                        epoch,
+                        cfg.train.epochs,
+                        f"rerun to resume from epoch {done + 1} (state in {folder})"
+                        if done
+                        else "no epoch was finished, a rerun starts from scratch",
+                    )
+                raise
     steady = history[1:] or history
     return TrainResult(
         spec,
@@ -505,7 +518,9 @@ def _all_sum(values: torch.Tensor, dist: Distributed) -> list[float]:
 
 def _train_epoch(
     model: torch.nn.Module,
+    loader: DataLoader,
     bar: tqdm,
+    world: int,
     method: Method,
     spec: ModelSpec,
     cfg: Config,
@@ -517,12 +532,13 @@ def _train_epoch(
 ) -> torch.Tensor:
     """One pass over this process's shard; returns (loss sum, images) on the device.
 
-    No per-step host sync: the loss is read back only for a progress bar on a terminal.
+    ``bar`` counts the images of all ``world`` processes (they step together). No per-step
+    host sync: the loss is read back only for a progress bar on a terminal.
     """
     device = next(model.parameters()).device
     model.train()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(loader):
         _check_readable(batch)
         images = model_input(batch["image"], spec, device, cfg.train.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
@@ -533,6 +549,7 @@ def _train_epoch(
         scheduler.step()
         total[0] += loss.detach() * len(labels)
         total[1] += len(labels)
+        bar.update(len(labels) * world)
         if not bar.disable and step % 25 == 0:
             bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
     if device.type == "cuda":

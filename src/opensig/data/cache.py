@@ -23,10 +23,10 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
-from tqdm.auto import tqdm
 
 from opensig.data.images import DECODE_VERSION, MAX_IMAGE_PIXELS, decode
 from opensig.io import atomic_write
+from opensig.progress import image_bar
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,13 @@ def decode_all(
     """
     out = np.empty((len(paths), size, size, in_chans), dtype=np.uint8)
     jobs = [(str(p), size, in_chans, max_pixels) for p in paths]
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = pool.map(_decode, jobs)
-        bar = tqdm(results, total=len(jobs), desc="decoding", leave=False, disable=None)
-        for i, image in enumerate(bar):
+    pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+    with pool, image_bar(len(jobs), "decoding") as bar:
+        for i, image in enumerate(pool.map(_decode, jobs)):
             if isinstance(image, str):
                 raise RuntimeError(f"{paths[i]}: {image}; the data changed since ingest: rerun it")
             out[i] = image.reshape(size, size, in_chans)
+            bar.update()
     return out
 
 

@@ -109,8 +109,10 @@ def decode(
     ``min_size``: the caller will resize to about this many pixels a side, so a JPEG may
     decode at 1/2, 1/4 or 1/8 scale as long as both sides stay at least that large.
     Raises :class:`ImageRejected` for a refused image, Pillow's errors for a broken one.
+    The array is the caller's own, writable: Pillow's pixel buffer is read-only, and an
+    image already at the model's size passes the resize untouched into ``torch.from_numpy``.
     """
-    return _decode(source, in_chans, max_pixels, min_size)[0]
+    return np.array(_decode(source, in_chans, max_pixels, min_size)[0])
 
 
 def check(source: ImageSource, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
