@@ -41,7 +41,9 @@ def test_own_classes_after_the_demo(
     shutil.copytree(digits_data, tmp_path / "data")
     write_params(tmp_path, {"train": {"epochs": 2}})
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    # An absolute URI: MLflow caches its store per URI, and a relative one would reach the
+    # store of the first test (in its own folder) that used it in this process.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for stage in STAGES:
         run_cli(stage)
     client = MlflowClient()
