@@ -125,6 +125,21 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps)")
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
+    init_from: str | None = Field(
+        None, description="null | champion | a model folder or models:/ / runs:/ URI to start from"
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _a_model(cls, value: str | None) -> str | None:
+        if value is None or value == "champion" or value.startswith(("models:/", "runs:/")):
+            return value
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(
+                f"{value!r} is not a model folder (no config.json): use null, champion, a model "
+                "folder (e.g. a copy of artifacts/model) or a models:/ or runs:/ URI"
+            )
+        return value
 
 
 class TuneConfig(_Section):
