@@ -367,6 +367,40 @@ def bench_openset(
     typer.echo(to_markdown(summary, seeds))
 
 
+@bench_app.command("warm-start")
+def bench_warm_start(
+    added: Annotated[str, typer.Option(help="the class the champion never saw")] = "sandal",
+    epochs: Annotated[int, typer.Option(help="from-scratch epochs; warm runs try 1..this")] = 6,
+    backbone: str = "resnet18",
+    image_size: int = 28,
+    batch_size: int = 128,
+    device: str = "auto",
+    per_class: Annotated[int, typer.Option(help="train images per class (cap)")] = 500,
+    test_per_class: Annotated[int, typer.Option(help="test images per class cap")] = 100,
+    seed: int = 0,
+    params: ParamsOption = DEFAULT_PARAMS,
+    out: Path = Path("bench/results"),
+    work: Path = Path("bench/work/warm-start"),
+) -> None:
+    """Fashion-MNIST: epochs a warm-started retrain needs to reach from-scratch val macro-F1."""
+    from opensig.bench.warmstart import WarmStartOptions, run_warm_start, to_markdown
+
+    opts = WarmStartOptions(
+        added=added,
+        seeds=[seed],
+        epochs=epochs,
+        backbone=backbone,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        per_class=per_class,
+        test_per_class=test_per_class,
+        work=work,
+        out=out,
+    )
+    typer.echo(to_markdown(run_warm_start(load_config(params), opts)))
+
+
 @bench_app.command("speed")
 def bench_speed(
     backbone: str = "resnet18",
