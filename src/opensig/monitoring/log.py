@@ -120,12 +120,23 @@ class PredictionLog:
         log.debug("logged %d predictions to %s", len(table), final)
 
 
-def _utc(moment: datetime | None) -> pd.Timestamp | None:
+def utc(moment: datetime | None) -> pd.Timestamp | None:
     """A naive datetime is read as UTC, the log's own time zone."""
     if moment is None:
         return None
     stamp = pd.Timestamp(moment)
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def between(frame: pd.DataFrame, since: datetime | None, until: datetime | None) -> pd.DataFrame:
+    """The rows of ``frame`` logged in [since, until] (either end open when None)."""
+    start, end = utc(since), utc(until)
+    keep = pd.Series(True, index=frame.index)
+    if start is not None:
+        keep &= frame["time"] >= start
+    if end is not None:
+        keep &= frame["time"] <= end
+    return frame[keep]
 
 
 def _log_files(fs: fsspec.AbstractFileSystem, base: str, root: str) -> list[str]:
@@ -180,15 +191,12 @@ def read_log(
     sorted by time."""
     root = str(root).rstrip("/")
     fs, base = fsspec.core.url_to_fs(root)
-    start, end = _utc(since), _utc(until)
+    start, end = utc(since), utc(until)
     files = [p for p in _log_files(fs, base, root) if _in_range(p, start, end)]
     frames = [_read_file(fs, p, root) for p in files]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LEADING)
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
-    if start is not None:
-        frame = frame[frame["time"] >= start]
-    if end is not None:
-        frame = frame[frame["time"] <= end]
+    frame = between(frame, since, until)
     if model_version is not None:
         versions = sorted(frame["model_version"].dropna().unique())
         frame = frame[frame["model_version"] == model_version]
