@@ -27,9 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opensig.data.images import ImageSource
+from opensig.io import read_json
 
 log = logging.getLogger(__name__)
 
+MONITOR_FILE = "monitor.json"  # in a registered bundle: {"log_dir", "model"} (register)
+LOG_ENV = "OPENSIG_PREDICTION_LOG"  # the served model logs there, whatever travels with it
 LEADING = ["time", "model", "model_version", "path", "sha256", "label", "score"]
 PARTITION = "date="
 
@@ -209,3 +212,61 @@ def read_log(
     extra = ["labels"] if "labels" in frame.columns else []
     ordered = [*LEADING, *scores, *extra, "error"]
     return frame.sort_values("time", kind="stable").reset_index(drop=True)[ordered]
+
+
+def model_identity(
+    model: str, bundle_dir: Path, tracking_uri: str | None = None
+) -> tuple[str, str]:
+    """(model, model_version) for the log: the registered name and version of a
+    ``models:/name/version`` or ``models:/name@alias`` URI, else ``model`` as given (a folder,
+    a runs:/ URI) and the bundle's ``model_digest``."""
+    from opensig.model import model_digest
+
+    if model.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        name, _, version = model.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        if alias:
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            version = client.get_model_version_by_alias(name, alias).version
+        if version.isdigit():
+            return name, version
+    return model, model_digest(bundle_dir)
+
+
+def served_identity(bundle_dir: Path) -> tuple[str, str]:
+    """(model, model_version) of the served pyfunc whose bundle is ``bundle_dir``: the
+    registry's name and version of the run in the MLmodel file beside it when a tracking
+    URI is set and answers, else the registered name ``monitor.json`` records (or the
+    folder) and the model's digest."""
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from opensig.model import model_digest
+
+    travelled = bundle_dir / MONITOR_FILE
+    name = read_json(travelled).get("model") if travelled.is_file() else None
+    mlmodel = bundle_dir.parent.parent / "MLmodel"
+    run_id = yaml.safe_load(mlmodel.read_text()).get("run_id") if mlmodel.is_file() else None
+    if run_id and os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            found = MlflowClient().search_model_versions(f"run_id='{run_id}'")
+        except MlflowException as err:
+            log.warning("prediction log: no registry lookup of run %s (%s)", run_id, err.message)
+            found = []
+        mine = [v for v in found if name is None or v.name == name]
+        if mine:
+            latest = max(mine, key=lambda v: int(v.version))
+            return latest.name, str(latest.version)
+    return name or str(bundle_dir), model_digest(bundle_dir)
+
+
+def served_log_dir(bundle_dir: Path) -> str | None:
+    """Where the served model logs: ``$OPENSIG_PREDICTION_LOG``, else the ``log_dir`` that
+    travelled with it, else nowhere."""
+    travelled = bundle_dir / MONITOR_FILE
+    return os.environ.get(LOG_ENV) or (
+        read_json(travelled).get("log_dir") if travelled.is_file() else None
+    )
