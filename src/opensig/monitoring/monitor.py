@@ -165,3 +165,53 @@ def run_monitor(
 
         write_monitor_pictures(rows, current, reference, report, settings.alpha, figures)
     return report
+
+
+MONITOR_EXPERIMENT = "opensig-monitor"
+VERSION_TAG = "opensig.monitored_version"
+
+
+def log_to_mlflow(report: dict, tracking_uri: str, pictures: Path | None = None) -> str:
+    """The window's figures as metrics (step = the window's end, in Unix seconds) of one run
+    per model version in the experiment ``opensig-monitor``, so that successive monitors draw
+    the unknown rate over time. Returns the run id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(MONITOR_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(MONITOR_EXPERIMENT)
+    )
+    identity = f"{report['model']}:{report['model_version']}"
+    runs = client.search_runs(
+        [experiment_id], f"tags.`{VERSION_TAG}` = '{identity}'", max_results=1
+    )
+    run_id = (
+        runs[0].info.run_id
+        if runs
+        else client.create_run(
+            experiment_id,
+            tags={VERSION_TAG: identity},
+            run_name=f"monitor {report['model']} v{report['model_version'][:12]}",
+        ).info.run_id
+    )
+    end = pd.Timestamp(report["window"]["to"] or pd.Timestamp.now(tz="UTC"))
+    step, stamp = int(end.timestamp()), int(end.timestamp() * 1000)
+    values = {"window_rows": report["window"]["n"], "reference_rows": report["reference"]["n"]}
+    values["alerts"] = len(report["alerts"])
+    for key in ("unknown_rate", "error_rate"):
+        if key in report:
+            values[key] = report[key]["current"]
+            values[f"{key}_reference"] = report[key]["reference"]
+            values[f"{key}_p_value"] = report[key]["p_value"]
+    if "score_shift" in report:
+        values |= {f"score_{k}": v for k, v in report["score_shift"].items()}
+        values["class_shares_p_value"] = report["class_shares"]["p_value"]
+        values |= {f"share_{c}": s["current"] for c, s in report["class_shares"]["classes"].items()}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in values.items()])
+    client.set_tag(run_id, "status", report["status"])
+    if pictures is not None and pictures.is_dir():
+        client.log_artifacts(run_id, str(pictures), "monitor")
+    log.info("monitor figures logged to MLflow run %s (%s)", run_id, MONITOR_EXPERIMENT)
+    return run_id
