@@ -9,6 +9,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -192,6 +193,10 @@ def predict(
         typer.Option(help="with --sort-into: score sub-folders cut at e.g. 0.5,0.8"),
     ] = None,
     force: ForceOption = False,
+    log_dir: Annotated[
+        str | None,
+        typer.Option("--log", help="also append the rows to the prediction log DIR (or URL)"),
+    ] = None,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
@@ -213,11 +218,19 @@ def predict(
     files, left_out = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device, force)
+    bundle_dir = _model_dir(model, tracking_uri)
+    bundle = Bundle.load(bundle_dir, thresholds, device, force)
     workers_setting = "auto" if workers is None else workers
     frame = bundle.predict(
         files, batch_size=batch_size, num_workers=workers_setting, multi_label=multi_label
     )
+    if log_dir is not None:
+        from opensig.config import MlflowConfig
+        from opensig.monitoring.log import PredictionLog, model_identity
+        from opensig.registry import tracking_uri as resolve_tracking_uri
+
+        uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
+        PredictionLog(log_dir, *model_identity(model, bundle_dir, uri)).append(frame, files)
     frame = with_left_out(frame, left_out)
     write_predictions(frame, out)
     if sort_into is not None:
@@ -241,6 +254,57 @@ def predict(
             out,
         )
         raise typer.Exit(code=1)
+
+
+@app.command()
+def monitor(
+    params: ParamsOption = DEFAULT_PARAMS,
+    log_dir: Annotated[
+        str | None, typer.Option("--log", help="prediction log [default: monitor.log_dir]")
+    ] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="[default: the version of the latest logged row]")
+    ] = None,
+    since: Annotated[datetime | None, typer.Option(help="current window: from (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="current window: until (UTC)")] = None,
+    reference_since: Annotated[datetime | None, typer.Option()] = None,
+    reference_until: Annotated[datetime | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option(help="the report (pictures beside it)")] = Path(
+        "reports/monitor.json"
+    ),
+    fail_on_alert: Annotated[bool, typer.Option(help="exit 3 on status alert")] = False,
+) -> None:
+    """Compare the latest predictions with the first ones of that model version: unknown
+    rate, class shares, max scores, errors. Exit 0 on ok and alert (see status in --out)."""
+    from opensig.io import write_json
+    from opensig.monitoring.log import read_log
+    from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
+    from opensig.registry import http_limits
+    from opensig.registry import tracking_uri as resolve_tracking_uri
+
+    cfg = load_config(params)
+    root = log_dir or cfg.monitor.log_dir
+    if root is None:
+        raise typer.BadParameter("pass --log DIR or set monitor.log_dir in params.yaml")
+    figures = out.parent / out.stem
+    report = run_monitor(
+        read_log(root, until=until, model_version=model_version),
+        cfg.monitor,
+        model_version,
+        since,
+        until,
+        reference_since,
+        reference_until,
+        figures=figures,
+    )
+    write_json(out, report)
+    with http_limits(cfg.mlflow):
+        log_to_mlflow(report, resolve_tracking_uri(cfg.mlflow), figures)
+    for alert in report["alerts"]:
+        log.warning("monitor alert: %s", alert)
+    log.info("monitor: %s (%s, pictures in %s)", report["status"], out, figures)
+    if fail_on_alert and report["status"] == ALERT:
+        raise typer.Exit(code=3)
 
 
 class ExportFormat(str, Enum):

@@ -219,3 +219,22 @@ def test_a_request_without_image_or_path_is_a_400_saying_why(server: str, body: 
     answer = response.json()
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "input needs a 'path' column (image files) or an 'image' column" in answer["message"]
+
+
+def test_served_answers_land_in_the_prediction_log(
+    server: str, registered: tuple[Path, str], images: tuple[Bundle, Path, Path]
+) -> None:
+    """register put monitor.log_dir into the bundle: the server logs every answer, under the
+    registered name and version it looked up by the MLmodel's run id."""
+    from opensig.monitoring.log import read_log
+
+    root, _ = registered
+    _, known, novel = images
+    invoke(server, {"dataframe_split": {"columns": ["path"], "data": [[str(known)], [str(novel)]]}})
+    frame = read_log(str(root / "logs" / "predictions"))
+    mine = frame[frame["path"].isin([str(known), str(novel)])]
+    assert len(mine) >= 2
+    assert set(mine["model"]) == {"opensig"}
+    assert set(mine["model_version"]) == {"1"}
+    assert set(mine["label"]) == {"3", "unknown"}
+    assert all(f.name.split("-")[1].isdigit() for f in (root / "logs").rglob("*.parquet"))
