@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ from opensig.review import (
     IMPORTED,
     REVIEW_CSV,
     import_batch,
+    label_config,
     select_for_review,
 )
 
@@ -182,3 +184,83 @@ def test_selection_takes_unknowns_then_smallest_margins_once_each() -> None:
     assert picked["margin"].iloc[2:].round(3).tolist() == [0.01, 0.02]
     no_thresholds = select_for_review(rows, set(), 10, None)
     assert list(no_thresholds["path"]) == ["a2", "e", "d", "c", "f", "b"]  # by score
+
+
+def _invoke(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from opensig.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_then_import_through_the_cli(
+    project: Path, untrained_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real log of a real model's predictions -> a batch -> the reviewer -> data/."""
+    from PIL import Image, ImageOps
+
+    from opensig.monitoring.log import PredictionLog
+    from opensig.predict import Bundle
+
+    inbox = project / "production"
+    inbox.mkdir()
+    seen = sorted((project / "data/known/3").iterdir())[:2]  # in data already: never exported
+    new = []
+    for i, image in enumerate(sorted((project / "data/known/4").iterdir())[:6]):
+        new.append(inbox / f"new{i}.png")
+        ImageOps.mirror(Image.open(image)).save(new[-1])  # images data/ does not hold
+    sources = [*seen, *new]
+    bundle = Bundle.load(untrained_bundle, device="cpu")
+    frame = bundle.predict(sources, progress=False, num_workers=0)
+    log = PredictionLog(str(project / "log"), "opensig", "1")
+    log.append(frame, sources)
+    ImageOps.flip(Image.open(new[1])).save(buffer := io.BytesIO(), format="PNG")
+    sent = [new[0].read_bytes(), buffer.getvalue()]  # to the served model: new0 and an image
+    log.append(bundle.predict(sent, names=["image[0]", "image[1]"], num_workers=0), sent)
+    new[5].unlink()  # predicted, then deleted
+
+    output = _invoke(
+        "review", "export", "--log", "log", "--out", "review", "--format", "label-studio",
+        "--model", str(untrained_bundle),
+    )  # fmt: skip
+    batch = Path(output.strip().splitlines()[-1])
+    listing = pd.read_csv(batch / REVIEW_CSV, dtype=str, keep_default_na=False)
+    assert sorted(listing["original_path"]) == sorted([*map(str, new), "image[1]"])
+    assert listing["sha256"].is_unique
+    reasons = dict(zip(listing["original_path"], listing["reason"], strict=True))
+    assert "file not found" in reasons[str(new[5])]
+    assert "as bytes" in reasons["image[1]"]
+    copied = listing[listing["file"] != ""]
+    assert len(copied) == 5  # new0 came as bytes later too: listed once, from its file
+    for rec in copied.to_dict("records"):
+        assert rec["file"].startswith(f"inbox/{rec['predicted_label']}/")
+        assert _sha(batch / rec["file"]) == rec["sha256"]
+    assert all(p.exists() for p in new[:5])  # copied, never moved
+    tasks = json.loads((batch / "label-studio/tasks.json").read_text())
+    assert len(tasks) == 5
+    assert tasks[0]["data"]["image"].startswith(f"/data/local-files/?d={batch.name}/inbox/")
+    assert '<Choice value="unknown"/>' in (batch / "label-studio/config.xml").read_text()
+
+    again = Path(_invoke("review", "export", "--log", "log").strip().splitlines()[-1])
+    assert pd.read_csv(again / REVIEW_CSV).empty  # everything was exported already
+
+    for rec in copied.to_dict("records"):  # the reviewer: a new class, 'mirrored'
+        target = batch / "labeled/mirrored" / Path(rec["file"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (batch / rec["file"]).rename(target)
+    with caplog.at_level("INFO"):
+        _invoke("review", "import", str(batch))
+    report = json.loads((batch / IMPORTED).read_text())
+    assert report["added"] == {"mirrored": 5} and report["new_classes"] == ["mirrored"]
+    assert len(list((project / "data/known/mirrored").iterdir())) == 5
+    assert "dvc add data && dvc repro" in caplog.text  # no Prefect API here
+
+
+def test_label_config_lists_the_classes_and_unknown() -> None:
+    config = label_config(["cat", 'say "hi"'])
+    assert '<Choice value="cat"/>' in config and "<Choice value='say \"hi\"'/>" in config
+    assert config.index('"cat"') < config.index('"unknown"')
+    assert 'name="new_class"' in config

@@ -37,7 +37,7 @@ from opensig.data.scan import (
 )
 from opensig.io import atomic_write, copy_new, write_json
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # `log` is the prediction log here
 
 REVIEW_CSV = "review.csv"
 IMPORTED = "imported.json"
@@ -72,14 +72,21 @@ def select_for_review(
 
     Every image predicted ``unknown`` (newest first: what the camera sees now), then the known
     predictions by their margin ``score - threshold`` of the predicted class, smallest first
-    (uncertainty sampling). Without ``thresholds`` (the log does not hold them) the margin is
-    the score itself, which ranks a class's predictions alike. Rows with an error, and images
-    in ``exclude`` (already in the data or exported), are left out. Adds a ``margin`` column
+    (uncertainty sampling). Of an image logged several times, the latest row with a file
+    (not the served model's ``image[i]``) stands for it. Without ``thresholds`` (the log does
+    not hold them) the margin is the score itself. Rows with an error, and images in
+    ``exclude`` (already in the data or exported), are left out. Adds a ``margin`` column
     (empty for ``unknown``).
     """
     ok = log_rows["error"].fillna("").eq("") & log_rows["sha256"].notna()
     rows = log_rows[ok & ~log_rows["sha256"].isin(exclude)]
-    rows = rows.sort_values("time", kind="stable").drop_duplicates("sha256", keep="last")
+    has_file = ~rows["path"].astype(str).str.fullmatch(SERVED.pattern)  # copyable: preferred
+    rows = (
+        rows.assign(_file=has_file)
+        .sort_values(["_file", "time"], kind="stable")
+        .drop_duplicates("sha256", keep="last")
+        .drop(columns="_file")
+    )
     unknown = rows["label"] == UNKNOWN_LABEL
     offset = rows["label"].map(dict(thresholds)) if thresholds else 0.0
     rows = rows.assign(margin=(rows["score"] - offset).where(~unknown))
@@ -187,7 +194,7 @@ def export_batch(
         if reason is None:
             file = copy_new(Path(path), batch / INBOX / label).relative_to(batch).as_posix()
         else:
-            log.warning("not copied into %s: %s", batch, reason)
+            logger.warning("not copied into %s: %s", batch, reason)
         rows.append(
             {
                 "file": file,
@@ -211,7 +218,7 @@ def export_batch(
         )
         write_label_studio(batch, listing, classes, out)
     copied = int((listing["file"] != "").sum())
-    log.info(
+    logger.info(
         "review batch %s: %d image(s) to review (%d predicted unknown), %d listed without a "
         "file (see the reason column of %s)%s",
         batch,
@@ -477,13 +484,17 @@ def import_batch(
         there = in_data.get(digest, {})
         if len(labels) > 1:
             given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
-            log.warning("%s has two labels in this batch, not imported: %s", items[0].file, given)
+            logger.warning(
+                "%s has two labels in this batch, not imported: %s", items[0].file, given
+            )
             row |= {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
         elif labels[0] in there:
             row |= {"status": "already in data", "destination": there[labels[0]]}
         elif there:
             other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
-            log.warning("%s is already in the data under another label: %s", items[0].file, other)
+            logger.warning(
+                "%s is already in the data under another label: %s", items[0].file, other
+            )
             row |= {"status": "conflict", "reason": f"already in the data as {other}"}
         else:
             to_copy.append((digest, items[0]))
@@ -515,7 +526,7 @@ def import_batch(
         "files": sorted(report_rows, key=lambda r: r["file"]),
     }
     write_json(batch / IMPORTED, report)
-    log.info(
+    logger.info(
         "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
         batch,
         data_root,
@@ -525,3 +536,20 @@ def import_batch(
         batch / IMPORTED,
     )
     return report
+
+
+def announce(report: dict, project: Path) -> None:
+    """Tell Prefect that data was added (the retrain deployment's trigger), or else the user
+    what to run to retrain on it."""
+    from opensig.events import DATA_ADDED, emit, project_resource
+
+    if not report["added"]:
+        logger.info("nothing was added to the data: nothing to retrain on")
+        return
+    payload = {key: report[key] for key in ("batch", "added", "classes", "new_classes")}
+    if emit(DATA_ADDED, payload, project_resource(project)):
+        return
+    logger.info(
+        "no Prefect API (PREFECT_API_URL unset), so no retrain was triggered: run "
+        "`dvc add data && dvc repro` (or `opensig retrain`) to train on the new images"
+    )
