@@ -385,6 +385,96 @@ def demo_data(
     log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)
 
 
+review_app = typer.Typer(
+    help="Review batches: the logged images a person should label, and their import into data/.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+
+class ReviewFormat(str, Enum):
+    folders = "folders"
+    label_studio = "label-studio"  # folders, plus Label Studio tasks and labeling config
+
+
+@review_app.command("export")
+def review_export(
+    log_dir: Annotated[
+        str | None, typer.Option("--log", help=r"prediction log \[default: monitor.log_dir]")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help=r"\[default: monitor.review_dir]")] = None,
+    max_images: Annotated[
+        int | None, typer.Option("--max", min=1, help=r"\[default: monitor.review_max]")
+    ] = None,
+    since: Annotated[datetime | None, typer.Option(help="logged at or after (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="logged at or before (UTC)")] = None,
+    model_version: Annotated[str | None, typer.Option(help="only this model version")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="the logging model (as predict --model): margins to its thresholds"),
+    ] = None,
+    thresholds: ThresholdsOption = None,
+    tracking_uri: TrackingUriOption = None,
+    fmt: Annotated[ReviewFormat, typer.Option("--format")] = ReviewFormat.folders,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Copy the images predicted unknown, and the least certain ones, into a new batch
+    (review/<batch>/inbox/<label>/ + review.csv); prints the batch folder."""
+    from opensig.monitoring.log import read_log
+    from opensig.review import export_batch
+
+    cfg = load_config(params)
+    log_dir = log_dir or cfg.monitor.log_dir
+    if log_dir is None:
+        raise typer.BadParameter(
+            "no log: pass --log DIR or set monitor.log_dir", param_hint="--log"
+        )
+    by_class = None
+    if model is not None:
+        from opensig.predict import Bundle
+
+        bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu")
+        by_class = dict(zip(bundle.spec.classes, bundle.thresholds.tolist(), strict=True))
+    batch = export_batch(
+        read_log(log_dir, since, until, model_version),
+        out or cfg.monitor.review_dir,
+        cfg.data.root,
+        max_images or cfg.monitor.review_max,
+        fmt is ReviewFormat.label_studio,
+        thresholds=by_class,
+        cache=cfg.data.cache_dir / "scan.parquet",
+    )
+    typer.echo(batch)
+
+
+@review_app.command("import")
+def review_import(
+    batch: Annotated[Path, typer.Argument(help="the batch folder, e.g. review/batch-...")],
+    data: Annotated[Path | None, typer.Option(help=r"\[default: data.root]")] = None,
+    label_studio: Annotated[
+        Path | None, typer.Option(help="also read this Label Studio JSON export")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Copy the batch's labeled images into data/known/<class>/ and data/unknown/<source>/
+    (never overwriting), write <batch>/imported.json, and announce the new data."""
+    from opensig.review import announce, import_batch
+
+    cfg = load_config(params)
+    if cfg.data.labels_csv is not None:
+        raise ValueError(
+            f"{params}: data.labels_csv is set: review import writes class folders, so add the "
+            "reviewed images to that CSV by hand"
+        )
+    report = import_batch(
+        batch,
+        data or cfg.data.root,
+        label_studio=label_studio,
+        cache=cfg.data.cache_dir / "scan.parquet",
+    )
+    announce(report, params.resolve().parent)
+
+
 bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
