@@ -361,6 +361,31 @@ def retrain(
         typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("monitor-flow")
+def monitor_flow(
+    project: Annotated[Path, typer.Option(help="folder with params.yaml")] = Path("."),
+    serve: Annotated[
+        bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
+    ] = False,
+    cron: Annotated[str | None, typer.Option(help="schedule [default: monitor.cron]")] = None,
+    timezone: Annotated[str | None, typer.Option(help="[default: retrain.timezone]")] = None,
+) -> None:
+    """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
+    from opensig import monitor_flow as flows
+    from opensig.retrain import check_schedule
+
+    params = project / "params.yaml"
+    cfg = load_config(params)
+    if serve:
+        settings = cfg.retrain.model_copy(
+            update={"cron": cron or cfg.monitor.cron, "timezone": timezone or cfg.retrain.timezone}
+        )
+        check_schedule(settings, params, "monitor.cron")
+        flows.serve(str(project), settings.cron, settings.timezone)
+    else:
+        typer.echo(json.dumps(flows.monitor(str(project)), indent=2))
+
+
 class DemoSource(str, Enum):
     digits = "digits"
     digit_pairs = "digit-pairs"  # multi-label: two digits per image, labels in labels.csv

@@ -210,8 +210,9 @@ def promotion_markdown(registration: dict, changes: list[str]) -> str:
     return "\n".join(body)
 
 
-def check_schedule(settings: RetrainConfig, params: Path) -> None:
-    """The full cron check (Prefect's own parser), before anything is served."""
+def check_schedule(settings: RetrainConfig, params: Path, key: str = "retrain.cron") -> None:
+    """The full cron check (Prefect's own parser), before anything is served; ``key`` names
+    the setting the cron line came from."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
@@ -219,7 +220,7 @@ def check_schedule(settings: RetrainConfig, params: Path) -> None:
         CronSchedule(cron=settings.cron, timezone=settings.timezone)
     except ValidationError as err:
         reason = err.errors()[0]["msg"]
-        raise ConfigError(f"{params}: retrain.cron {settings.cron!r}: {reason}") from None
+        raise ConfigError(f"{params}: {key} {settings.cron!r}: {reason}") from None
 
 
 @flow(name=FLOW_NAME)

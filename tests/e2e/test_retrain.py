@@ -241,6 +241,7 @@ def test_served_flow_runs_on_its_cron_schedule(repo: Path, first: dict, tmp_path
         sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", cwd=REPO,
            env={**env, "OPENSIG_PROJECT": str(repo)})  # fmt: skip
         body = {
+            "flows": {"name": {"any_": ["opensig-retrain"]}},
             "deployments": {"name": {"any_": ["work-pool"]}},
             "work_pools": {"name": {"any_": ["opensig"]}},
         }
