@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from datetime import datetime, timedelta, timezone
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image, ImageOps
 
 from opensig.review import (
     IMPORTED,
@@ -200,8 +202,6 @@ def test_export_then_import_through_the_cli(
     project: Path, untrained_bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real log of a real model's predictions -> a batch -> the reviewer -> data/."""
-    from PIL import Image, ImageOps
-
     from opensig.monitoring.log import PredictionLog
     from opensig.predict import Bundle
 
@@ -264,3 +264,39 @@ def test_label_config_lists_the_classes_and_unknown() -> None:
     assert '<Choice value="cat"/>' in config and "<Choice value='say \"hi\"'/>" in config
     assert config.index('"cat"') < config.index('"unknown"')
     assert 'name="new_class"' in config
+
+
+def test_import_tells_a_prefect_server_that_data_was_added(
+    project: Path, digits_data: Path, prefect_server: str
+) -> None:
+    """`opensig review import`, a real process, emits opensig.data.added to a real server."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from opensig.events import DATA_ADDED, project_resource
+    from tests.conftest import REPO
+
+    batch = project / "review" / "b"
+    image = sorted((digits_data / "known/5").iterdir())[0]
+    (batch / "labeled/mirrored").mkdir(parents=True)
+    ImageOps.mirror(Image.open(image)).save(batch / "labeled/mirrored/m.png")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO / "src")}
+    subprocess.run(
+        [sys.executable, "-m", "opensig", "review", "import", str(batch)],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    body = {"filter": {"event": {"name": [DATA_ADDED]}}, "limit": 50}
+    deadline = time.monotonic() + 30  # the server stores events asynchronously
+    while not (found := httpx.post(f"{prefect_server}/events/filter", json=body).json()["events"]):
+        assert time.monotonic() < deadline, "the event never reached the server"
+        time.sleep(0.5)
+    (event,) = found
+    assert event["resource"]["prefect.resource.id"] == project_resource(project)
+    assert event["payload"]["added"] == {"mirrored": 1}
+    assert event["payload"]["new_classes"] == ["mirrored"]
+    assert "mirrored" in event["payload"]["classes"]

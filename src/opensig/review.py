@@ -183,7 +183,8 @@ def export_batch(
     file has gone or changed, or it came as bytes) is listed in review.csv with the reason.
     """
     out = Path(out)
-    exclude = set(data_hashes(data_root, cache)) | exported_hashes(out)
+    in_data = data_hashes(data_root, cache)
+    exclude = set(in_data) | exported_hashes(out)
     picked = select_for_review(log, exclude, max_images, thresholds)
     batch = _new_batch(out)
     rows = []
@@ -213,8 +214,7 @@ def export_batch(
     if label_studio:
         classes = sorted(
             {c.removeprefix("score_") for c in log.columns if c.startswith("score_")}
-            | {label for labels in data_hashes(data_root, cache).values() for label in labels}
-            - {UNKNOWN_LABEL}
+            | {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
         )
         write_label_studio(batch, listing, classes, out)
     copied = int((listing["file"] != "").sum())
