@@ -27,6 +27,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own SQLite store
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="opensig-prefect-")  # never ~/.prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
+# `mlflow server` would start a job runner with seven worker processes the tests never use
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
