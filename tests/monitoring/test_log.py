@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from opensig.monitoring.log import PredictionLog, read_log
+from opensig.monitoring.log import PredictionLog, model_identity, read_log
 
 
 def _frame(paths: list[str], classes: list[str], label: str = "a") -> pd.DataFrame:
@@ -107,3 +107,23 @@ def test_fsspec_url(tmp_path: Path) -> None:
     root = f"file://{tmp_path}/log"
     PredictionLog(root, "m", "1").append(_frame(["p"], ["a"]), [b"x"])
     assert list(read_log(root)["path"]) == ["p"]
+
+
+def test_model_identity_of_an_alias_is_the_registered_version(
+    tmp_path: Path, untrained_bundle: Path
+) -> None:
+    """MLflow answers an alias with an int version: the log gets the registry's name and
+    version, as for models:/name/version, not a crash."""
+    from mlflow import MlflowClient
+
+    from opensig.model import model_digest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("opensig")
+    client.create_model_version("opensig", str(untrained_bundle))
+    client.set_registered_model_alias("opensig", "champion", "1")
+    for model in ("models:/opensig@champion", "models:/opensig/1"):
+        assert model_identity(model, untrained_bundle, uri) == ("opensig", "1")
+    folder = str(untrained_bundle)
+    assert model_identity(folder, untrained_bundle) == (folder, model_digest(untrained_bundle))

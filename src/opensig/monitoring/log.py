@@ -229,7 +229,7 @@ def model_identity(
         name, _, alias = name.partition("@")
         if alias:
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            version = client.get_model_version_by_alias(name, alias).version
+            version = str(client.get_model_version_by_alias(name, alias).version)  # an int
         if version.isdigit():
             return name, version
     return model, model_digest(bundle_dir)
