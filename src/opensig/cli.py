@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from opensig.config import DEFAULT_PARAMS, load_config
+from opensig.config import DEFAULT_PARAMS, Config, load_config
 from opensig.redaction import redact
 
 log = logging.getLogger("opensig")
@@ -351,14 +351,24 @@ def retrain(
     params = project / "params.yaml"
     cfg = load_config(params)
     if serve:
-        settings = cfg.retrain.model_copy(
-            update={k: v for k, v in {"cron": cron, "timezone": timezone}.items() if v}
-        )
-        flows.check_schedule(settings, params)
-        flows.serve(str(project), settings.cron, settings.timezone)
+        flows.serve(str(project), *_schedule(params, cron or cfg.retrain.cron, timezone, cfg))
     else:
         summary = flows.retrain(str(project), force=force)
         typer.echo(json.dumps(summary, indent=2))
+
+
+def _schedule(
+    params: Path, cron: str, timezone: str | None, cfg: Config, key: str = "retrain.cron"
+) -> tuple[str, str]:
+    """(cron, timezone) of a served flow, checked by Prefect's own parser before anything is
+    served; the timezone defaults to retrain.timezone, the one zone of the project's flows."""
+    from opensig.retrain import check_schedule
+
+    settings = cfg.retrain.model_copy(
+        update={"cron": cron, "timezone": timezone or cfg.retrain.timezone}
+    )
+    check_schedule(settings, params, key)
+    return settings.cron, settings.timezone
 
 
 @app.command("monitor-flow")
@@ -372,16 +382,12 @@ def monitor_flow(
 ) -> None:
     """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
     from opensig import monitor_flow as flows
-    from opensig.retrain import check_schedule
 
     params = project / "params.yaml"
     cfg = load_config(params)
     if serve:
-        settings = cfg.retrain.model_copy(
-            update={"cron": cron or cfg.monitor.cron, "timezone": timezone or cfg.retrain.timezone}
-        )
-        check_schedule(settings, params, "monitor.cron")
-        flows.serve(str(project), settings.cron, settings.timezone)
+        schedule = _schedule(params, cron or cfg.monitor.cron, timezone, cfg, "monitor.cron")
+        flows.serve(str(project), *schedule)
     else:
         typer.echo(json.dumps(flows.monitor(str(project)), indent=2))
 

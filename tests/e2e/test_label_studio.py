@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from opensig.review import LABEL_STUDIO, export_batch, import_batch
-from tests.conftest import free_port
+from tests.conftest import background, free_port
 
 VENV = Path(
     os.environ.get(
@@ -70,7 +68,7 @@ def _api(url: str, method: str = "GET", body: object = None) -> object:
 @pytest.fixture
 def label_studio(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A Label Studio on a free loopback port serving local files under the review folder."""
-    command = _install()
+    label_studio_bin = _install()
     review = tmp_path / "review"
     review.mkdir()
     port = free_port()
@@ -82,51 +80,35 @@ def label_studio(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "SENTRY_DSN": "",
         "COLLECT_ANALYTICS": "false",
     }
-    log_file = (tmp_path / "label-studio.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(command),
-            "start",
-            "--no-browser",
-            "--internal-host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "ls-data"),
-            "--username",
-            "reviewer@example.org",
-            "--password",
-            "opensig-pass",
-            "--user-token",
-            TOKEN,
-            "--enable-legacy-api-token",
-        ],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "label-studio.log").read_text()[-3000:]
-            try:
-                _api(f"{url}/api/projects")
-                break
-            except (OSError, urllib.error.HTTPError):
-                assert time.monotonic() < deadline, "Label Studio did not start in 300 s"
-                time.sleep(1)
-        yield url, review
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def ready() -> bool:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
+            _api(f"{url}/api/projects")
+        except (OSError, urllib.error.HTTPError):
+            return False
+        return True
+
+    command = [
+        str(label_studio_bin),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "ls-data"),
+        "--username",
+        "reviewer@example.org",
+        "--password",
+        "opensig-pass",
+        "--user-token",
+        TOKEN,
+        "--enable-legacy-api-token",
+    ]
+    with background(command, tmp_path / "label-studio.log", ready, timeout=300, env=env):
+        yield url, review
 
 
 def test_label_studio_round_trip(

@@ -8,7 +8,6 @@ The runs are not left to train: the test asserts that Prefect created them, then
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from opensig.events import DATA_ADDED, emit, project_resource
-from tests.conftest import REPO, write_params
+from tests.conftest import REPO, background, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -61,27 +60,12 @@ def served(tmp_path: Path, env: dict[str, str]) -> Iterator[Path]:
     project = tmp_path / "project"
     project.mkdir()
     write_params(project)
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, str(REPO / "pipelines/retrain.py"), "--serve"),
-            *("--project", str(project), "--cron", "0 3 1 1 *"),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    command = [
+        *(sys.executable, str(REPO / "pipelines/retrain.py"), "--serve"),
+        *("--project", str(project), "--cron", "0 3 1 1 *"),
+    ]
+    with background(command, tmp_path / "serve.log", env=env):
         yield project
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_data_added_starts_the_served_retrain(
