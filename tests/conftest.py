@@ -15,8 +15,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +29,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own SQLite store
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="opensig-prefect-")  # never ~/.prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls offline
+# `mlflow server` would start a job runner with seven worker processes the tests never use
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,42 +110,92 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group ``proc`` leads; SIGKILL whatever is left after ``timeout``.
+
+    Waiting for ``proc`` alone is not enough: a server's workers (uvicorn, gunicorn) may
+    outlive it.
+    """
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so an empty group reads as gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def answers(url: str) -> Callable[[], bool]:
+    """A readiness check: ``url`` answers 200."""
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return check
+
+
+@contextmanager
+def background(
+    command: list[str],
+    log: Path,
+    ready: Callable[[], bool] | None = None,
+    timeout: float = 120,
+    **popen: Any,
+) -> Iterator[subprocess.Popen]:
+    """A real server (or other long-lived process) for a test: started in a process group of
+    its own with its output in ``log``, waited for until ``ready()`` (failing with the end of
+    its log if it exits or takes over ``timeout`` s), and stopped with all its children."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while ready is not None and not ready():
+            assert proc.poll() is None, f"{command[0]} exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"{command[0]} not ready in {timeout} s:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(0.5)
+        yield proc
+    finally:
+        stop_group(proc)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite, proxied artifacts) on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log_file = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(root / "artifacts")),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: teardown stops the workers too
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            time.sleep(0.5)
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--artifacts-destination", str(root / "artifacts")),
+        *("--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"),
+    ]
+    with background(command, root / "server.log", answers(f"{url}/health")):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (its own PREFECT_HOME, no UI) on a free loopback port: its API URL."""
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # it is the API
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_UI_ENABLED="false")
+    api = f"http://127.0.0.1:{port}/api"
+    command = [
+        *(str(Path(sys.executable).parent / "prefect"), "server", "start"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+    with background(command, root / "server.log", answers(f"{api}/health"), env=env):
+        yield api

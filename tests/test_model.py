@@ -19,9 +19,11 @@ from opensig.model import (
     build_spec,
     create_model,
     load_model_dir,
+    match_head_rows,
     read_spec,
     resolve_device,
     save_model_dir,
+    warm_start,
 )
 
 BACKBONE = "test_resnet"  # a tiny timm test model: fast on CPU
@@ -152,3 +154,38 @@ def test_resolve_device_cuda_without_gpu() -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(RuntimeError, match=r"train\.device"):
         resolve_device("cuda")
+
+
+def test_match_head_rows_by_class_name() -> None:
+    old = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])  # classes a, b, c
+    fresh = torch.full((4, 2), -1.0)  # classes c, a, new, b
+    rows = match_head_rows(old, ["a", "b", "c"], fresh, ["c", "a", "new", "b"])
+    assert rows.tolist() == [[3.0, 3.0], [1.0, 1.0], [-1.0, -1.0], [2.0, 2.0]]
+    assert fresh.tolist() == [[-1.0, -1.0]] * 4  # the fresh rows are not changed in place
+    # biases are rows too; K+1's garbage output follows the classes in both heads
+    bias = match_head_rows(
+        torch.tensor([1.0, 2.0, 9.0]), ["a", "b"], torch.zeros(4), ["b", "x", "a"]
+    )
+    assert bias.tolist() == [2.0, 0.0, 1.0, 9.0]
+
+
+def test_warm_start_loads_the_backbone_and_matches_the_head(untrained_bundle: Path) -> None:
+    old_net, old_spec = load_model_dir(untrained_bundle)  # classes 0, 1, 2
+    classes = ["2", "0", "9", "1"]
+    net = create_model("resnet10t", len(classes), 3)
+    spec = build_spec(net, "resnet10t", classes, "sigmoid_bce", len(classes), 16, 3)
+    fresh_row = net.get_classifier().weight[2].detach().clone()
+    assert warm_start(net, untrained_bundle, spec) == ["9"]
+    old_head, head = old_net.get_classifier(), net.get_classifier()
+    for i, name in enumerate(classes):
+        if name == "9":
+            assert torch.equal(head.weight[i], fresh_row)
+        else:
+            j = old_spec.classes.index(name)
+            assert torch.equal(head.weight[i], old_head.weight[j])
+            assert torch.equal(head.bias[i], old_head.bias[j])
+    assert torch.equal(net.conv1[0].weight, old_net.conv1[0].weight)  # the backbone as is
+    other = create_model("resnet18", len(classes), 3)
+    spec18 = build_spec(other, "resnet18", classes, "sigmoid_bce", len(classes), 16, 3)
+    with pytest.raises(ValueError, match=r"train.init_from: .* backbone resnet10t.*resnet18"):
+        warm_start(other, untrained_bundle, spec18)

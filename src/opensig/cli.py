@@ -9,6 +9,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from opensig.config import DEFAULT_PARAMS, load_config
+from opensig.config import DEFAULT_PARAMS, Config, load_config
 from opensig.redaction import redact
 
 log = logging.getLogger("opensig")
@@ -192,6 +193,10 @@ def predict(
         typer.Option(help="with --sort-into: score sub-folders cut at e.g. 0.5,0.8"),
     ] = None,
     force: ForceOption = False,
+    log_dir: Annotated[
+        str | None,
+        typer.Option("--log", help="also append the rows to the prediction log DIR (or URL)"),
+    ] = None,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
@@ -213,11 +218,19 @@ def predict(
     files, left_out = collect_images(inputs)
     if not files:
         raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device, force)
+    bundle_dir = _model_dir(model, tracking_uri)
+    bundle = Bundle.load(bundle_dir, thresholds, device, force)
     workers_setting = "auto" if workers is None else workers
     frame = bundle.predict(
         files, batch_size=batch_size, num_workers=workers_setting, multi_label=multi_label
     )
+    if log_dir is not None:
+        from opensig.config import MlflowConfig
+        from opensig.monitoring.log import PredictionLog, model_identity
+        from opensig.registry import tracking_uri as resolve_tracking_uri
+
+        uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
+        PredictionLog(log_dir, *model_identity(model, bundle_dir, uri)).append(frame, files)
     frame = with_left_out(frame, left_out)
     write_predictions(frame, out)
     if sort_into is not None:
@@ -241,6 +254,57 @@ def predict(
             out,
         )
         raise typer.Exit(code=1)
+
+
+@app.command()
+def monitor(
+    params: ParamsOption = DEFAULT_PARAMS,
+    log_dir: Annotated[
+        str | None, typer.Option("--log", help="prediction log [default: monitor.log_dir]")
+    ] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="[default: the version of the latest logged row]")
+    ] = None,
+    since: Annotated[datetime | None, typer.Option(help="current window: from (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="current window: until (UTC)")] = None,
+    reference_since: Annotated[datetime | None, typer.Option()] = None,
+    reference_until: Annotated[datetime | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option(help="the report (pictures beside it)")] = Path(
+        "reports/monitor.json"
+    ),
+    fail_on_alert: Annotated[bool, typer.Option(help="exit 3 on status alert")] = False,
+) -> None:
+    """Compare the latest predictions with the first ones of that model version: unknown
+    rate, class shares, max scores, errors. Exit 0 on ok and alert (see status in --out)."""
+    from opensig.io import write_json
+    from opensig.monitoring.log import read_log
+    from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
+    from opensig.registry import http_limits
+    from opensig.registry import tracking_uri as resolve_tracking_uri
+
+    cfg = load_config(params)
+    root = log_dir or cfg.monitor.log_dir
+    if root is None:
+        raise typer.BadParameter("pass --log DIR or set monitor.log_dir in params.yaml")
+    figures = out.parent / out.stem
+    report = run_monitor(
+        read_log(root, until=until, model_version=model_version),
+        cfg.monitor,
+        model_version,
+        since,
+        until,
+        reference_since,
+        reference_until,
+        figures=figures,
+    )
+    write_json(out, report)
+    with http_limits(cfg.mlflow):
+        log_to_mlflow(report, resolve_tracking_uri(cfg.mlflow), figures)
+    for alert in report["alerts"]:
+        log.warning("monitor alert: %s", alert)
+    log.info("monitor: %s (%s, pictures in %s)", report["status"], out, figures)
+    if fail_on_alert and report["status"] == ALERT:
+        raise typer.Exit(code=3)
 
 
 class ExportFormat(str, Enum):
@@ -287,14 +351,45 @@ def retrain(
     params = project / "params.yaml"
     cfg = load_config(params)
     if serve:
-        settings = cfg.retrain.model_copy(
-            update={k: v for k, v in {"cron": cron, "timezone": timezone}.items() if v}
-        )
-        flows.check_schedule(settings, params)
-        flows.serve(str(project), settings.cron, settings.timezone)
+        flows.serve(str(project), *_schedule(params, cron or cfg.retrain.cron, timezone, cfg))
     else:
         summary = flows.retrain(str(project), force=force)
         typer.echo(json.dumps(summary, indent=2))
+
+
+def _schedule(
+    params: Path, cron: str, timezone: str | None, cfg: Config, key: str = "retrain.cron"
+) -> tuple[str, str]:
+    """(cron, timezone) of a served flow, checked by Prefect's own parser before anything is
+    served; the timezone defaults to retrain.timezone, the one zone of the project's flows."""
+    from opensig.retrain import check_schedule
+
+    settings = cfg.retrain.model_copy(
+        update={"cron": cron, "timezone": timezone or cfg.retrain.timezone}
+    )
+    check_schedule(settings, params, key)
+    return settings.cron, settings.timezone
+
+
+@app.command("monitor-flow")
+def monitor_flow(
+    project: Annotated[Path, typer.Option(help="folder with params.yaml")] = Path("."),
+    serve: Annotated[
+        bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
+    ] = False,
+    cron: Annotated[str | None, typer.Option(help="schedule [default: monitor.cron]")] = None,
+    timezone: Annotated[str | None, typer.Option(help="[default: retrain.timezone]")] = None,
+) -> None:
+    """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
+    from opensig import monitor_flow as flows
+
+    params = project / "params.yaml"
+    cfg = load_config(params)
+    if serve:
+        schedule = _schedule(params, cron or cfg.monitor.cron, timezone, cfg, "monitor.cron")
+        flows.serve(str(project), *schedule)
+    else:
+        typer.echo(json.dumps(flows.monitor(str(project)), indent=2))
 
 
 class DemoSource(str, Enum):
@@ -319,6 +414,96 @@ def demo_data(
     else:
         counts = demo.write_fashion_mnist(out, per_class=per_class)
     log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)
+
+
+review_app = typer.Typer(
+    help="Review batches: the logged images a person should label, and their import into data/.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+
+class ReviewFormat(str, Enum):
+    folders = "folders"
+    label_studio = "label-studio"  # folders, plus Label Studio tasks and labeling config
+
+
+@review_app.command("export")
+def review_export(
+    log_dir: Annotated[
+        str | None, typer.Option("--log", help=r"prediction log \[default: monitor.log_dir]")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help=r"\[default: monitor.review_dir]")] = None,
+    max_images: Annotated[
+        int | None, typer.Option("--max", min=1, help=r"\[default: monitor.review_max]")
+    ] = None,
+    since: Annotated[datetime | None, typer.Option(help="logged at or after (UTC)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="logged at or before (UTC)")] = None,
+    model_version: Annotated[str | None, typer.Option(help="only this model version")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="the logging model (as predict --model): margins to its thresholds"),
+    ] = None,
+    thresholds: ThresholdsOption = None,
+    tracking_uri: TrackingUriOption = None,
+    fmt: Annotated[ReviewFormat, typer.Option("--format")] = ReviewFormat.folders,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Copy the images predicted unknown, and the least certain ones, into a new batch
+    (review/<batch>/inbox/<label>/ + review.csv); prints the batch folder."""
+    from opensig.monitoring.log import read_log
+    from opensig.review import export_batch
+
+    cfg = load_config(params)
+    log_dir = log_dir or cfg.monitor.log_dir
+    if log_dir is None:
+        raise typer.BadParameter(
+            "no log: pass --log DIR or set monitor.log_dir", param_hint="--log"
+        )
+    by_class = None
+    if model is not None:
+        from opensig.predict import Bundle
+
+        bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu")
+        by_class = dict(zip(bundle.spec.classes, bundle.thresholds.tolist(), strict=True))
+    batch = export_batch(
+        read_log(log_dir, since, until, model_version),
+        out or cfg.monitor.review_dir,
+        cfg.data.root,
+        max_images or cfg.monitor.review_max,
+        fmt is ReviewFormat.label_studio,
+        thresholds=by_class,
+        cache=cfg.data.cache_dir / "scan.parquet",
+    )
+    typer.echo(batch)
+
+
+@review_app.command("import")
+def review_import(
+    batch: Annotated[Path, typer.Argument(help="the batch folder, e.g. review/batch-...")],
+    data: Annotated[Path | None, typer.Option(help=r"\[default: data.root]")] = None,
+    label_studio: Annotated[
+        Path | None, typer.Option(help="also read this Label Studio JSON export")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Copy the batch's labeled images into data/known/<class>/ and data/unknown/<source>/
+    (never overwriting), write <batch>/imported.json, and announce the new data."""
+    from opensig.review import announce, import_batch
+
+    cfg = load_config(params)
+    if cfg.data.labels_csv is not None:
+        raise ValueError(
+            f"{params}: data.labels_csv is set: review import writes class folders, so add the "
+            "reviewed images to that CSV by hand"
+        )
+    report = import_batch(
+        batch,
+        data or cfg.data.root,
+        label_studio=label_studio,
+        cache=cfg.data.cache_dir / "scan.parquet",
+    )
+    announce(report, params.resolve().parent)
 
 
 bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
@@ -365,6 +550,40 @@ def bench_openset(
     )
     summary = run_openset(load_config(params), opts)
     typer.echo(to_markdown(summary, seeds))
+
+
+@bench_app.command("warm-start")
+def bench_warm_start(
+    added: Annotated[str, typer.Option(help="the class the champion never saw")] = "sandal",
+    epochs: Annotated[int, typer.Option(help="from-scratch epochs; warm runs try 1..this")] = 6,
+    backbone: str = "resnet18",
+    image_size: int = 28,
+    batch_size: int = 128,
+    device: str = "auto",
+    per_class: Annotated[int, typer.Option(help="train images per class (cap)")] = 500,
+    test_per_class: Annotated[int, typer.Option(help="test images per class cap")] = 100,
+    seed: int = 0,
+    params: ParamsOption = DEFAULT_PARAMS,
+    out: Path = Path("bench/results"),
+    work: Path = Path("bench/work/warm-start"),
+) -> None:
+    """Fashion-MNIST: epochs a warm-started retrain needs to reach from-scratch val macro-F1."""
+    from opensig.bench.warmstart import WarmStartOptions, run_warm_start, to_markdown
+
+    opts = WarmStartOptions(
+        added=added,
+        seeds=[seed],
+        epochs=epochs,
+        backbone=backbone,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        per_class=per_class,
+        test_per_class=test_per_class,
+        work=work,
+        out=out,
+    )
+    typer.echo(to_markdown(run_warm_start(load_config(params), opts)))
 
 
 @bench_app.command("speed")

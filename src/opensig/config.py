@@ -125,6 +125,21 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps)")
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
+    init_from: str | None = Field(
+        None, description="null | champion | a model folder or models:/ / runs:/ URI to start from"
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _a_model(cls, value: str | None) -> str | None:
+        if value is None or value == "champion" or value.startswith(("models:/", "runs:/")):
+            return value
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(
+                f"{value!r} is not a model folder (no config.json): use null, champion, a model "
+                "folder (e.g. a copy of artifacts/model) or a models:/ or runs:/ URI"
+            )
+        return value
 
 
 class TuneConfig(_Section):
@@ -199,10 +214,39 @@ class RetrainConfig(_Section):
     @field_validator("cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
-        # The full syntax check needs Prefect (heavy); the flow runs it before any work.
-        if len(value.split()) != 5:
-            raise ValueError("a cron line has 5 fields: minute hour day month weekday")
-        return value
+        return five_field_cron(value)
+
+
+class MonitorConfig(_Section):
+    """The prediction log and `opensig monitor` (a current window against a reference)."""
+
+    log_dir: str | None = Field(
+        None, description="prediction log folder or fsspec URL; null: log only with --log"
+    )
+    window: int = Field(1000, ge=1, description="rows in the current window (the latest)")
+    reference_size: int = Field(1000, ge=1, description="rows in the reference (the first)")
+    min_rows: int = Field(100, ge=1, description="fewer rows in a window: status too_few_rows")
+    alpha: float = Field(0.01, gt=0.0, lt=1.0, description="significance level of every test")
+    min_unknown_rate_change: float = Field(0.05, ge=0.0, le=1.0)
+    min_class_share_change: float = Field(0.05, ge=0.0, le=1.0)
+    min_error_rate_change: float = Field(0.02, ge=0.0, le=1.0)
+    min_psi: float = Field(0.2, ge=0.0, description="max-score PSI needed (with KS) to alert")
+    cron: str = "0 * * * *"
+    review_dir: Path = Path("review")
+    review_max: int = Field(200, ge=1, description="images per review batch at most")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        return five_field_cron(value)
+
+
+def five_field_cron(value: str) -> str:
+    """A cron line's shape; the full syntax check needs Prefect (heavy), so the flows run it
+    before any work."""
+    if len(value.split()) != 5:
+        raise ValueError("a cron line has 5 fields: minute hour day month weekday")
+    return value
 
 
 class Config(_Section):
@@ -214,6 +258,7 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     promote: PromoteConfig = PromoteConfig()
     retrain: RetrainConfig = RetrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

@@ -53,6 +53,39 @@ def link_or_copy(source: Path, path: Path) -> Path:
     return atomic_write(path, place)
 
 
+def free_names(name: str) -> Iterator[str]:
+    """``name``, then ``name-1``, ``name-2``...: the names tried, in order, in a folder."""
+    path = Path(name)
+    yield name
+    for n in range(1, 10_000):
+        yield f"{path.stem}-{n}{path.suffix}"
+
+
+def copy_new(source: Path, folder: Path) -> Path:
+    """Copy ``source`` into ``folder`` under its name, or ``name-1``... when that is taken.
+
+    The bytes go to a temp file first, which is then hard-linked under the first free name
+    (a link never replaces a file): the copy appears whole or not at all, and no file is
+    ever overwritten, even by another process placing the same name at the same moment.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{source.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        shutil.copystat(source, tmp)
+        for name in free_names(source.name):
+            try:
+                os.link(tmp, folder / name)
+                return folder / name
+            except FileExistsError:
+                continue
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError(f"{folder}: 10000 files named like {source.name} already exist")
+
+
 @contextmanager
 def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block ends, then deliver the first one.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from opensig.io import atomic_write, link_or_copy, read_json, write_json
 
@@ -194,6 +194,51 @@ def load_model_dir(
     model = create_model(spec.backbone, spec.num_outputs, spec.in_chans)
     load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     return model.to(device).eval(), spec
+
+
+def match_head_rows(
+    old: torch.Tensor, old_classes: list[str], new: torch.Tensor, new_classes: list[str]
+) -> torch.Tensor:
+    """A head parameter (weight or bias: one row per output) for ``new_classes``: each class's
+    row is copied from ``old`` where ``old_classes`` has it, a new class keeps its row of
+    ``new`` (fresh initialisation). Rows after the classes (K+1's garbage output) are matched
+    by their position after the classes."""
+    rows = new.clone()
+    index = {name: i for i, name in enumerate(old_classes)}
+    for i, name in enumerate(new_classes):
+        if name in index:
+            rows[i] = old[index[name]]
+    for k in range(min(len(old) - len(old_classes), len(new) - len(new_classes))):
+        rows[len(new_classes) + k] = old[len(old_classes) + k]
+    return rows
+
+
+def warm_start(net: torch.nn.Module, source: Path, spec: ModelSpec) -> list[str]:
+    """Load the model in ``source`` into ``net``: the backbone as is, the head's rows matched
+    by class name (`match_head_rows`). Returns the classes that start from fresh rows."""
+    old = read_spec(source)
+    fields = ("backbone", "in_chans", "method")
+    if any(getattr(old, k) != getattr(spec, k) for k in fields):
+
+        def describe(s: ModelSpec) -> str:
+            return ", ".join(f"{k} {getattr(s, k)}" for k in fields)
+
+        raise ValueError(
+            f"train.init_from: {source} holds a model with {describe(old)}, this training has "
+            f"{describe(spec)}: start from a model of the same model.backbone, model.in_chans "
+            "and train.method, or set train.init_from: null"
+        )
+    weights = load_file(str(source / WEIGHTS_FILE))
+    head = net.get_classifier()
+    prefix = next(name for name, module in net.named_modules() if module is head) + "."
+    state = net.state_dict()
+    for key, value in state.items():
+        if key.startswith(prefix):
+            state[key] = match_head_rows(weights[key], old.classes, value, spec.classes)
+        else:
+            state[key] = weights[key]
+    net.load_state_dict(state)
+    return [name for name in spec.classes if name not in old.classes]
 
 
 def resolve_device(name: str) -> torch.device:

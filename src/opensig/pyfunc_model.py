@@ -10,8 +10,11 @@ base64 strings in a JSON request to ``mlflow models serve``, which decodes the s
 ``binary`` column). Output: one row per image with ``label`` (a class or ``unknown``),
 ``score``, one ``score_<class>`` column per class and ``error`` (empty when the image was
 read); with the param ``multi_label`` true, also ``labels``: every class past its
-threshold. An image that failed has ``None`` as its label and scores, not NaN: the scoring
-server writes NaN into its JSON answer as a bare ``NaN``, which JSON parsers reject.
+threshold. With ``$OPENSIG_PREDICTION_LOG`` set, or a ``monitor.json`` naming a log_dir in
+the bundle (register writes it), every answer is also appended to the prediction log
+(:mod:`opensig.monitoring.log`). An image that failed has ``None`` as its label and
+scores, not NaN: the scoring server writes NaN into its JSON answer as a bare ``NaN``,
+which JSON parsers reject.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import mlflow
 import pandas as pd
 
 from opensig.model import confine
+from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
 from opensig.predict import BUNDLE_DIR, Bundle
 
 
 class OpensigModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.bundle = Bundle.load(confine(Path(context.artifacts[BUNDLE_DIR])))
+        bundle_dir = confine(Path(context.artifacts[BUNDLE_DIR]))
+        self.bundle = Bundle.load(bundle_dir)
+        log_dir = served_log_dir(bundle_dir)
+        self.log = PredictionLog(log_dir, *served_identity(bundle_dir)) if log_dir else None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         if "image" in model_input.columns:
@@ -42,6 +49,8 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             )
         multi_label = bool((params or {}).get("multi_label", False))
         frame = self.bundle.predict(sources, names=names, progress=False, multi_label=multi_label)
+        if self.log is not None:  # each worker process writes its own files
+            self.log.append(frame, sources)
         if (frame["error"] != "").any():  # None, not NaN: the HTTP answer must be JSON
             frame = frame.astype(object).where(frame.notna(), None)
         return frame

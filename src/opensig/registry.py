@@ -47,9 +47,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from PIL import Image
 
 import opensig
-from opensig.config import Config, MlflowConfig
-from opensig.io import env_defaults
+from opensig.config import Config, MlflowConfig, MonitorConfig
+from opensig.io import env_defaults, write_json
 from opensig.model import read_spec
+from opensig.monitoring.log import MONITOR_FILE
 from opensig.plots import picture_tables
 from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, tracking_store
 from opensig.redaction import redact
@@ -306,10 +307,20 @@ def model_signature(classes: list[str]) -> ModelSignature:
     )
 
 
-def _bundle_folder(model_dir: Path, thresholds: Path, into: Path) -> Path:
+def _bundle_folder(
+    model_dir: Path, thresholds: Path, into: Path, monitor: MonitorConfig, name: str
+) -> Path:
+    """The folder logged as the model's artifact; with ``monitor.log_dir`` set, a
+    monitor.json that makes the served model log its predictions there (a local folder made
+    absolute: the server runs elsewhere)."""
     bundle = into / BUNDLE_DIR
     shutil.copytree(model_dir, bundle)
     shutil.copy2(thresholds, bundle / THRESHOLDS_FILE)
+    if monitor.log_dir:
+        log_dir = monitor.log_dir
+        if "://" not in log_dir:
+            log_dir = str(Path(log_dir).resolve())
+        write_json(bundle / MONITOR_FILE, {"log_dir": log_dir, "model": name})
     return bundle
 
 
@@ -515,7 +526,13 @@ def log_and_register(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={BUNDLE_DIR: str(_bundle_folder(model_dir, thresholds, Path(tmp)))},
+            artifacts={
+                BUNDLE_DIR: str(
+                    _bundle_folder(
+                        model_dir, thresholds, Path(tmp), cfg.monitor, cfg.mlflow.registered_model
+                    )
+                )
+            },
             code_paths=[str(Path(opensig.__file__).parent)],
             pip_requirements=MODEL_REQUIREMENTS,
             signature=model_signature(read_spec(model_dir).classes),

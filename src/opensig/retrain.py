@@ -27,9 +27,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import DeploymentEventTrigger
 from prefect.states import Completed, State
 
 from opensig.config import ConfigError, RetrainConfig, load_config
+from opensig.events import DATA_ADDED, project_resource
 
 FLOW_NAME = "opensig-retrain"
 ARTIFACT_KEY = "opensig-promotion"
@@ -208,8 +210,9 @@ def promotion_markdown(registration: dict, changes: list[str]) -> str:
     return "\n".join(body)
 
 
-def check_schedule(settings: RetrainConfig, params: Path) -> None:
-    """The full cron check (Prefect's own parser), before anything is served."""
+def check_schedule(settings: RetrainConfig, params: Path, key: str = "retrain.cron") -> None:
+    """The full cron check (Prefect's own parser), before anything is served; ``key`` names
+    the setting the cron line came from."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
@@ -217,7 +220,7 @@ def check_schedule(settings: RetrainConfig, params: Path) -> None:
         CronSchedule(cron=settings.cron, timezone=settings.timezone)
     except ValidationError as err:
         reason = err.errors()[0]["msg"]
-        raise ConfigError(f"{params}: retrain.cron {settings.cron!r}: {reason}") from None
+        raise ConfigError(f"{params}: {key} {settings.cron!r}: {reason}") from None
 
 
 @flow(name=FLOW_NAME)
@@ -266,14 +269,26 @@ def retrain(project: str = ".", force: bool = False) -> dict | State:
     return {"action": action, "changes": changes, "registration": after}
 
 
+def data_added_trigger(project: Path | str) -> DeploymentEventTrigger:
+    """Prefect's own automation: an `opensig.data.added` event about this project (sent by
+    `opensig review import`) starts a run, as the cron does; nothing of ours polls."""
+    return DeploymentEventTrigger(
+        name="opensig data added",
+        expect={DATA_ADDED},
+        match={"prefect.resource.id": project_resource(project)},
+    )
+
+
 def serve(project: str, cron: str, timezone: str) -> None:
-    """Serve the flow on a schedule; runs start only while a Prefect server is reachable
-    (`prefect server start`, PREFECT_API_URL). One run at a time: DVC holds one repo lock."""
+    """Serve the flow on a schedule and on new data; runs start only while a Prefect server
+    is reachable (`prefect server start`, PREFECT_API_URL). One run at a time: DVC holds one
+    repo lock."""
     from prefect.schedules import Cron
 
     retrain.serve(
         name="local-schedule",  # shows as opensig-retrain/local-schedule
         schedules=[Cron(cron, timezone=timezone)],
+        triggers=[data_added_trigger(project)],
         parameters={"project": str(Path(project).resolve())},
         limit=1,
     )

@@ -12,13 +12,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from opensig.io import atomic_write
+from opensig.io import atomic_write, copy_new, free_names
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +56,24 @@ def check_destination(out: Path, inputs: Sequence[Path]) -> None:
             )
 
 
-def _names(name: str) -> Iterator[str]:
-    """``name``, then ``name-1``, ``name-2``...: the names tried, in order, in a folder."""
-    path = Path(name)
-    yield name
-    for n in range(1, 10_000):
-        yield f"{path.stem}-{n}{path.suffix}"
-
-
 def _place(source: Path, folder: Path, link: bool) -> tuple[Path, str]:
-    """Copy or hard-link ``source`` into ``folder`` under a name no file has yet."""
+    """Hard-link or copy ``source`` into ``folder`` under a name no file has yet."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in _names(source.name):
-        dest = folder / name
-        if link:
+    if link:
+        for name in free_names(source.name):
             try:
-                os.link(source, dest)
-                return dest, "link"
+                os.link(source, folder / name)
+                return folder / name, "link"
             except FileExistsError:
                 continue
             except OSError as err:  # another file system, or links not allowed: copy instead
                 log.warning("cannot hard-link %s (%s): copying it", source, err.strerror)
-        try:
-            with source.open("rb") as src, dest.open("xb") as dst:  # x: never overwrite
-                shutil.copyfileobj(src, dst)
-            shutil.copystat(source, dest)
-            return dest, "copy"
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"{folder}: 10000 files named like {source.name} already exist")
+                break
+    return copy_new(source, folder), "copy"
 
 
 def _free_name(folder: Path, name: str) -> Path:
-    return next(folder / n for n in _names(name) if not (folder / n).exists())
+    return next(folder / n for n in free_names(name) if not (folder / n).exists())
 
 
 def sort_into(

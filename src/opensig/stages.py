@@ -105,21 +105,33 @@ def ingest(cfg: Config, at: Layout = HERE) -> dict:
     return report
 
 
+def init_source(cfg: Config) -> str:
+    """train.init_from as a model reference: `champion` is the registered model's champion."""
+    if cfg.train.init_from == "champion":
+        return f"models:/{cfg.mlflow.registered_model}@champion"
+    return str(cfg.train.init_from)
+
+
 def train(cfg: Config, at: Layout = HERE) -> dict:
     """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes
     and logs each epoch to an MLflow run, whose id register reads from the report."""
-    from opensig.registry import TrainingRun  # mlflow and torch are heavy: import when used
+    from opensig.registry import TrainingRun, tracking_uri  # heavy (mlflow): when used
     from opensig.train import is_main_process, train_model
 
     manifest = read_manifest(at.manifest, cfg.data.root)
+    init_dir = None
+    if cfg.train.init_from is not None:
+        init_dir = resolve_model_dir(init_source(cfg), tracking_uri(cfg.mlflow))
     with TrainingRun(cfg) as mlflow_run:
-        result = train_model(cfg, manifest, at.model_dir, at.last_dir, mlflow_run)
+        result = train_model(cfg, manifest, at.model_dir, at.last_dir, mlflow_run, init_dir)
     if not is_main_process():
         return {}
     write_history(result.history, at.train_plots)
     report = {k: v for k, v in asdict(result).items() if k not in ("spec", "history")}
     report["classes"] = result.spec.classes
     report["mlflow_run_id"] = mlflow_run.run_id  # None: MLflow was unreachable
+    if init_dir is not None:  # which model it started from: DVC cannot see a registry alias
+        report["init_from"] = {"source": init_source(cfg), "sha256": model_digest(init_dir)}
     write_json(at.train_report, report)
     # The DVC metrics of training (`dvc exp show`): only what a person compares across runs.
     last = result.history[-1]

@@ -54,6 +54,7 @@ from opensig.model import (
     create_model,
     resolve_device,
     save_model_dir,
+    warm_start,
 )
 from opensig.progress import image_bar
 from opensig.resume import load_state, resume_dir, save_state, state_folder, weights_file
@@ -294,12 +295,15 @@ def train_model(
     model_dir: Path,
     last_dir: Path,
     epoch_log: EpochLog | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
-    """Train on the manifest's train split; keep the best (val loss) in ``model_dir``."""
+    """Train on the manifest's train split; keep the best (val loss) in ``model_dir``.
+
+    ``init_from``: a model folder whose weights training starts from (`model.warm_start`)."""
     dist = Distributed.from_env()
     device = _start_distributed(dist, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, manifest, model_dir, last_dir, dist, device, epoch_log)
+        return _train(cfg, manifest, model_dir, last_dir, dist, device, epoch_log, init_from)
     finally:
         if dist.world > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
@@ -313,6 +317,7 @@ def _train(
     dist: Distributed,
     device: torch.device,
     epoch_log: EpochLog | None,
+    init_from: Path | None,
 ) -> TrainResult:
     seed_everything(cfg.train.seed)
     method = get_method(cfg.train.method)
@@ -339,6 +344,9 @@ def _train(
         cfg.model.image_size,
         cfg.model.in_chans,
     )
+    if init_from is not None:
+        fresh = warm_start(net, init_from, spec)
+        log.info("warm start from %s; classes with fresh head rows: %s", init_from, fresh or "none")
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     net.to(device, memory_format=memory_format)
     check_input_size(net, spec.image_size, spec.in_chans)
@@ -350,7 +358,7 @@ def _train(
     if val_rows.empty:
         log.warning("the val split is empty: the last epoch is kept as the best model")
     pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
-    few_images = small_train_warning(train_rows, pretrained)
+    few_images = small_train_warning(train_rows, pretrained or init_from is not None)
     if few_images and dist.main:
         log.warning(few_images)
     start = time.perf_counter()

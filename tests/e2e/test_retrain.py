@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from opensig.retrain import ARTIFACT_KEY, StepFailed, retrain
-from tests.conftest import REPO, merge_params, write_params
+from tests.conftest import REPO, free_port, merge_params, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -164,12 +163,6 @@ def test_failing_step_fails_the_flow_and_keeps_the_champion(repo: Path, first: d
     assert n_versions(repo) == versions and champion(repo) == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(check: Callable[[], object], timeout: float, what: str, logs: dict) -> object:
     """Poll ``check`` until truthy; fail early if a process died, with every log's tail."""
 
@@ -190,7 +183,7 @@ def _wait_for(check: Callable[[], object], timeout: float, what: str, logs: dict
 
 
 def test_served_flow_runs_on_its_cron_schedule(repo: Path, first: dict, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -241,6 +234,7 @@ def test_served_flow_runs_on_its_cron_schedule(repo: Path, first: dict, tmp_path
         sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", cwd=REPO,
            env={**env, "OPENSIG_PROJECT": str(repo)})  # fmt: skip
         body = {
+            "flows": {"name": {"any_": ["opensig-retrain"]}},
             "deployments": {"name": {"any_": ["work-pool"]}},
             "work_pools": {"name": {"any_": ["opensig"]}},
         }

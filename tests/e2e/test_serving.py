@@ -12,11 +12,7 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +23,7 @@ from typer.testing import CliRunner
 
 from opensig.cli import app
 from opensig.predict import Bundle, resolve_model_dir
-from tests.conftest import write_params
+from tests.conftest import answers, background, free_port, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +31,6 @@ BIN = Path(sys.executable).parent  # mlflow and uvicorn of this interpreter's ve
 MODEL_URI = "models:/opensig@champion"
 CLASSES = [str(d) for d in range(6)]
 START_TIMEOUT = 180  # seconds: importing torch and loading the model on a busy 2-core box
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,58 +55,22 @@ def registered(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> t
 def server(registered: tuple[Path, str]) -> Iterator[str]:
     """The real `mlflow models serve`; yields its base URL and stops it (and uvicorn) after."""
     root, uri = registered
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    log = root / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                *(str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI),
-                *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)),
-            ],
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # mlflow starts uvicorn as a child: stop the whole group
-        )
+    command = [
+        *(str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI),
+        *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)),
+    ]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /ping answer:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    # mlflow starts uvicorn as a child: background() stops the whole group
+    with background(
+        command, root / "serve.log", answers(f"{url}/ping"), START_TIMEOUT, cwd=root, env=env
+    ):
         yield url
-    finally:
-        stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM to the process group ``proc`` leads; SIGKILL whatever is left after ``timeout``.
-
-    Waiting for ``proc`` alone is not enough: uvicorn, its child, may outlive it.
-    """
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so an empty group reads as gone
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _reject_nan(constant: str) -> float:
@@ -219,3 +173,22 @@ def test_a_request_without_image_or_path_is_a_400_saying_why(server: str, body: 
     answer = response.json()
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "input needs a 'path' column (image files) or an 'image' column" in answer["message"]
+
+
+def test_served_answers_land_in_the_prediction_log(
+    server: str, registered: tuple[Path, str], images: tuple[Bundle, Path, Path]
+) -> None:
+    """register put monitor.log_dir into the bundle: the server logs every answer, under the
+    registered name and version it looked up by the MLmodel's run id."""
+    from opensig.monitoring.log import read_log
+
+    root, _ = registered
+    _, known, novel = images
+    invoke(server, {"dataframe_split": {"columns": ["path"], "data": [[str(known)], [str(novel)]]}})
+    frame = read_log(str(root / "logs" / "predictions"))
+    mine = frame[frame["path"].isin([str(known), str(novel)])]
+    assert len(mine) >= 2
+    assert set(mine["model"]) == {"opensig"}
+    assert set(mine["model_version"]) == {"1"}
+    assert set(mine["label"]) == {"3", "unknown"}
+    assert all(f.name.split("-")[1].isdigit() for f in (root / "logs").rglob("*.parquet"))

@@ -73,7 +73,7 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class _Probe:
+class Probe:
     """Outcome of opening one file: a hash and size, or the reason it is unusable."""
 
     hash: str | None = None
@@ -94,7 +94,7 @@ def _stat(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _load_probes(cache: Path | None) -> dict[tuple[str, str], _Probe]:
+def _load_probes(cache: Path | None) -> dict[tuple[str, str], Probe]:
     if cache is None or not cache.is_file():
         return {}
     try:
@@ -104,12 +104,12 @@ def _load_probes(cache: Path | None) -> dict[tuple[str, str], _Probe]:
         return {}
     frame = frame.astype(object).where(frame.notna(), None)
     return {
-        (r.path, r.stat): _Probe(r.hash, int(r.width), int(r.height), r.reason)
+        (r.path, r.stat): Probe(r.hash, int(r.width), int(r.height), r.reason)
         for r in frame.itertuples(index=False)
     }
 
 
-def _save_probes(cache: Path, keys: list[tuple[str, str]], probes: list[_Probe]) -> None:
+def _save_probes(cache: Path, keys: list[tuple[str, str]], probes: list[Probe]) -> None:
     rows = [
         {
             "path": p,
@@ -174,33 +174,51 @@ def _identity(path: str | Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _probe(path: str, max_pixels: int | None) -> _Probe:
+def probe(path: str, max_pixels: int | None) -> Probe:
     """Hash the bytes and fully decode them, so broken files fail here, not in training."""
     if not Path(path).is_file():
         if Path(path).is_symlink() and not Path(path).exists():
-            return _Probe(reason="broken symlink")
-        return _Probe(reason="file not found" if not Path(path).exists() else "not a regular file")
+            return Probe(reason="broken symlink")
+        return Probe(reason="file not found" if not Path(path).exists() else "not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return _Probe(reason=f"unreadable: {exc.strerror or exc}")
+        return Probe(reason=f"unreadable: {exc.strerror or exc}")
     if not data:
-        return _Probe(reason="empty file")
+        return Probe(reason="empty file")
     try:
         width, height = check(data, max_pixels)
     except UnidentifiedImageError:
-        return _Probe(reason="not an image, or a format Pillow cannot read")
+        return Probe(reason="not an image, or a format Pillow cannot read")
     except ImageRejected as exc:
-        return _Probe(reason=str(exc))
+        return Probe(reason=str(exc))
     # Pillow's decoders raise many exception types on corrupt data (OSError, SyntaxError,
     # ValueError, struct.error, ...); any of them means "unusable".
     except Exception as exc:
-        return _Probe(reason=f"unreadable: {type(exc).__name__}: {exc}")
-    return _Probe(hash=hashlib.sha256(data).hexdigest(), width=width, height=height)
+        return Probe(reason=f"unreadable: {type(exc).__name__}: {exc}")
+    return Probe(hash=hashlib.sha256(data).hexdigest(), width=width, height=height)
 
 
 def like_unknown(name: str) -> bool:
     return name.strip().strip("_-. ").lower() == UNKNOWN_LABEL
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class, or None: the one rule of ingest and review import."""
+    if like_unknown(name):
+        return f"'{UNKNOWN_LABEL}' is reserved for images of none of the classes"
+    if display(name) != name:
+        return (
+            "the name is not valid UTF-8 "
+            "(class names are stored in the manifest, the model and MLflow)"
+        )
+    if not name.strip():
+        return "a class needs a name"
+    if "/" in name or "\\" in name or name.startswith("."):
+        return "a class name is one visible folder name: no '/' or '\\', no leading '.'"
+    if LABEL_SEP in name:
+        return f"'{LABEL_SEP}' separates the classes of a multi-label image"
+    return None
 
 
 def _class_folders(root: Path, known: Path) -> list[str]:
@@ -210,16 +228,11 @@ def _class_folders(root: Path, known: Path) -> list[str]:
             f"{known} has no class folders: put the images of each class in {known}/<class>/"
         )
     for name in classes:
-        if like_unknown(name):
-            raise ValueError(
-                f"{display(known / name)} is not allowed: '{UNKNOWN_LABEL}' is reserved for "
-                f"images of none of the classes; move those to {root / UNKNOWN_LABEL}/ instead"
-            )
-        if display(name) != name:
-            raise ValueError(
-                f"class folder {display(known / name)}: the name is not valid UTF-8; rename it "
-                "(class names are stored in the manifest, the model and MLflow)"
-            )
+        if problem := class_name_problem(name):
+            what = "rename it"
+            if like_unknown(name):
+                what = f"move those to {root / UNKNOWN_LABEL}/ instead"
+            raise ValueError(f"{display(known / name)} is not allowed: {problem}; {what}")
     return classes
 
 
@@ -277,7 +290,7 @@ def _probe_all(
     workers: int | None,
     max_pixels: int | None,
     desc: str,
-) -> tuple[list[_Probe], int]:
+) -> tuple[list[Probe], int]:
     """Probe every candidate on all cores, reusing the cache; returns probes and files read.
 
     A cached probe counts only if path, size, mtime, the decoder version and the pixel
@@ -288,7 +301,7 @@ def _probe_all(
     keys = [(c.path, f"{version}:{_stat(c.path)}") for c in candidates]
     todo = [key[0] for key in keys if key not in known]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        results = pool.map(lambda path: _probe(path, max_pixels), todo)
+        results = pool.map(lambda path: probe(path, max_pixels), todo)
         bar = tqdm(results, total=len(todo), desc=desc, unit="file", disable=None)
         fresh = dict(zip(todo, bar, strict=True))
     probes = [known[key] if key in known else fresh[key[0]] for key in keys]
@@ -298,10 +311,10 @@ def _probe_all(
 
 
 def _deduplicate(
-    candidates: list[Candidate], probes: list[_Probe], skipped: list[dict]
+    candidates: list[Candidate], probes: list[Probe], skipped: list[dict]
 ) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """Records (one per distinct image), duplicates, conflicts; unusable files go to ``skipped``."""
-    by_hash: dict[str, list[tuple[Candidate, _Probe]]] = defaultdict(list)
+    by_hash: dict[str, list[tuple[Candidate, Probe]]] = defaultdict(list)
     for cand, probe in zip(candidates, probes, strict=True):
         if probe.reason is not None:
             skipped.append({"path": cand.path, "reason": probe.reason, "label": cand.label})

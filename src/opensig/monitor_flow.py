@@ -1,0 +1,125 @@
+"""The monitor as a Prefect flow (`opensig-monitor`, on `monitor.cron`): what the deployed
+model sees, compared with its reference, and on an alert a review batch and an event.
+
+1. monitor: `opensig monitor`'s work on the project's prediction log (`monitor.log_dir`):
+   reports/monitor.json, its pictures, the opensig-monitor MLflow run;
+2. report: the status and alerts as a Markdown artifact (`opensig-monitor`, Prefect UI);
+3. on `alert`: a review batch (`review export` into `monitor.review_dir`) and the event
+   `opensig.monitor.alert` (status, alerts, the batch), which automations can act on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from opensig.config import Config, load_config
+from opensig.events import MONITOR_ALERT, emit, project_resource
+from opensig.io import write_json
+from opensig.monitoring.log import read_log
+from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
+
+FLOW_NAME = "opensig-monitor"
+ARTIFACT_KEY = "opensig-monitor"
+
+
+def _under(root: Path, path: str | Path) -> str:
+    """A params path as the flow reads it: relative to the project (URLs as they are)."""
+    return str(path) if "://" in str(path) or Path(path).is_absolute() else str(root / path)
+
+
+def log_dir(cfg: Config, root: Path) -> str:
+    if cfg.monitor.log_dir is None:
+        raise ValueError(f"{root / 'params.yaml'}: monitor.log_dir is null: set the log folder")
+    return _under(root, cfg.monitor.log_dir)
+
+
+@task(name="monitor")
+def monitor_log(cfg: Config, root: Path) -> dict:
+    """The monitor report of the latest model version; reports/monitor.json and pictures."""
+    from opensig.registry import http_limits, tracking_uri
+
+    out = root / "reports" / "monitor.json"
+    figures = out.parent / out.stem
+    report = run_monitor(read_log(log_dir(cfg, root)), cfg.monitor, figures=figures)
+    write_json(out, report)
+    with http_limits(cfg.mlflow):
+        log_to_mlflow(report, tracking_uri(cfg.mlflow), figures)
+    return report
+
+
+@task(name="export review batch")
+def export_review(cfg: Config, root: Path, model_version: str) -> Path:
+    from opensig.review import export_batch
+
+    return export_batch(
+        read_log(log_dir(cfg, root), model_version=model_version),
+        Path(_under(root, cfg.monitor.review_dir)),
+        Path(_under(root, cfg.data.root)),
+        cfg.monitor.review_max,
+        cache=Path(_under(root, cfg.data.cache_dir)) / "scan.parquet",
+    )
+
+
+def summary_markdown(report: dict, batch: Path | None) -> str:
+    """The report's headline figures, as the Prefect UI shows the artifact."""
+    lines = [f"# {report['model']} version {report['model_version']}: {report['status']}", ""]
+    if "window" in report and "reference" in report:
+        lines += ["| window | from | to | rows |", "| --- | --- | --- | --- |"]
+        for name in ("reference", "window"):
+            w = report[name]
+            lines.append(f"| {name} | {w.get('from')} | {w.get('to')} | {w.get('n')} |")
+        lines.append("")
+    rate = report.get("unknown_rate")
+    if rate:
+        lines += [
+            f"Unknown rate: {rate['current']:.1%} (reference {rate['reference']:.1%}, "
+            f"p = {rate['p_value']:.2g}).",
+            "",
+        ]
+    lines += [f"- {alert}" for alert in report.get("alerts", [])] or ["No alert."]
+    if batch is not None:
+        lines += ["", f"Review batch: `{batch}` (sort it, then `opensig review import {batch}`)."]
+    return "\n".join(lines)
+
+
+@flow(name=FLOW_NAME)
+def monitor(project: str = ".") -> dict:
+    """Monitor the project's prediction log; on an alert, a review batch and an event."""
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    cfg = load_config(root / "params.yaml")
+    report = monitor_log(cfg, root)
+    batch = None
+    if report["status"] == ALERT:
+        batch = export_review(cfg, root, report["model_version"])
+        payload = {
+            "model": report["model"],
+            "model_version": report["model_version"],
+            "alerts": report["alerts"],
+            "batch": str(batch),
+        }
+        if not emit(MONITOR_ALERT, payload, project_resource(root)):
+            logger.info("no Prefect API (PREFECT_API_URL unset): %s not sent", MONITOR_ALERT)
+    create_markdown_artifact(
+        summary_markdown(report, batch),
+        key=ARTIFACT_KEY,
+        description=f"{report['model']} version {report['model_version']}: {report['status']}",
+    )
+    for alert in report["alerts"]:
+        logger.warning("monitor alert: %s", alert)
+    return {"status": report["status"], "alerts": report["alerts"], "batch": batch and str(batch)}
+
+
+def serve(project: str, cron: str, timezone: str) -> None:
+    """Serve the flow on monitor.cron (needs a Prefect server, as the retrain flow does)."""
+    from prefect.schedules import Cron
+
+    monitor.serve(
+        name="local-schedule",  # shows as opensig-monitor/local-schedule
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters={"project": str(Path(project).resolve())},
+        limit=1,
+    )

@@ -1,0 +1,1 @@
+"""Production monitoring: the prediction log and the drift report over it."""

@@ -1,0 +1,555 @@
+"""Review batches: the logged images a human should look at, and the import of their labels.
+
+``export_batch`` picks from the prediction log the images predicted ``unknown`` and the known
+predictions closest to their class's threshold, copies them (never moves them) into
+``<out>/<batch>/inbox/<predicted label>/`` and lists them in ``review.csv``. The reviewer
+sorts them into ``labeled/<class>/`` (a new name is a new class) or
+``labeled/unknown/<source>/``, fills the ``label`` column of ``review.csv``, or labels them in
+Label Studio. ``import_batch`` then copies the labeled images into the data folder with
+ingest's rules: nothing is overwritten, an image already there is not added twice, and an
+image whose labels disagree is reported, not imported. Everything is checked before the first
+copy, so a refused import leaves ``data/`` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
+
+import pandas as pd
+
+from opensig.data.scan import (
+    UNKNOWN_LABEL,
+    class_name_problem,
+    display,
+    like_unknown,
+    probe,
+    scan_folder,
+    walk_files,
+)
+from opensig.io import atomic_write, copy_new, write_json
+
+logger = logging.getLogger(__name__)  # `log` is the prediction log here
+
+REVIEW_CSV = "review.csv"
+IMPORTED = "imported.json"
+INBOX = "inbox"
+LABELED = "labeled"
+LABEL_STUDIO = "label-studio"  # tasks.json and config.xml, in the batch folder
+REVIEW_SOURCE = "review"  # the unknown source of a bare labeled/unknown/x.png
+COLUMNS = [
+    "file",
+    "sha256",
+    "original_path",
+    "predicted_label",
+    "score",
+    "margin",
+    "suggested_action",
+    "reason",
+    "label",
+]
+SERVED = re.compile(r"image\[\d+\]")  # the path the served model logs for bytes it was sent
+
+
+# -- selection ---------------------------------------------------------------------------
+
+
+def select_for_review(
+    log_rows: pd.DataFrame,
+    exclude: set[str],
+    max_images: int,
+    thresholds: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """The rows a human should see first, at most ``max_images``, one per image (sha256).
+
+    Every image predicted ``unknown`` (newest first: what the camera sees now), then the known
+    predictions by their margin ``score - threshold`` of the predicted class, smallest first
+    (uncertainty sampling). Of an image logged several times, the latest row with a file
+    (not the served model's ``image[i]``) stands for it. Without ``thresholds`` (the log does
+    not hold them) the margin is the score itself. Rows with an error, and images in
+    ``exclude`` (already in the data or exported), are left out. Adds a ``margin`` column
+    (empty for ``unknown``).
+    """
+    ok = log_rows["error"].fillna("").eq("") & log_rows["sha256"].notna()
+    rows = log_rows[ok & ~log_rows["sha256"].isin(exclude)]
+    has_file = ~rows["path"].astype(str).str.fullmatch(SERVED.pattern)  # copyable: preferred
+    rows = (
+        rows.assign(_file=has_file)
+        .sort_values(["_file", "time"], kind="stable")
+        .drop_duplicates("sha256", keep="last")
+        .drop(columns="_file")
+    )
+    unknown = rows["label"] == UNKNOWN_LABEL
+    offset = rows["label"].map(dict(thresholds)) if thresholds else 0.0
+    rows = rows.assign(margin=(rows["score"] - offset).where(~unknown))
+    picked = pd.concat(
+        [
+            rows[unknown].sort_values("time", ascending=False, kind="stable"),
+            rows[~unknown].sort_values("margin", kind="stable"),
+        ]
+    )
+    return picked.head(max_images).reset_index(drop=True)
+
+
+def data_hashes(data_root: Path, cache: Path | None = None) -> dict[str, dict[str, str]]:
+    """sha256 -> {label: a path} of every usable image in the data folder, through ingest's
+    scan (``cache``: its probe cache, so unchanged files are not read again)."""
+    scan = scan_folder(Path(data_root), cache=cache)
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    for path, digest, label in zip(
+        scan.records["path"], scan.records["hash"], scan.records["label"], strict=True
+    ):
+        found[digest][label] = path
+    for conflict in scan.conflicts:
+        for path, label in zip(conflict["paths"], conflict["labels"], strict=True):
+            found[conflict["hash"]].setdefault(label, path)
+    return dict(found)
+
+
+def exported_hashes(review_dir: Path) -> set[str]:
+    """sha256 of every image listed by an earlier batch's review.csv under ``review_dir``."""
+    found: set[str] = set()
+    for listing in sorted(Path(review_dir).glob(f"*/{REVIEW_CSV}")):
+        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+        if "sha256" not in table.columns:
+            raise ValueError(f"{listing}: no sha256 column; is it a review.csv opensig wrote?")
+        found.update(h for h in table["sha256"] if h)
+    return found
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _new_batch(review_dir: Path) -> Path:
+    """A new, empty batch folder named by the time (UTC), with a suffix if that is taken."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    review_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        batch = review_dir / (f"batch-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            batch.mkdir()
+            return batch
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{review_dir}: 1000 batches named batch-{stamp}* already exist")
+
+
+def _unavailable(path: str, sha256: str) -> str | None:
+    """Why the logged image cannot be copied into the batch, or None."""
+    if SERVED.fullmatch(path):
+        return (
+            "sent to the served model as bytes: the log keeps no bytes, so there is no file "
+            "to copy (log paths instead, or keep the images the clients send)"
+        )
+    source = Path(path)
+    if not source.is_file():
+        return f"file not found: {path} was moved or deleted since it was predicted"
+    found = probe(path, None).hash
+    if found != sha256:
+        return f"{path} changed since it was predicted (its sha256 is not the logged one)"
+    return None
+
+
+def _action(label: str, margin: float) -> str:
+    if label == UNKNOWN_LABEL:
+        return (
+            "a class? labeled/<class>/ (a new name is a new class), else labeled/unknown/<source>/"
+        )
+    return f"check: '{label}' by {margin:.3f} over its threshold; move to labeled/<class>/"
+
+
+def export_batch(
+    log: pd.DataFrame,
+    out: Path,
+    data_root: Path,
+    max_images: int = 200,
+    label_studio: bool = False,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    cache: Path | None = None,
+) -> Path:
+    """Copy the images to review into a new batch under ``out``; returns the batch folder.
+
+    ``log`` is ``read_log``'s frame; images already in ``data_root`` (by sha256) or listed
+    by an earlier batch under ``out`` are left out. An image that cannot be copied (its
+    file has gone or changed, or it came as bytes) is listed in review.csv with the reason.
+    """
+    out = Path(out)
+    in_data = data_hashes(data_root, cache)
+    exclude = set(in_data) | exported_hashes(out)
+    picked = select_for_review(log, exclude, max_images, thresholds)
+    batch = _new_batch(out)
+    rows = []
+    for rec in picked.to_dict("records"):
+        label, path = str(rec["label"]), str(rec["path"])
+        reason = _unavailable(path, rec["sha256"])
+        file = ""
+        if reason is None:
+            file = copy_new(Path(path), batch / INBOX / label).relative_to(batch).as_posix()
+        else:
+            logger.warning("not copied into %s: %s", batch, reason)
+        rows.append(
+            {
+                "file": file,
+                "sha256": rec["sha256"],
+                "original_path": path,
+                "predicted_label": label,
+                "score": rec["score"],
+                "margin": rec["margin"],
+                "suggested_action": "" if reason else _action(label, rec["margin"]),
+                "reason": reason or "",
+                "label": "",
+            }
+        )
+    listing = pd.DataFrame(rows, columns=COLUMNS)
+    atomic_write(batch / REVIEW_CSV, lambda tmp: listing.to_csv(tmp, index=False))
+    if label_studio:
+        classes = sorted(
+            {c.removeprefix("score_") for c in log.columns if c.startswith("score_")}
+            | {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
+        )
+        write_label_studio(batch, listing, classes, out)
+    copied = int((listing["file"] != "").sum())
+    logger.info(
+        "review batch %s: %d image(s) to review (%d predicted unknown), %d listed without a "
+        "file (see the reason column of %s)%s",
+        batch,
+        copied,
+        int(((listing["file"] != "") & (listing["predicted_label"] == UNKNOWN_LABEL)).sum()),
+        len(listing) - copied,
+        REVIEW_CSV,
+        "" if len(listing) else ": nothing new to review",
+    )
+    return batch
+
+
+# -- Label Studio ------------------------------------------------------------------------
+
+
+def label_config(classes: list[str]) -> str:
+    """A Label Studio labeling config: one choice among the classes and ``unknown``, plus a
+    text field to name a new class (or ``unknown/<source>``)."""
+    choices = "\n".join(
+        f"    <Choice value={quoteattr(name)}/>" for name in [*classes, UNKNOWN_LABEL]
+    )
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image"/>\n'
+        '  <Choices name="label" toName="image" choice="single" showInLine="true">\n'
+        f"{choices}\n"
+        "  </Choices>\n"
+        '  <Header value="A new class? Its name (it wins over the choice):"/>\n'
+        '  <TextArea name="new_class" toName="image" maxSubmissions="1" rows="1"/>\n'
+        "</View>\n"
+    )
+
+
+def write_label_studio(batch: Path, listing: pd.DataFrame, classes: list[str], root: Path) -> Path:
+    """``<batch>/label-studio/tasks.json`` (one task per copied image, pre-annotated with the
+    prediction) and ``config.xml``. Images are served by Label Studio's local-files serving,
+    with ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` set to ``root`` (the review folder)."""
+    folder = batch / LABEL_STUDIO
+    tasks = []
+    for rec in listing[listing["file"] != ""].to_dict("records"):
+        served = (batch / rec["file"]).resolve().relative_to(Path(root).resolve()).as_posix()
+        tasks.append(
+            {
+                "data": {
+                    "image": f"/data/local-files/?d={quote(served)}",
+                    "file": rec["file"],
+                    "sha256": rec["sha256"],
+                    "predicted_label": rec["predicted_label"],
+                },
+                "predictions": [
+                    {
+                        "model_version": "opensig",
+                        "score": rec["score"],
+                        "result": [
+                            {
+                                "from_name": "label",
+                                "to_name": "image",
+                                "type": "choices",
+                                "value": {"choices": [rec["predicted_label"]]},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    atomic_write(folder / "config.xml", lambda tmp: tmp.write_text(label_config(classes)))
+    write_json(folder / "tasks.json", tasks)
+    return folder / "tasks.json"
+
+
+def _label_studio_labels(export: Path) -> list[tuple[str, str, str | None]]:
+    """(batch file, label text, sha256) per annotation of a Label Studio JSON export."""
+    try:
+        tasks = json.loads(Path(export).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{export}: not a Label Studio JSON export ({err})") from None
+    if not isinstance(tasks, list):
+        raise ValueError(f"{export}: not a Label Studio JSON export (a list of tasks)")
+    found = []
+    for task in tasks:
+        data = task.get("data", {})
+        if "file" not in data:
+            raise ValueError(
+                f"{export}: task {task.get('id')} has no data.file: import the tasks.json "
+                "that `opensig review export --format label-studio` wrote"
+            )
+        for annotation in task.get("annotations", []):
+            if annotation.get("was_cancelled"):
+                continue
+            results = {r.get("from_name"): r.get("value", {}) for r in annotation["result"]}
+            text = " ".join(results.get("new_class", {}).get("text", [])).strip()
+            choices = results.get("label", {}).get("choices", [])
+            if text or choices:
+                found.append((data["file"], text or choices[0], data.get("sha256")))
+    return found
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Labeled:
+    """One label given to one file of the batch, and where the reviewer gave it."""
+
+    file: str  # relative to the batch folder
+    label: str  # a class, or 'unknown'
+    source: str  # the unknown source (a class's own name for a class)
+    given_in: str  # the folder, review.csv row or Label Studio export that says so
+    sha256: str | None = None  # as exported (review.csv, Label Studio), to find a moved file
+
+
+def _parse_label(text: str, given_in: str) -> tuple[str, str] | str:
+    """(label, source) for a label text, ``unknown/<source>`` included, or the problem."""
+    text = text.strip()
+    head, _, source = text.partition("/")
+    if head == UNKNOWN_LABEL:
+        return UNKNOWN_LABEL, source.strip() or REVIEW_SOURCE
+    if problem := class_name_problem(text):
+        hint = (
+            f"use '{UNKNOWN_LABEL}' or {LABELED}/{UNKNOWN_LABEL}/<source>/ instead"
+            if like_unknown(text)
+            else "rename it"
+        )
+        return f"{given_in}: class {text!r} is not allowed: {problem}; {hint}"
+    return text, text
+
+
+def _from_folders(batch: Path) -> tuple[list[_Labeled], list[str], list[dict]]:
+    """Labels given by the reviewer's folders; the problems; files left out (and why)."""
+    labeled = batch / LABELED
+    if not labeled.is_dir():
+        return [], [], []
+    found, problems, left_out = [], [], []
+    files, unreadable = walk_files(labeled)
+    left_out += [
+        {"file": u["path"], "status": "skipped", "reason": u["reason"]} for u in unreadable
+    ]
+    for path in files:
+        parts = path.relative_to(labeled).parts
+        rel = path.relative_to(batch).as_posix()
+        if any(p.startswith(".") for p in parts):
+            left_out.append({"file": rel, "status": "skipped", "reason": "hidden file"})
+        elif len(parts) == 1:
+            reason = f"not in a class folder: move it to {LABELED}/<class>/"
+            left_out.append({"file": rel, "status": "skipped", "reason": reason})
+        elif parts[0] == UNKNOWN_LABEL:
+            source = parts[1] if len(parts) > 2 else REVIEW_SOURCE
+            found.append(_Labeled(rel, UNKNOWN_LABEL, source, (labeled / parts[0]).as_posix()))
+        else:
+            placed = _parse_label(parts[0], display(labeled / parts[0]))
+            if isinstance(placed, str):
+                problems.append(placed)
+            else:
+                found.append(_Labeled(rel, *placed, (labeled / parts[0]).as_posix()))
+    return found, sorted(set(problems)), left_out
+
+
+def _from_csv(batch: Path) -> tuple[list[_Labeled], list[str]]:
+    """Labels filled into the ``label`` column of the batch's review.csv."""
+    listing = batch / REVIEW_CSV
+    if not listing.is_file():
+        return [], []
+    table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    if "label" not in table.columns or "file" not in table.columns:
+        return [], []
+    found, problems = [], []
+    for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
+        if not rec["label"].strip():
+            continue
+        where = f"{listing} line {i}"
+        if not rec["file"]:
+            problems.append(f"{where}: a label for an image with no file ({rec['reason']})")
+            continue
+        placed = _parse_label(rec["label"], where)
+        if isinstance(placed, str):
+            problems.append(placed)
+        else:
+            found.append(_Labeled(rec["file"], *placed, where, rec.get("sha256") or None))
+    return found, problems
+
+
+def _from_label_studio(export: Path) -> tuple[list[_Labeled], list[str]]:
+    found, problems = [], []
+    for file, text, digest in _label_studio_labels(export):
+        where = f"{export} (task of {file})"
+        placed = _parse_label(text, where)
+        if isinstance(placed, str):
+            problems.append(placed)
+        else:
+            found.append(_Labeled(file, *placed, where, digest))
+    return found, problems
+
+
+def _refuse(problems: list[str], what: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise ValueError(f"{what}: {shown} (nothing was imported)")
+
+
+def _destination(data_root: Path, item: _Labeled) -> Path:
+    if item.label == UNKNOWN_LABEL:
+        return data_root / UNKNOWN_LABEL / item.source
+    return data_root / "known" / item.label
+
+
+def import_batch(
+    batch: Path,
+    data_root: Path,
+    *,
+    label_studio: Path | None = None,
+    cache: Path | None = None,
+) -> dict:
+    """Copy the batch's labeled images into ``data_root``; returns (and writes to
+    ``<batch>/imported.json``) what became of every file, ``added`` per label, ``classes``
+    (the data's classes afterwards) and ``new_classes``.
+
+    Labels come from ``labeled/`` folders, review.csv's ``label`` column and, with
+    ``label_studio``, a Label Studio JSON export. A bad class name or a labeled file that
+    has gone stops the import before anything is copied. Importing a batch again adds
+    nothing: its images are in the data already.
+    """
+    batch, data_root = Path(batch), Path(data_root)
+    if not batch.is_dir():
+        raise FileNotFoundError(
+            f"review batch {batch} does not exist: pass a folder that `opensig review export` made"
+        )
+    found, problems, report_rows = _from_folders(batch)
+    from_csv, csv_problems = _from_csv(batch)
+    found += from_csv
+    problems += csv_problems
+    if label_studio is not None:
+        from_ls, ls_problems = _from_label_studio(label_studio)
+        found += from_ls
+        problems += ls_problems
+    _refuse(problems, f"{batch}: labels ingest would refuse")
+
+    probes = {item.file: probe((batch / item.file).as_posix(), None) for item in found}
+    present = {p.hash for p in probes.values() if p.hash}
+    gone = [
+        f"{batch / item.file} ({item.given_in})"
+        for item in found
+        if probes[item.file].reason == "file not found" and item.sha256 not in present
+    ]
+    _refuse(gone, f"{batch}: labeled files have gone; restore them or clear their label")
+
+    by_hash: dict[str, list[_Labeled]] = defaultdict(list)
+    for item in found:
+        digest = probes[item.file].hash or (item.sha256 if item.sha256 in present else None)
+        if digest is None:
+            reason = probes[item.file].reason
+            report_rows.append({"file": item.file, "status": "skipped", "reason": reason})
+        else:
+            by_hash[digest].append(item)
+    in_data = data_hashes(data_root, cache)
+    known_before = {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
+    to_copy: list[tuple[str, _Labeled]] = []
+    for digest, items in by_hash.items():
+        items.sort(key=lambda i: (probes[i.file].hash is None, i.file, i.given_in))  # a file first
+        labels = sorted({i.label for i in items})
+        row = {"sha256": digest, "label": labels[0], "given_in": items[0].given_in}
+        there = in_data.get(digest, {})
+        if len(labels) > 1:
+            given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
+            logger.warning(
+                "%s has two labels in this batch, not imported: %s", items[0].file, given
+            )
+            row |= {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
+        elif labels[0] in there:
+            row |= {"status": "already in data", "destination": there[labels[0]]}
+        elif there:
+            other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
+            logger.warning(
+                "%s is already in the data under another label: %s", items[0].file, other
+            )
+            row |= {"status": "conflict", "reason": f"already in the data as {other}"}
+        else:
+            to_copy.append((digest, items[0]))
+            row |= {"status": "added"}
+        files = sorted({i.file for i in items if probes[i.file].hash})
+        report_rows += [{**row, "file": f} for f in files[:1]]
+        report_rows += [
+            {**row, "file": f, "status": "duplicate", "duplicate_of": files[0]} for f in files[1:]
+        ]
+
+    added: Counter[str] = Counter()
+    placed: dict[str, str] = {}
+    for digest, item in to_copy:
+        dest = copy_new(batch / item.file, _destination(data_root, item))
+        placed[digest] = dest.as_posix()
+        added[item.label] += 1
+    for row in report_rows:
+        if row.get("status") == "added":
+            row["destination"] = placed[row["sha256"]]
+    classes = sorted(known_before | {item.label for _, item in to_copy} - {UNKNOWN_LABEL})
+    report = {
+        "batch": batch.as_posix(),
+        "data_root": data_root.as_posix(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added": dict(sorted(added.items())),
+        "classes": classes,
+        "new_classes": sorted(set(classes) - known_before),
+        "counts": dict(sorted(Counter(r["status"] for r in report_rows).items())),
+        "files": sorted(report_rows, key=lambda r: r["file"]),
+    }
+    write_json(batch / IMPORTED, report)
+    logger.info(
+        "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
+        batch,
+        data_root,
+        sum(added.values()),
+        report["added"] or "",
+        report["new_classes"] or "none",
+        batch / IMPORTED,
+    )
+    return report
+
+
+def announce(report: dict, project: Path) -> None:
+    """Tell Prefect that data was added (the retrain deployment's trigger), or else the user
+    what to run to retrain on it."""
+    from opensig.events import DATA_ADDED, emit, project_resource
+
+    if not report["added"]:
+        logger.info("nothing was added to the data: nothing to retrain on")
+        return
+    payload = {key: report[key] for key in ("batch", "added", "classes", "new_classes")}
+    if emit(DATA_ADDED, payload, project_resource(project)):
+        return
+    logger.info(
+        "no Prefect API (PREFECT_API_URL unset), so no retrain was triggered: run "
+        "`dvc add data && dvc repro` (or `opensig retrain`) to train on the new images"
+    )

@@ -1,0 +1,70 @@
+"""The opensig-monitor flow on a real prediction log: ok without drift; on a jump of the
+unknown rate, a review batch, the Markdown artifact and (without a Prefect API) no event."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.artifacts import Artifact
+from prefect.testing.utilities import prefect_test_harness
+
+from opensig.monitor_flow import ARTIFACT_KEY, monitor, summary_markdown
+from opensig.monitoring.log import PredictionLog
+from tests.conftest import write_params
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    with prefect_test_harness():
+        yield
+
+
+def predictions(paths: list[Path], unknown_every: int) -> pd.DataFrame:
+    """Bundle.predict's frame for ``paths``: every ``unknown_every``-th image unknown."""
+    unknown = [i % unknown_every == 0 for i in range(len(paths))]
+    return pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "label": ["unknown" if u else "0" for u in unknown],
+            "score": [0.2 if u else 0.9 for u in unknown],
+            "score_0": [0.2 if u else 0.9 for u in unknown],
+            "score_1": [0.1] * len(paths),
+            "error": [""] * len(paths),
+        }
+    )
+
+
+@pytest.fixture
+def logged(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project whose log holds a reference window (5% unknown) and a current one (50%)."""
+    monkeypatch.chdir(tmp_path)  # its MLflow store, sqlite:///mlflow.db, is the project's
+    for part in ("known/1", "unknown"):
+        shutil.copytree(digits_data / part, tmp_path / "data" / part)
+    write_params(tmp_path, {"monitor": {"window": 120, "reference_size": 120, "min_rows": 50}})
+    images = sorted((digits_data / "known" / "0").iterdir())[:120]  # outside the project's data
+    log = PredictionLog(str(tmp_path / "logs/predictions"), "opensig", "1")
+    log.append(predictions(images, 20), images)
+    log.append(predictions(images, 2), images)
+    return tmp_path
+
+
+def test_an_alert_exports_a_review_batch_and_reports(logged: Path, harness: None) -> None:
+    result = monitor(str(logged))
+    assert result["status"] == "alert"
+    assert any("unknown rate" in alert for alert in result["alerts"])
+    batch = Path(result["batch"])
+    assert batch.parent == logged / "review" and (batch / "review.csv").is_file()
+    assert any((batch / "inbox" / "unknown").iterdir())  # copies of the unknown images
+    assert (logged / "reports/monitor.json").is_file()
+    artifact = Artifact.get(ARTIFACT_KEY)
+    assert artifact is not None and "version 1: alert" in artifact.data
+    assert f"Review batch: `{batch}`" in artifact.data
+
+
+def test_summary_markdown_of_too_few_rows() -> None:
+    report = {"model": "m", "model_version": "2", "status": "too_few_rows", "alerts": []}
+    assert summary_markdown(report, None) == "# m version 2: too_few_rows\n\nNo alert."
