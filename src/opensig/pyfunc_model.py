@@ -19,6 +19,7 @@ which JSON parsers reject.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -27,6 +28,8 @@ import pandas as pd
 from opensig.model import confine
 from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
 from opensig.predict import BUNDLE_DIR, Bundle
+
+log = logging.getLogger(__name__)
 
 
 class OpensigModel(mlflow.pyfunc.PythonModel):
@@ -50,7 +53,14 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
         multi_label = bool((params or {}).get("multi_label", False))
         frame = self.bundle.predict(sources, names=names, progress=False, multi_label=multi_label)
         if self.log is not None:  # each worker process writes its own files
-            self.log.append(frame, sources)
+            try:
+                self.log.append(frame, sources)
+            except Exception:  # a full disk must not stop the answers: say so in the server log
+                log.exception(
+                    "prediction log %s: %d rows NOT logged (answers served all the same)",
+                    self.log.root,
+                    len(frame),
+                )
         if (frame["error"] != "").any():  # None, not NaN: the HTTP answer must be JSON
             frame = frame.astype(object).where(frame.notna(), None)
         return frame
