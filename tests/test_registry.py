@@ -59,12 +59,18 @@ def test_flatten_and_nested_metric_lookup() -> None:
     assert metric_value(metrics, "novel.fpr95") is None
 
 
-def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(MlflowConfig()) == DEFAULT_TRACKING_URI
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    # relative SQLite paths are made absolute (MLflow caches one store per URI string)
+    assert tracking_uri(MlflowConfig()) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri(MlflowConfig()) == "http://mlflow.example:5000"
-    assert tracking_uri(MlflowConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert tracking_uri(MlflowConfig(tracking_uri="sqlite:///x.db")) == (
+        f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    )
+    assert tracking_uri(MlflowConfig(tracking_uri="sqlite:////srv/m.db")) == "sqlite:////srv/m.db"
 
 
 @pytest.mark.parametrize(

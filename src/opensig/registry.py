@@ -57,7 +57,8 @@ from opensig.redaction import redact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE_PREFIX = "sqlite:///"  # then a relative path, or a fourth / and an absolute one
+DEFAULT_TRACKING_URI = f"{SQLITE_PREFIX}mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fpr95", "ece"}
 DIGEST_TAG = "bundle_sha256"  # run tag: what makes a re-run find its earlier registration
@@ -92,8 +93,17 @@ MODEL_REQUIREMENTS = [
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
-    """params, else $MLFLOW_TRACKING_URI, else local SQLite (the registry needs a database)."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """params, else $MLFLOW_TRACKING_URI, else local SQLite (the registry needs a database).
+
+    A relative SQLite path is made absolute here: MLflow keeps one store per URI string for
+    the life of the process, so a process that changes folder (a notebook, the bench, a test
+    suite) would otherwise keep reading the first folder's database.
+    """
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    path = uri.removeprefix(SQLITE_PREFIX)
+    if uri.startswith(SQLITE_PREFIX) and not path.startswith(("/", ":memory:")):
+        return f"{SQLITE_PREFIX}{Path(path).resolve()}"
+    return uri
 
 
 def _uri_source(cfg: MlflowConfig) -> str:
