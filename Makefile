@@ -7,6 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PATH := $(abspath $(BIN)):$(PATH)
 PREFECT_PORT ?= 4200
+TEST_WORKERS ?= 2  # e2e tests train real models: about 2 GB of memory each
 
 .PHONY: install demo test lint clean retrain prefect-server offline-plots
 
@@ -31,8 +32,8 @@ prefect-server: install  ## a local Prefect server for scheduled runs (then: exp
 	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install  ## whole test files spread over TEST_WORKERS processes (pytest-xdist)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check src tests pipelines
