@@ -69,6 +69,10 @@ ThresholdsOption = Annotated[
 ForceOption = Annotated[
     bool, typer.Option(help="use thresholds recorded as tuned for another model (a warning)")
 ]
+ServeOption = Annotated[  # the Prefect flows: once, or served on their schedule
+    bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
+]
+TimezoneOption = Annotated[str | None, typer.Option(help=r"\[default: retrain.timezone]")]
 TrackingUriOption = Annotated[
     str | None,
     typer.Option(
@@ -339,11 +343,9 @@ def export(
 def retrain(
     project: Annotated[Path, typer.Option(help="folder with dvc.yaml and params.yaml")] = Path("."),
     force: Annotated[bool, typer.Option(help="rerun every stage even if nothing changed")] = False,
-    serve: Annotated[
-        bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
-    ] = False,
+    serve: ServeOption = False,
     cron: Annotated[str | None, typer.Option(help="schedule [default: retrain.cron]")] = None,
-    timezone: Annotated[str | None, typer.Option(help="[default: retrain.timezone]")] = None,
+    timezone: TimezoneOption = None,
 ) -> None:
     """Prefect flow: version new data, dvc repro, report the promotion decision."""
     from opensig import retrain as flows
@@ -374,11 +376,9 @@ def _schedule(
 @app.command("monitor-flow")
 def monitor_flow(
     project: Annotated[Path, typer.Option(help="folder with params.yaml")] = Path("."),
-    serve: Annotated[
-        bool, typer.Option(help="serve on a schedule (needs a Prefect server) instead of once")
-    ] = False,
+    serve: ServeOption = False,
     cron: Annotated[str | None, typer.Option(help="schedule [default: monitor.cron]")] = None,
-    timezone: Annotated[str | None, typer.Option(help="[default: retrain.timezone]")] = None,
+    timezone: TimezoneOption = None,
 ) -> None:
     """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
     from opensig import monitor_flow as flows
