@@ -9,29 +9,91 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from opensig.bench.openset import COLUMNS, summarise, to_markdown
+from opensig.bench.openset import COLUMNS, BenchOptions, class_splits, summarise, to_markdown
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
 from opensig.methods import METHODS
+from opensig.posthoc import FEATURE_SCORES
 from tests.conftest import write_params
 
 
 def _results() -> pd.DataFrame:
     rows = []
     for method, base in [("sigmoid_bce", 0.9), ("softmax_msp", 0.7)]:
-        for seed, delta in [(0, -0.02), (1, 0.02)]:
-            rows.append({"method": method, "seed": seed, **{k: base + delta for k in COLUMNS}})
+        for score, shift in [("mahalanobis", 0.05), ("none", 0.0)]:
+            for seed, delta in [(0, -0.02), (1, 0.02)]:
+                values = {k: base + shift + delta for k in COLUMNS}
+                rows.append({"method": method, "feature_score": score, "seed": seed, **values})
     return pd.DataFrame(rows)
 
 
 def test_summary_is_mean_and_spread_over_seeds_in_run_order() -> None:
     summary = summarise(_results())
-    assert list(summary.index) == ["sigmoid_bce", "softmax_msp"]
-    assert summary.loc["sigmoid_bce", "novel.auroc"] == pytest.approx(0.9)
-    assert summary.loc["softmax_msp", "novel.auroc_std"] == pytest.approx(0.02)
-    table = to_markdown(summary, n_seeds=2)
-    assert "| sigmoid_bce | 0.900 ± 0.020 |" in table
-    assert table.splitlines()[0].count("|") == len(COLUMNS) + 2
+    assert list(summary.index) == [
+        ("sigmoid_bce", "mahalanobis"),
+        ("sigmoid_bce", "none"),
+        ("softmax_msp", "mahalanobis"),
+        ("softmax_msp", "none"),
+    ]
+    assert summary.loc[("sigmoid_bce", "none"), "novel.auroc"] == pytest.approx(0.9)
+    assert summary.loc[("softmax_msp", "mahalanobis"), "novel.auroc"] == pytest.approx(0.75)
+    assert summary.loc[("softmax_msp", "none"), "novel.auroc_std"] == pytest.approx(0.02)
+    table = to_markdown(summary, 2, default=("sigmoid_bce", "mahalanobis"))
+    assert "| **sigmoid_bce** (opensig default) | mahalanobis | 0.950 ± 0.020 |" in table
+    assert "| sigmoid_bce | none | 0.900 ± 0.020 |" in table
+    assert table.splitlines()[0].count("|") == len(COLUMNS) + 3
+
+
+def test_class_splits_are_seeded_disjoint_six_two_two() -> None:
+    classes = tuple("abcdefghij")
+    splits = class_splits(classes, 3)
+    assert splits == class_splits(classes, 3) and splits[:2] == class_splits(classes, 2)
+    assert len(set(splits)) == 3
+    for split in splits:
+        assert (len(split.known), len(split.unknown), len(split.novel)) == (6, 2, 2)
+        assert sorted(split.known + split.unknown + split.novel) == list(classes)
+
+
+def test_bench_options_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    for bad, message in [
+        ({"dataset": "cifar"}, "--dataset"),
+        ({"methods": ["softmax"]}, "--method"),
+        ({"feature_scores": ["cosine"]}, "--feature-score"),
+        ({"splits": -1}, "--splits"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BenchOptions(work=tmp_path, **bad).check()
+
+
+def test_bench_on_two_random_class_splits_of_digits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open-set protocol on random class splits, tiny: every split trains and is scored
+    with each feature score, and the novel images are the split's novel classes."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    args = ["bench", "openset", "--dataset", "digits", "--splits", "2", "--epochs", "1"]
+    args += ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "64"]
+    args += ["--device", "cpu", "--method", "sigmoid_bce"]
+    args += ["--feature-score", "mahalanobis", "--feature-score", "none"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(Path("bench/results/openset_digits_splits.json").read_text())
+    splits = saved["meta"]["class_splits"]
+    assert len(splits) == 2 and len(saved["runs"]) == 2 * 2
+    assert [(r["method"], r["feature_score"]) for r in saved["summary"]] == [
+        ("sigmoid_bce", "mahalanobis"),
+        ("sigmoid_bce", "none"),
+    ]
+    for index, split in enumerate(splits):
+        manifest = pd.read_parquet(f"bench/work/split{index}/manifest.parquet")
+        assert set(manifest[manifest["novel"]]["source"]) == set(split["novel"])
+        assert set(manifest[manifest["label"] != "unknown"]["label"]) == set(split["known"])
+        runs = [r for r in saved["runs"] if r["split"] == index]
+        assert all(r["novel.auroc"] is not None for r in runs)
+    table = Path("bench/results/openset_digits_splits.md").read_text()
+    assert "| **sigmoid_bce** (opensig default) | mahalanobis |" in table
+    assert f"| 0 | {', '.join(splits[0]['known'])} |" in table
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -65,11 +127,11 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(
     )
     assert result.exit_code == 0, result.output
     saved = json.loads(Path("bench/results/openset_fashion-mnist.json").read_text())
-    methods = [row["method"] for row in saved["summary"]]
-    assert methods == list(METHODS)
+    rows = [(row["method"], row["feature_score"]) for row in saved["summary"]]
+    assert rows == [(m, s) for m in METHODS for s in FEATURE_SCORES]
     assert saved["runs"][0]["novel.auroc"] is not None
     assert saved["meta"]["per_class"] == 12
-    assert "| softmax_eos |" in Path("bench/results/openset_fashion-mnist.md").read_text()
+    assert "| softmax_eos | none |" in Path("bench/results/openset_fashion-mnist.md").read_text()
     runs = pd.read_parquet("bench/work/manifest.parquet")
     assert set(runs[runs["novel"]]["source"]) == {"bag", "ankle_boot"}
     assert set(runs[runs["split"] != "test"]["source"]).isdisjoint({"bag", "ankle_boot"})

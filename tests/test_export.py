@@ -14,7 +14,7 @@ from opensig.cli import app
 from opensig.data.dataset import ImageDataset, eval_transform
 from opensig.methods import get_method
 from opensig.model import build_spec, create_model, model_digest, save_model_dir
-from opensig.predict import Bundle, score_sources, write_thresholds
+from opensig.predict import Bundle, write_thresholds
 from opensig.thresholds import UNKNOWN, decide
 
 ort = pytest.importorskip("onnxruntime", reason="pip install 'opensig[export]'")
@@ -62,8 +62,10 @@ def pixels(bundle: Bundle, sources: list[Path]) -> np.ndarray:
 def test_onnx_scores_and_labels_match_the_bundle(
     bundle_dir: Path, images: list[Path], tmp_path: Path
 ) -> None:
+    """The head's scores in the graph (an untrained net: its features are too alike for a
+    feature score; tests/e2e/test_pipeline.py exports trained models with one)."""
     bundle = Bundle.load(bundle_dir, device="cpu")
-    scores, errors = score_sources(bundle.model, bundle.spec, images, progress=False)
+    scores, errors = bundle.score(images, progress=False)
     assert not any(errors)
     # Each class's threshold halfway between two scores near its upper quartile: the labels
     # mix classes and unknown, and no score is so close to one that float noise could flip it.
@@ -90,6 +92,7 @@ def test_onnx_scores_and_labels_match_the_bundle(
     assert meta["classes"] == CLASSES
     assert meta["thresholds"] == pytest.approx(chosen.tolist())
     assert meta["method"] == bundle.spec.method and meta["backbone"] == "resnet10t"
+    assert meta["feature_score"] == {"kind": "none"}
     assert (meta["image_size"], meta["in_chans"]) == (16, 3)
     assert meta["mean"] == bundle.spec.mean and meta["std"] == bundle.spec.std
     assert "unknown" in meta["decision_rule"]

@@ -11,6 +11,7 @@ from opensig.methods import (
     METHODS,
     Method,
     get_method,
+    mix_unknowns,
     sample_weights,
     sigmoid_targets,
     softmax_targets,
@@ -231,3 +232,43 @@ def test_config_accepts_exactly_the_registered_methods() -> None:
     from opensig.config import TrainConfig
 
     assert set(get_args(TrainConfig.model_fields["method"].annotation)) == set(METHODS)
+
+
+def test_mixed_unknowns_blend_two_classes_into_an_unknown_by_hand() -> None:
+    # one image per class, constant pixels 0, 10, 20: any blend of two of them is lam*a +
+    # (1 - lam)*b with lam in [0.3, 0.7], so its pixel value says which pair was blended
+    images = torch.tensor([0.0, 10.0, 20.0, 5.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, UNKNOWN])
+    torch.manual_seed(0)
+    mixed, targets = mix_unknowns(images, labels, share=0.5)
+    assert mixed.shape == images.shape and torch.equal(labels, torch.tensor([0, 1, 2, UNKNOWN]))
+    changed = (targets != labels).nonzero().flatten().tolist()
+    assert len(changed) == 2 and all(i < 3 for i in changed)  # 2 of 4; never the unknown
+    assert (targets[changed] == UNKNOWN).all()
+    for i in changed:
+        value = float(mixed[i, 0, 0, 0])
+        pairs = [
+            (a, b) for a in (0.0, 10.0, 20.0) for b in (0.0, 10.0, 20.0) if a == i * 10.0 and b != a
+        ]
+        assert any(
+            min(0.3 * a + 0.7 * b, 0.7 * a + 0.3 * b) - 1e-5
+            <= value
+            <= max(0.3 * a + 0.7 * b, 0.7 * a + 0.3 * b) + 1e-5
+            for a, b in pairs
+        )
+    untouched = [i for i in range(4) if i not in changed]
+    assert torch.equal(mixed[untouched], images[untouched])
+
+
+def test_mixed_unknowns_off_and_for_multi_hot_labels() -> None:
+    images = torch.rand(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 0, 1])
+    same, kept = mix_unknowns(images, labels, share=0.0)
+    assert same is images and kept is labels
+    multi = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
+    torch.manual_seed(1)
+    _, targets = mix_unknowns(images, multi, share=0.25)
+    assert (targets.sum(dim=1) == 0).sum() == 2  # the all-zero row, plus one blend
+    # a batch of one class has no pair to blend: nothing changes
+    _, single = mix_unknowns(images, torch.zeros(4, dtype=torch.long), share=0.5)
+    assert (single == 0).all()

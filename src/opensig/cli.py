@@ -517,6 +517,14 @@ def bench_openset(
     methods: Annotated[
         list[str] | None, typer.Option("--method", help="repeat; default all")
     ] = None,
+    feature_scores: Annotated[
+        list[str] | None,
+        typer.Option("--feature-score", help="repeat; default all (mahalanobis, knn, none)"),
+    ] = None,
+    splits: Annotated[
+        int,
+        typer.Option(help="0: the fixed class split; N: N random 6/2/2 splits of the classes"),
+    ] = 0,
     epochs: int = 8,
     backbone: str = "resnet18",
     image_size: int = 28,
@@ -529,14 +537,18 @@ def bench_openset(
     out: Path = Path("bench/results"),
     work: Path = Path("bench/work"),
 ) -> None:
-    """Every method (sigmoid_bce and the softmax baselines) on one data set, same budget."""
-    from opensig.bench.openset import BenchOptions, run_openset, to_markdown
+    """Every method (sigmoid_bce and the softmax baselines) with every feature score, on one
+    data set (and class splits), same budget."""
+    from opensig.bench.openset import BenchOptions, run_openset
     from opensig.methods import METHODS
+    from opensig.posthoc import FEATURE_SCORES
 
     opts = BenchOptions(
         dataset=dataset,
         seeds=list(range(seeds)),
         methods=methods or list(METHODS),
+        feature_scores=feature_scores or list(FEATURE_SCORES),
+        splits=splits,
         epochs=epochs,
         backbone=backbone,
         image_size=image_size,
@@ -548,8 +560,8 @@ def bench_openset(
         work=work,
         out=out,
     )
-    summary = run_openset(load_config(params), opts)
-    typer.echo(to_markdown(summary, seeds))
+    _, table = run_openset(load_config(params), opts)
+    typer.echo(table)
 
 
 @bench_app.command("warm-start")

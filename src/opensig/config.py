@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     unknown_weight: float = Field(3.0, ge=0.0)
+    mixed_unknowns: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of each batch replaced by blends of 2 classes"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: NonNegativeInt | Literal["auto"] = Field(
@@ -147,6 +150,10 @@ class TuneConfig(_Section):
     target_precision: float = Field(0.95, gt=0.0, le=1.0)
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     doc_k: float = Field(3.0, gt=0.0, description="DOC: threshold = max(0.5, 1 - k * sigma)")
+    feature_score: Literal["mahalanobis", "knn", "none"] = Field(
+        "mahalanobis", description="post-hoc score on the penultimate features (posthoc.py)"
+    )
+    knn_k: int = Field(50, ge=1, description="knn: the neighbour whose similarity is the score")
 
 
 class EvaluateConfig(_Section):

@@ -6,6 +6,7 @@ register, so both numbers come from the same code on the same images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,10 +15,15 @@ import pandas as pd
 import torch
 
 from opensig.data.manifest import label_targets
+from opensig.data.scan import UNKNOWN_LABEL
+from opensig.methods import get_method
 from opensig.metrics import multilabel_metrics, open_set_metrics
 from opensig.model import ModelSpec
-from opensig.predict import Bundle, score_sources
-from opensig.thresholds import decide, decide_multi
+from opensig.posthoc import FeatureScore, Scorer, fit_feature_score
+from opensig.predict import Bundle, run_scorer
+from opensig.thresholds import UNKNOWN, decide, decide_multi, tune_thresholds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,18 +41,76 @@ class Evaluation:
     multi_label: bool = False  # then labels and preds are (N, K) multi-hot, not class indices
 
 
-def score_rows(
-    model: torch.nn.Module, spec: ModelSpec, rows: pd.DataFrame, batch_size: int
-) -> np.ndarray:
-    """Scores for manifest rows; an unreadable file here means the data changed since ingest."""
-    scores, errors = score_sources(model, spec, rows["path"].tolist(), batch_size)
+def _readable(rows: pd.DataFrame, errors: list[str]) -> None:
+    """An unreadable file among manifest rows means the data changed since ingest."""
     bad = [(p, e) for p, e in zip(rows["path"], errors, strict=True) if e]
     if bad:
         raise RuntimeError(
             f"{len(bad)} image(s) from the manifest can no longer be read, e.g. {bad[0][0]}: "
             f"{bad[0][1]}; rerun `opensig ingest` (dvc repro)"
         )
+
+
+def score_rows(bundle: Bundle, rows: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """Per-class scores (N, K) for manifest rows, as the bundle's thresholds expect them."""
+    scores, errors = bundle.score(rows["path"].tolist(), batch_size)
+    _readable(rows, errors)
     return scores
+
+
+def head_and_features(
+    model: torch.nn.Module, spec: ModelSpec, rows: pd.DataFrame, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The method's per-class scores (N, K) and the penultimate features (N, D) of rows."""
+    scorer = Scorer(model, get_method(spec.method))
+    (head, features), errors = run_scorer(
+        scorer, spec, rows["path"].tolist(), batch_size, features=True
+    )
+    _readable(rows, errors)
+    return head, features
+
+
+def fit_decision(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    multi_label: bool,
+    strategy: str,
+    options: dict,
+    feature_score: str = "mahalanobis",
+    knn_k: int = 50,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, FeatureScore | None]:
+    """What tune fits: the feature score (on the known training images, its CDFs on the known
+    validation images), then the thresholds on the validation scores it gives.
+
+    Multi-label data keeps the head's scores (``none``): the feature score's class means
+    need images of one class each.
+    """
+    val_labels = label_targets(val_rows["label"], spec.classes, multi_label)
+    if feature_score != "none" and multi_label:
+        log.warning("tune.feature_score %s is not used on multi-label data", feature_score)
+        feature_score = "none"
+    if feature_score == "none":
+        scores = score_rows(Bundle(model, spec, np.zeros(spec.num_classes)), val_rows, batch_size)
+        return tune_thresholds(scores, val_labels, strategy, **options), None
+    train_known = train_rows[train_rows["label"] != UNKNOWN_LABEL]
+    _, train_features = head_and_features(model, spec, train_known, batch_size)
+    val_head, val_features = head_and_features(model, spec, val_rows, batch_size)
+    fitted = fit_feature_score(
+        feature_score,
+        train_features,
+        label_targets(train_known["label"], spec.classes, False),
+        val_head,
+        val_features,
+        val_labels != UNKNOWN,
+        spec.num_classes,
+        knn_k,
+    )
+    with torch.no_grad():
+        scores = fitted(torch.from_numpy(val_head), torch.from_numpy(val_features)).numpy()
+    return tune_thresholds(scores, val_labels, strategy, **options), fitted
 
 
 def align_classes(
@@ -88,7 +152,7 @@ def evaluate_bundle(
     ``classes``: judge the bundle on this class list instead of its own (see
     :func:`align_classes`), as the promotion gate does with a champion of another class set.
     """
-    scores = score_rows(bundle.model, bundle.spec, rows, batch_size)
+    scores = score_rows(bundle, rows, batch_size)
     thresholds = bundle.thresholds
     if classes is None:
         classes = bundle.spec.classes

@@ -24,8 +24,8 @@ import opensig
 from opensig.data.dataset import model_input
 from opensig.data.scan import UNKNOWN_LABEL
 from opensig.io import atomic_write
-from opensig.methods import Method, get_method
-from opensig.model import ModelSpec
+from opensig.methods import get_method
+from opensig.posthoc import Scorer
 from opensig.predict import Bundle
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,23 @@ INPUT_DOC = (
     "uint8 (N, image_size, image_size, in_chans): the image decoded as RGB (L when in_chans "
     "is 1) and resized to image_size x image_size; normalisation is in the graph"
 )
-OUTPUT_DOC = "float32 (N, K): per-class scores in [0, 1], in the order of classes"
+OUTPUT_DOC = (
+    "float32 (N, K): per-class scores in [0, 1], in the order of classes (the head's, "
+    "times the feature score's when feature_score is not none: both are in the graph)"
+)
 
 
 class ScoringGraph(torch.nn.Module):
-    """Resized uint8 NHWC pixels -> per-class scores, as ``score_sources`` computes them."""
+    """Resized uint8 NHWC pixels -> per-class scores, as ``score_sources`` computes them
+    (the method's head scores, combined with the feature score when the bundle has one)."""
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec) -> None:
+    def __init__(self, bundle: Bundle) -> None:
         super().__init__()
-        self.model = model
-        self.spec = spec
-        self.method: Method = get_method(spec.method)
+        self.spec = bundle.spec
+        self.scorer = Scorer(bundle.model, get_method(bundle.spec.method), bundle.feature_score)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.method.scores(self.model(model_input(images, self.spec, images.device)))
+        return self.scorer(model_input(images, self.spec, images.device))
 
 
 def metadata(bundle: Bundle) -> dict[str, str]:
@@ -69,6 +72,9 @@ def metadata(bundle: Bundle) -> dict[str, str]:
         "mean": spec.mean,
         "std": spec.std,
         "method": spec.method,
+        "feature_score": (
+            bundle.feature_score.describe() if bundle.feature_score else {"kind": "none"}
+        ),
         "backbone": spec.backbone,
         "input": INPUT_DOC,
         "output": OUTPUT_DOC,
@@ -88,7 +94,7 @@ def export_onnx(bundle: Bundle, out: Path) -> Path:
             "pip install 'opensig[export]'"
         ) from None
     spec = bundle.spec
-    graph = ScoringGraph(bundle.model, spec).eval()
+    graph = ScoringGraph(bundle).eval()
     device = next(bundle.model.parameters()).device
     # Batch 2, not 1: torch.export would take a size-1 dimension for a constant.
     sample = torch.zeros(2, spec.image_size, spec.image_size, spec.in_chans, dtype=torch.uint8)

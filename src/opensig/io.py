@@ -7,6 +7,7 @@ changes for a while: deferred signals, environment defaults.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -137,6 +138,12 @@ def _json_safe(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy scalars
         return _json_safe(obj.item())
     return obj
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, read in chunks (weights files can be large)."""
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> Path:

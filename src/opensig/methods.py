@@ -70,6 +70,38 @@ def sample_weights(labels: torch.Tensor, unknown_weight: float) -> torch.Tensor:
     return weights
 
 
+def mix_unknowns(
+    images: torch.Tensor, labels: torch.Tensor, share: float, low: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic unknown images: ``share`` of the batch replaced by blends of two known images
+    of different classes, ``lam * a + (1 - lam) * b`` with ``lam`` uniform in [low, 1 - low],
+    labelled unknown (every method's unknown target: all-zero, the extra class, or uniform).
+
+    Why: the unknowns in the data cover some of what lies between the classes; blends cover
+    more of it at no cost. Draws from torch's global RNG, which the loop seeds per epoch.
+    Returns new tensors; the inputs are not changed.
+    """
+    if share <= 0:
+        return images, labels
+    known = labels.sum(dim=1) > 0 if labels.ndim == 2 else labels != UNKNOWN
+    first = torch.nonzero(known).flatten()
+    first = first[torch.randperm(first.numel(), device=first.device)]
+    second = first.roll(1)  # each image's partner: the next in a random order, never itself
+    different = (
+        (labels[first] != labels[second]).any(dim=1)
+        if labels.ndim == 2
+        else labels[first] != labels[second]
+    )
+    count = min(round(share * labels.shape[0]), int(different.sum()))
+    first, second = first[different][:count], second[different][:count]
+    lam = torch.empty(count, device=images.device).uniform_(low, 1.0 - low)
+    lam = lam.view(-1, *([1] * (images.ndim - 1)))
+    images, labels = images.clone(), labels.clone()
+    images[first] = lam * images[first] + (1.0 - lam) * images[second]
+    labels[first] = 0 if labels.ndim == 2 else UNKNOWN
+    return images, labels
+
+
 def _weighted_mean(per_image: torch.Tensor, labels: torch.Tensor, unknown_weight: float):
     weights = sample_weights(labels, unknown_weight)
     return (per_image * weights).sum() / weights.sum().clamp_min(1e-12)

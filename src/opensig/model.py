@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from opensig.io import atomic_write, link_or_copy, read_json, write_json
+from opensig.io import atomic_write, file_digest, link_or_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,18 @@ def create_model(
                 "not unpickled (it would run code); use a .safetensors file or a state_dict"
             ) from None
         raise
+
+
+def features_and_logits(
+    model: torch.nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate features (N, D) and the logits (N, outputs) of one forward pass.
+
+    timm's split of ``forward``: the pooled features before the classifier, then the
+    classifier on them, so the logits are those ``model(images)`` gives.
+    """
+    features = model.forward_head(model.forward_features(images), pre_logits=True)
+    return features, model.get_classifier()(features)
 
 
 def backbone_problem(backbone: str) -> str | None:
@@ -176,8 +188,7 @@ def model_digest(directory: Path) -> str:
     (another model with the same classes, e.g. another image size, scores differently)."""
     digest = hashlib.sha256()
     for name in (WEIGHTS_FILE, SPEC_FILE):
-        with (check_model_dir(directory) / name).open("rb") as f:
-            digest.update(f"{name}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+        digest.update(f"{name}:{file_digest(check_model_dir(directory) / name)}\n".encode())
     return digest.hexdigest()
 
 

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
 from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
-from opensig.io import atomic_write, env_defaults, read_json, write_json
+from opensig.io import atomic_write, env_defaults, file_digest, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, model_digest, resolve_device
+from opensig.posthoc import FeatureScore, Scorer
 from opensig.progress import image_bar
 from opensig.redaction import redact
 from opensig.thresholds import UNKNOWN, decide, decide_multi
@@ -33,10 +34,64 @@ log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
 MODEL_DIGEST_KEY = "model_sha256"  # in thresholds.json: the model_digest they were tuned for
+FEATURE_SCORE_KEY = "feature_score"  # in thresholds.json: the post-hoc score they were tuned on
+FEATURE_SCORE_FILE = "feature_score.safetensors"  # its statistics, beside thresholds.json
 BUNDLE_DIR = "bundle"  # the folder name inside a logged MLflow model's artifacts
 
 
+def _images(
+    spec: ModelSpec,
+    sources: Sequence[ImageSource],
+    device: torch.device,
+    batch_size: int,
+    num_workers: int | str,
+) -> DataLoader:
+    """Batches of decoded, resized images, decoded in worker processes on GPU so the model
+    does not wait for the files."""
+    dataset = ImageDataset(
+        sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=loader_workers(num_workers, device),
+        pin_memory=device.type == "cuda",
+    )
+
+
 @torch.no_grad()
+def run_scorer(
+    scorer: Scorer,
+    spec: ModelSpec,
+    sources: Sequence[ImageSource],
+    batch_size: int = 256,
+    progress: bool = True,
+    num_workers: int | str = "auto",
+    features: bool = False,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Outputs for images, plus one error string per image ('' if fine): the per-class
+    scores (N, K), or with ``features`` the head scores and the penultimate features.
+
+    Batched, in fp32 (thresholds were tuned on fp32 scores).
+    """
+    device = next(scorer.parameters()).device
+    outputs: list[list[np.ndarray]] = []
+    errors: list[str] = []
+    scorer.eval()
+    loader = _images(spec, sources, device, batch_size, num_workers)
+    with image_bar(len(loader.dataset), "scoring", show=progress) as bar:
+        for batch in loader:
+            images = model_input(batch["image"], spec, device)
+            out = scorer.head_and_features(images) if features else (scorer(images),)
+            outputs.append([o.float().cpu().numpy() for o in out])
+            errors.extend(batch["error"])
+            bar.update(len(batch["error"]))
+    if not outputs:
+        widths = (spec.num_classes, 0) if features else (spec.num_classes,)
+        return [np.zeros((0, w), dtype=np.float32) for w in widths], errors
+    return [np.concatenate(parts) for parts in zip(*outputs, strict=True)], errors
+
+
 def score_sources(
     model: torch.nn.Module,
     spec: ModelSpec,
@@ -44,33 +99,12 @@ def score_sources(
     batch_size: int = 256,
     progress: bool = True,
     num_workers: int | str = "auto",
+    feature_score: FeatureScore | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """Per-class scores (N, K) for images, plus one error string per image ('' if fine).
-
-    Batched, in fp32 (thresholds were tuned on fp32 scores), with decoding in worker
-    processes on GPU so the model does not wait for the files.
-    """
-    device = next(model.parameters()).device
-    method = get_method(spec.method)
-    dataset = ImageDataset(
-        sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=loader_workers(num_workers, device),
-        pin_memory=device.type == "cuda",
-    )
-    scores, errors = [], []
-    model.eval()
-    with image_bar(len(dataset), "scoring", show=progress) as bar:
-        for batch in loader:
-            logits = model(model_input(batch["image"], spec, device))
-            scores.append(method.scores(logits).cpu().numpy())
-            errors.extend(batch["error"])
-            bar.update(len(batch["error"]))
-    empty = np.zeros((0, spec.num_classes), dtype=np.float32)
-    return (np.concatenate(scores) if scores else empty), errors
+    """Per-class scores (N, K) for images, plus one error string per image ('' if fine)."""
+    scorer = Scorer(model, get_method(spec.method), feature_score)
+    (scores,), errors = run_scorer(scorer, spec, sources, batch_size, progress, num_workers)
+    return scores, errors
 
 
 def write_thresholds(
@@ -81,14 +115,24 @@ def write_thresholds(
     options: dict,
     *,
     model_sha256: str,
+    feature_score: FeatureScore | None = None,
 ) -> None:
-    """Thresholds by class, with the ``model_digest`` of the model they were tuned for."""
+    """Thresholds by class, with the ``model_digest`` of the model they were tuned for and
+    the feature score they were tuned on (saved beside, as ``FEATURE_SCORE_FILE``)."""
+    described = None
+    if feature_score is not None:
+        stats = path.parent / FEATURE_SCORE_FILE
+        feature_score.save(stats)
+        described = {**feature_score.describe(), "file": stats.name, "sha256": file_digest(stats)}
+    else:
+        (path.parent / FEATURE_SCORE_FILE).unlink(missing_ok=True)  # no stale statistics
     write_json(
         path,
         {
             "strategy": strategy,
             "options": options,
             MODEL_DIGEST_KEY: model_sha256,
+            FEATURE_SCORE_KEY: described,
             "thresholds": {c: float(v) for c, v in zip(classes, values, strict=True)},
         },
     )
@@ -96,9 +140,10 @@ def write_thresholds(
 
 def read_thresholds(
     path: Path, classes: Sequence[str], model_dir: Path, force: bool = False
-) -> np.ndarray:
-    """Thresholds in the model's class order, once they are known to be this model's: the
-    same classes and, when the file records it, the same model (``--force`` overrides that)."""
+) -> tuple[np.ndarray, FeatureScore | None]:
+    """Thresholds in the model's class order and the feature score they were tuned on, once
+    they are known to be this model's: the same classes and, when the file records it, the
+    same model (``--force`` overrides that)."""
     content = read_json(path)
     by_class = content.get("thresholds") if isinstance(content, dict) else None
     if not isinstance(by_class, dict):
@@ -127,16 +172,45 @@ def read_thresholds(
                 "or --force to use them anyway"
             )
         log.warning("%s; used anyway (--force)", problem)
-    return np.array([by_class[c] for c in classes], dtype=np.float64)
+    values = np.array([by_class[c] for c in classes], dtype=np.float64)
+    return values, _read_feature_score(path, content.get(FEATURE_SCORE_KEY))
+
+
+def decision_files(thresholds: Path) -> list[Path]:
+    """The files a model's decisions depend on besides its weights: the thresholds file and
+    the feature score statistics it names (what register copies and fingerprints)."""
+    described = read_json(thresholds).get(FEATURE_SCORE_KEY)
+    extra = [thresholds.parent / str(described.get("file"))] if described else []
+    return [thresholds, *extra]
+
+
+def _read_feature_score(path: Path, described: dict | None) -> FeatureScore | None:
+    """The statistics file that ``thresholds.json`` names, checked against its digest."""
+    if not described:
+        return None
+    stats = path.parent / str(described.get("file", FEATURE_SCORE_FILE))
+    if stats.parent != path.parent or not stats.is_file():
+        raise FileNotFoundError(
+            f"{path} was tuned on the feature score in {stats}, which is missing; copy it "
+            "beside the thresholds or rerun `opensig tune`"
+        )
+    if described.get("sha256") != file_digest(stats):
+        raise ValueError(
+            f"{stats} is not the feature score {path} was tuned on (sha256 differs); "
+            "rerun `opensig tune`"
+        )
+    return FeatureScore.load(stats)
 
 
 @dataclass
 class Bundle:
-    """A ready-to-use classifier: model, its spec and one threshold per class."""
+    """A ready-to-use classifier: model, its spec, one threshold per class and the feature
+    score the thresholds were tuned on (None: the head's scores as they are)."""
 
     model: torch.nn.Module
     spec: ModelSpec
     thresholds: np.ndarray
+    feature_score: FeatureScore | None = None
 
     @classmethod
     def load(
@@ -156,7 +230,22 @@ class Bundle:
                 f"{thresholds}: no thresholds for model {model_dir}; pass --thresholds "
                 "(e.g. artifacts/thresholds.json) or use a registered model"
             )
-        return cls(model, spec, read_thresholds(thresholds, spec.classes, model_dir, force))
+        values, feature_score = read_thresholds(thresholds, spec.classes, model_dir, force)
+        if feature_score is not None:
+            feature_score.to(next(model.parameters()).device)
+        return cls(model, spec, values, feature_score)
+
+    def score(
+        self,
+        sources: Sequence[ImageSource],
+        batch_size: int = 256,
+        progress: bool = True,
+        num_workers: int | str = "auto",
+    ) -> tuple[np.ndarray, list[str]]:
+        """Per-class scores (N, K), as the thresholds expect them, and per-image errors."""
+        return score_sources(
+            self.model, self.spec, sources, batch_size, progress, num_workers, self.feature_score
+        )
 
     def predict(
         self,
@@ -172,9 +261,7 @@ class Bundle:
         ``multi_label`` adds ``labels``: every class that passes its threshold (``a|b``), or
         'unknown'. ``label`` stays the single best class, so both readings are there.
         """
-        scores, errors = score_sources(
-            self.model, self.spec, sources, batch_size, progress, num_workers
-        )
+        scores, errors = self.score(sources, batch_size, progress, num_workers)
         decided = decide(scores, self.thresholds)
         classes = np.array([*self.spec.classes, UNKNOWN_LABEL], dtype=object)
         labels = classes[np.where(decided == UNKNOWN, len(self.spec.classes), decided)]

@@ -48,11 +48,11 @@ from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig, MonitorConfig
-from opensig.io import env_defaults, write_json
+from opensig.io import env_defaults, file_digest, write_json
 from opensig.model import read_spec
 from opensig.monitoring.log import MONITOR_FILE
 from opensig.plots import picture_tables
-from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, tracking_store
+from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, decision_files, tracking_store
 from opensig.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ DEFAULT_TRACKING_URI = f"{SQLITE_PREFIX}mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"fpr95", "ece"}
 DIGEST_TAG = "bundle_sha256"  # run tag: what makes a re-run find its earlier registration
-BUNDLE_FILES = ("weights.safetensors", "config.json")  # + thresholds.json
+BUNDLE_FILES = ("weights.safetensors", "config.json")  # + decision_files(thresholds)
 TRAIN_SECTIONS = ("data", "model", "train")  # the params a trained model depends on
 LOGGED_SECTIONS = (*TRAIN_SECTIONS, "tune")  # the params a person compares runs by
 EPOCH_METRICS = ("train_loss", "val_loss", "lr", "images_per_s")  # logged with step = epoch
@@ -187,16 +187,12 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def bundle_digest(model_dir: Path, thresholds: Path) -> str:
-    """sha256 over the files a prediction depends on: weights, spec and thresholds."""
+    """sha256 over the files a prediction depends on: weights, spec, thresholds and the
+    feature score they were tuned on."""
     digest = hashlib.sha256()
-    for path in [*(model_dir / name for name in BUNDLE_FILES), thresholds]:
-        with path.open("rb") as f:
-            digest.update(f"{path.name}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    for path in [*(model_dir / name for name in BUNDLE_FILES), *decision_files(thresholds)]:
+        digest.update(f"{path.name}:{file_digest(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -227,7 +223,7 @@ def provenance_tags() -> dict[str, str]:
         if (status := git("status", "--porcelain")) is None
         else str(bool(status)),
         "data_dvc_md5": _data_version(),
-        "dvc_lock_sha256": _file_sha256(Path("dvc.lock")),
+        "dvc_lock_sha256": file_digest(lock) if (lock := Path("dvc.lock")).is_file() else None,
         "dvc_experiment": os.environ.get(DVC_EXP_NAME),
         "opensig_version": opensig.__version__,
     }
@@ -325,7 +321,10 @@ def _bundle_folder(
     absolute: the server runs elsewhere)."""
     bundle = into / BUNDLE_DIR
     shutil.copytree(model_dir, bundle)
-    shutil.copy2(thresholds, bundle / THRESHOLDS_FILE)
+    first, *rest = decision_files(thresholds)
+    shutil.copy2(first, bundle / THRESHOLDS_FILE)
+    for path in rest:  # the feature score, under the name thresholds.json gives it
+        shutil.copy2(path, bundle / path.name)
     if monitor.log_dir:
         log_dir = monitor.log_dir
         if "://" not in log_dir:

@@ -13,7 +13,6 @@ from opensig.config import Config
 from opensig.data.labels_csv import scan_csv
 from opensig.data.manifest import (
     is_multi_label,
-    label_targets,
     read_manifest,
     split_rows,
     write_manifest,
@@ -25,12 +24,11 @@ from opensig.data.split import (
     small_test_warnings,
     split_summary,
 )
-from opensig.evaluation import evaluate_bundle, score_rows
+from opensig.evaluation import evaluate_bundle, fit_decision
 from opensig.io import read_json, write_json
 from opensig.model import load_model_dir, model_digest, read_spec, resolve_device
 from opensig.plots import write_history, write_pictures
 from opensig.predict import Bundle, resolve_model_dir, write_thresholds
-from opensig.thresholds import tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -148,25 +146,31 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
 
 
 def tune(cfg: Config, at: Layout = HERE) -> dict:
-    """Per-class thresholds from the validation split (never from test)."""
+    """The feature score (fitted on train, calibrated on val) and per-class thresholds from
+    the validation split (never from test)."""
     model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
     manifest = read_manifest(at.manifest, cfg.data.root)
-    rows = split_rows(manifest, "val")
-    if rows.empty:
+    val_rows = split_rows(manifest, "val")
+    if val_rows.empty:
         raise ValueError(
             "the val split is empty: thresholds need validation images (raise data.val_fraction)"
         )
-    scores = score_rows(model, spec, rows, cfg.evaluate.batch_size)
     options = {
         "target_precision": cfg.tune.target_precision,
         "value": cfg.tune.fixed_threshold,
         "doc_k": cfg.tune.doc_k,
     }
-    values = tune_thresholds(
-        scores,
-        label_targets(rows["label"], spec.classes, is_multi_label(manifest["label"])),
+    values, feature_score = fit_decision(
+        model,
+        spec,
+        split_rows(manifest, "train"),
+        val_rows,
+        is_multi_label(manifest["label"]),
         cfg.tune.strategy,
-        **options,
+        options,
+        cfg.tune.feature_score,
+        cfg.tune.knn_k,
+        cfg.evaluate.batch_size,
     )
     write_thresholds(
         at.thresholds,
@@ -175,9 +179,11 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
         cfg.tune.strategy,
         options,
         model_sha256=model_digest(at.model_dir),
+        feature_score=feature_score,
     )
     return {
         "strategy": cfg.tune.strategy,
+        "feature_score": feature_score.describe() if feature_score else None,
         "thresholds": dict(zip(spec.classes, values.tolist(), strict=True)),
     }
 

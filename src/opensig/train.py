@@ -46,7 +46,7 @@ from opensig.data.dataset import (
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.data.split import small_train_warning
 from opensig.io import signals_deferred
-from opensig.methods import Method, get_method, sample_weights
+from opensig.methods import Method, get_method, mix_unknowns, sample_weights
 from opensig.model import (
     ModelSpec,
     build_spec,
@@ -550,6 +550,8 @@ def _train_epoch(
         _check_readable(batch)
         images = model_input(batch["image"], spec, device, cfg.train.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
+        if method.uses_unknown:
+            images, labels = mix_unknowns(images, labels, cfg.train.mixed_unknowns)
         with autocast:
             logits = model(images)
         loss = method.loss(logits, labels, **loss_kwargs)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -186,6 +187,81 @@ def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
     by_bytes = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))
     assert by_path["label"].iloc[0] == by_bytes["label"].iloc[0]
     assert by_path["score_3"].iloc[0] == pytest.approx(by_bytes["score_3"].iloc[0])
+
+
+def test_served_model_decides_the_test_split_exactly_as_evaluate_did(in_pipeline: Path) -> None:
+    """The feature score fitted in tune travels with the model: the bundle reloaded from
+    disk and the registered pyfunc give evaluate's decisions, image for image."""
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.evaluation import evaluate_bundle
+    from opensig.predict import Bundle
+
+    described = json.loads(Path("artifacts/thresholds.json").read_text())["feature_score"]
+    assert described["kind"] == load_config().tune.feature_score == "mahalanobis"
+    assert Path("artifacts", described["file"]).is_file()
+    rows = split_rows(read_manifest(Path("artifacts/manifest.parquet"), Path("data")), "test")
+    evaluation = evaluate_bundle(
+        Bundle.load(Path("artifacts/model"), Path("artifacts/thresholds.json")), rows
+    )
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    assert evaluation.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    expected = [evaluation.classes[k] if k >= 0 else "unknown" for k in evaluation.preds]
+    served = mlflow.pyfunc.load_model("models:/opensig@champion")
+    answers = served.predict(pd.DataFrame({"path": [str(p) for p in rows["path"]]}))
+    assert answers["label"].tolist() == expected
+    for k, name in enumerate(evaluation.classes):
+        assert answers[f"score_{name}"].to_numpy() == pytest.approx(evaluation.scores[:, k])
+
+
+@pytest.mark.parametrize("feature_score", ["mahalanobis", "knn"])
+def test_onnx_graph_computes_the_feature_score_as_opensig_does(
+    in_pipeline: Path, tmp_path: Path, feature_score: str
+) -> None:
+    """The trained model, with each feature score fitted as tune fits it, exported: ONNX
+    Runtime gives opensig's scores and, with the stored thresholds, its decisions."""
+    ort = pytest.importorskip("onnxruntime", reason="pip install 'opensig[export]'")
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.evaluation import fit_decision
+    from opensig.export import export_onnx
+    from opensig.model import load_model_dir
+    from opensig.predict import Bundle, write_thresholds
+    from opensig.thresholds import UNKNOWN, decide
+    from tests.test_export import pixels
+
+    manifest = read_manifest(Path("artifacts/manifest.parquet"), Path("data"))
+    model, spec = load_model_dir(Path("artifacts/model"))
+    values, fitted = fit_decision(
+        model,
+        spec,
+        split_rows(manifest, "train"),
+        split_rows(manifest, "val"),
+        False,
+        "f1",
+        {},
+        feature_score,
+    )
+    folder = tmp_path / "model"
+    shutil.copytree("artifacts/model", folder)
+    write_thresholds(
+        folder / "thresholds.json",
+        spec.classes,
+        values,
+        "f1",
+        {},
+        model_sha256=model_digest(folder),
+        feature_score=fitted,
+    )
+    bundle = Bundle.load(folder)
+    images = [Path(p) for p in split_rows(manifest, "test")["path"]]
+    scores, _ = bundle.score(images, progress=False)
+    session = ort.InferenceSession(str(export_onnx(bundle, tmp_path / "m.onnx")))
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert meta["feature_score"]["kind"] == feature_score
+    onnx_scores = session.run(None, {"images": pixels(bundle, images)})[0]
+    np.testing.assert_allclose(onnx_scores, scores, atol=1e-4)
+    decided = decide(onnx_scores, np.array(meta["thresholds"]))
+    labels = [spec.classes[k] if k != UNKNOWN else "unknown" for k in decided]
+    assert labels == bundle.predict(images, progress=False)["label"].tolist()
 
 
 def test_second_registration_keeps_champion_unless_better(in_pipeline: Path) -> None:

@@ -1,20 +1,24 @@
-"""Open-set benchmark: every training method on one data set and split, at the same budget.
+"""Open-set benchmark: every training method and feature score on one data set, same budget.
 
-Each (method, seed) run goes through the same train -> tune -> evaluate code as the
-pipeline, in a folder of its own, and is logged as an MLflow run in one experiment so the
-MLflow UI compares them side by side. The summary is a Markdown and a JSON table.
+Each (method, seed) run trains once through the pipeline's train stage, then goes through
+tune -> evaluate once per feature score (``none``: the head's scores alone; ``mahalanobis``,
+``knn``: the post-hoc scores of :mod:`opensig.posthoc`), each in a folder of its own and
+logged as an MLflow run in one experiment, so the MLflow UI compares them side by side. The
+summary is a Markdown and a JSON table.
 
 Fashion-MNIST protocol: known = T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal; unknown
 in training = Shirt, Sneaker; novel unknowns (test only) = Bag, Ankle boot. Train/val come
 from the official train set (``per_class`` images per class, split 85/15 by content hash),
-test is the official test set of all ten classes.
+test is the official test set of all ten classes. ``splits`` > 0 replaces the fixed split
+of the classes by that many random ones (6 known / 2 unknown in training / 2 novel, drawn
+from a seeded generator), as open-set papers do with CIFAR-10's 6/4 splits.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from opensig.data.scan import UNKNOWN_LABEL, scan_folder
 from opensig.data.split import assign_splits
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import METHODS
+from opensig.posthoc import FEATURE_SCORES
 from opensig.stages import Layout, evaluate, train, tune
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,34 @@ COLUMNS = {  # result key -> table header
     "train_seconds": "train s",
 }
 HFLIP = {"fashion-mnist": True, "digits": False}  # digits are not mirror-symmetric
+ROW = ["method", "feature_score"]  # what a table row is: a training method and a score
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """Which classes are known, unknown in training, and novel (test only)."""
+
+    known: tuple[str, ...]
+    unknown: tuple[str, ...]
+    novel: tuple[str, ...]
+
+
+PROTOCOL = {
+    "fashion-mnist": ClassSplit(demo.FASHION_KNOWN, ("shirt", "sneaker"), demo.FASHION_HOLDOUT),
+    "digits": ClassSplit(demo.DIGITS_KNOWN, ("6", "7"), demo.DIGITS_HOLDOUT),
+}
+ALL_CLASSES = {"fashion-mnist": demo.FASHION_CLASSES, "digits": demo.DIGITS_CLASSES}
+
+
+def class_splits(classes: tuple[str, ...], count: int, seed: int = 0) -> list[ClassSplit]:
+    """``count`` random 6/2/2 splits of ten classes, the i-th drawn with seed (seed, i): the
+    same splits on every machine, and adding splits keeps the earlier ones."""
+    splits = []
+    for index in range(count):
+        order = np.random.default_rng([seed, index]).permutation(len(classes))
+        chosen = [tuple(sorted(classes[i] for i in part)) for part in np.split(order, [6, 8])]
+        splits.append(ClassSplit(*chosen))
+    return splits
 
 
 @dataclass
@@ -49,6 +82,8 @@ class BenchOptions:
     dataset: str = "fashion-mnist"
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    feature_scores: list[str] = field(default_factory=lambda: list(FEATURE_SCORES))
+    splits: int = 0  # 0: the fixed protocol; N: N random class splits
     epochs: int = 8
     backbone: str = "resnet18"
     image_size: int = 28
@@ -60,104 +95,182 @@ class BenchOptions:
     work: Path = Path("bench/work")
     out: Path = Path("bench/results")
 
+    def check(self) -> None:
+        """Refuse a bad option before anything runs (a typo must not cost a training)."""
+        if self.dataset not in PROTOCOL:
+            raise ValueError(f"--dataset {self.dataset!r}: use one of {sorted(PROTOCOL)}")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--method: unknown {unknown}; choose from {list(METHODS)}")
+        scores = sorted(set(self.feature_scores) - set(FEATURE_SCORES))
+        if scores or not self.feature_scores:
+            raise ValueError(f"--feature-score: {scores}; choose from {list(FEATURE_SCORES)}")
+        if self.splits < 0 or not self.seeds:
+            raise ValueError("--splits must be 0 or more and --seeds at least 1")
 
-def prepare_manifest(opts: BenchOptions) -> pd.DataFrame:
+
+def prepare_manifest(opts: BenchOptions, split: ClassSplit, work: Path) -> pd.DataFrame:
     """Write the data set under ``work/data`` and split it by the protocol."""
-    data = opts.work / "data"
+    data = work / "data"
     shutil.rmtree(data, ignore_errors=True)
     if opts.dataset == "digits":
-        demo.write_digits(data)
+        demo.write_digits(data, known=split.known)
         records = scan_folder(data).records
-        return assign_splits(records, 0.15, 0.15, demo.DIGITS_HOLDOUT)
-    if opts.dataset != "fashion-mnist":
-        raise ValueError(f"--dataset {opts.dataset!r}: use fashion-mnist or digits")
-    trained = [c for c in demo.FASHION_CLASSES if c not in demo.FASHION_HOLDOUT]
+        return assign_splits(records, 0.15, 0.15, list(split.novel))
     demo.write_fashion_mnist(
-        data / "train", per_class=opts.per_class, parts=("train",), classes=trained
+        data / "train",
+        per_class=opts.per_class,
+        parts=("train",),
+        classes=split.known + split.unknown,
+        known=split.known,
     )
-    demo.write_fashion_mnist(data / "test", per_class=opts.test_per_class, parts=("test",))
+    demo.write_fashion_mnist(
+        data / "test", per_class=opts.test_per_class, parts=("test",), known=split.known
+    )
     train_val = assign_splits(scan_folder(data / "train").records, 0.15, 0.0, [])
     test = scan_folder(data / "test").records.assign(split="test")
-    test["novel"] = (test["label"] == UNKNOWN_LABEL) & test["source"].isin(demo.FASHION_HOLDOUT)
+    test["novel"] = (test["label"] == UNKNOWN_LABEL) & test["source"].isin(split.novel)
     return pd.concat([train_val, test], ignore_index=True)
 
 
-def run_config(base: Config, opts: BenchOptions, method: str, seed: int) -> Config:
-    """The user's params with only the benchmark's shared budget and the method changed."""
-    raw = budget_params(base, opts)
+def run_config(
+    base: Config,
+    opts: BenchOptions,
+    method: str,
+    seed: int,
+    work: Path,
+    feature_score: str | None = None,
+) -> Config:
+    """The user's params with only the benchmark's shared budget, the method and the feature
+    score changed; the data are those ``prepare_manifest`` wrote under ``work``."""
+    raw = budget_params(base, opts)  # one decode cache for every split: keyed by content
     raw["train"].update(method=method, seed=seed)
     raw["train"]["augment"]["hflip"] = HFLIP[opts.dataset]
-    raw["data"]["root"] = str(opts.work / "data")  # where prepare_manifest wrote the images
+    if feature_score is not None:
+        raw["tune"]["feature_score"] = feature_score
+    raw["data"]["root"] = str(work / "data")
     raw["mlflow"]["experiment"] = f"opensig-bench-{opts.dataset}"
     return parse_config(raw)
 
 
-def run_one(cfg: Config, manifest: Path, run_dir: Path) -> dict:
-    """Train, tune on val, evaluate on test; log one MLflow run (named, with its pictures, as
-    a pipeline run is). Returns flat results."""
+def run_one(
+    cfg: Config, manifest: Path, run_dir: Path, feature_scores: list[str], tags: dict[str, str]
+) -> list[dict]:
+    """Train once; then tune on val and evaluate on test with each feature score, each
+    logged as an MLflow run (the first into the training's own run). Flat results, one per
+    feature score."""
     from opensig.registry import flatten, logged_run
 
     at = Layout.under(run_dir)
     at.manifest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(manifest, at.manifest)
     train(cfg, at)
-    tune(cfg, at)
-    metrics = evaluate(cfg, at)
-    metrics["train_seconds"] = read_json(at.train_report)["seconds"]
-    tags = {"bench": "openset", "method": cfg.train.method, "seed": str(cfg.train.seed)}
-    with logged_run(
-        cfg,
-        metrics,
-        [*sorted(at.plots.glob("*.png")), at.metrics, at.train_report, at.thresholds],
-        tags=tags,
-        run_id=read_json(at.train_report)["mlflow_run_id"],  # the run training logged to
-    ):
-        pass
-    return flatten(metrics)
+    report = read_json(at.train_report)
+    rows = []
+    for index, score in enumerate(feature_scores):
+        scored = parse_config(
+            {
+                **cfg.model_dump(mode="json"),
+                "tune": {**cfg.tune.model_dump(), "feature_score": score},
+            }
+        )
+        folder = run_dir / f"score-{score}"
+        variant = replace(
+            at,
+            thresholds=folder / "thresholds.json",
+            metrics=folder / "metrics.json",
+            plots=folder / "plots",
+        )
+        tune(scored, variant)
+        metrics = evaluate(scored, variant)
+        metrics["train_seconds"] = report["seconds"]
+        run_tags = {**tags, "method": cfg.train.method, "seed": str(cfg.train.seed)}
+        with logged_run(
+            scored,
+            metrics,
+            [*sorted(variant.plots.glob("*.png")), variant.metrics, at.train_report],
+            tags={**run_tags, "feature_score": score},
+            run_id=report["mlflow_run_id"] if index == 0 else None,  # the run training logged
+        ):
+            pass
+        rows.append({"feature_score": score, **flatten(metrics)})
+    return rows
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds, one row per method (in run order)."""
-    grouped = results.groupby("method", sort=False)[list(COLUMNS)]
+    """Mean and standard deviation over seeds (and class splits), one row per method and
+    feature score, in run order."""
+    grouped = results.groupby(ROW, sort=False)[list(COLUMNS)]
     return grouped.mean().join(grouped.std(ddof=0).add_suffix("_std"))
 
 
-def to_markdown(summary: pd.DataFrame, n_seeds: int) -> str:
+def to_markdown(summary: pd.DataFrame, n_runs: int, default: tuple[str, str] | None = None) -> str:
+    """The table; ``default`` (method, feature score) is the row marked as opensig's."""
+
     def cell(row: pd.Series, key: str) -> str:
         digits = 0 if key == "train_seconds" else 3
         text = f"{row[key]:.{digits}f}"
-        return f"{text} ± {row[key + '_std']:.{digits}f}" if n_seeds > 1 else text
+        return f"{text} ± {row[key + '_std']:.{digits}f}" if n_runs > 1 else text
 
     lines = [
-        "| method | " + " | ".join(COLUMNS.values()) + " |",
-        "| --- |" + " ---: |" * len(COLUMNS),
+        "| method | feature score | " + " | ".join(COLUMNS.values()) + " |",
+        "| --- | --- |" + " ---: |" * len(COLUMNS),
+    ]
+    for (method, score), row in summary.iterrows():
+        name = f"**{method}** (opensig default)" if (method, score) == default else method
+        lines.append(f"| {name} | {score} | " + " | ".join(cell(row, k) for k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def splits_markdown(splits: list[ClassSplit]) -> str:
+    """The class splits a table was measured on."""
+    lines = [
+        "| split | known | unknown in training | novel (test only) |",
+        "| --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {method} | " + " | ".join(cell(row, k) for k in COLUMNS) + " |"
-        for method, row in summary.iterrows()
+        f"| {i} | {', '.join(s.known)} | {', '.join(s.unknown)} | {', '.join(s.novel)} |"
+        for i, s in enumerate(splits)
     ]
     return "\n".join(lines) + "\n"
 
 
-def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
-    """Every method x seed; writes ``openset_<dataset>.{json,md}`` under ``opts.out``."""
-    unknown = sorted(set(opts.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    manifest = opts.work / "manifest.parquet"
-    write_manifest(prepare_manifest(opts), manifest)
+def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
+    """Every split x seed x method x feature score; writes ``openset_<dataset>.{json,md}``
+    (``openset_<dataset>_splits.{json,md}`` with class splits) under ``opts.out``.
+    Returns the summary and its Markdown."""
+    opts.check()
+    splits = (
+        class_splits(ALL_CLASSES[opts.dataset], opts.splits)
+        if opts.splits
+        else [PROTOCOL[opts.dataset]]
+    )
     rows = []
-    for seed in opts.seeds:
-        for method in opts.methods:
-            log.info("bench %s: %s, seed %d", opts.dataset, method, seed)
-            cfg = run_config(base, opts, method, seed)
-            result = run_one(cfg, manifest, opts.work / "runs" / f"{method}-seed{seed}")
-            rows.append({"method": method, "seed": seed, **result})
+    for index, split in enumerate(splits):
+        work = opts.work / f"split{index}" if opts.splits else opts.work
+        manifest = work / "manifest.parquet"
+        write_manifest(prepare_manifest(opts, split, work), manifest)
+        for seed in opts.seeds:
+            for method in opts.methods:
+                log.info("bench %s split %d: %s, seed %d", opts.dataset, index, method, seed)
+                cfg = run_config(base, opts, method, seed, work)
+                tags = {
+                    "bench": "openset",
+                    "class_split": str(index),
+                    "known": ",".join(split.known),
+                }
+                for result in run_one(
+                    cfg, manifest, work / "runs" / f"{method}-seed{seed}", opts.feature_scores, tags
+                ):
+                    rows.append({"split": index, "method": method, "seed": seed, **result})
     results = pd.DataFrame(rows)
     summary = summarise(results)
     meta = {
         "dataset": opts.dataset,
         "seeds": opts.seeds,
+        "class_splits": [vars(s) for s in splits],
+        "random_splits": opts.splits > 0,
+        "feature_scores": opts.feature_scores,
         "epochs": opts.epochs,
         "backbone": opts.backbone,
         "image_size": opts.image_size,
@@ -167,9 +280,10 @@ def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
         "test_per_class": opts.test_per_class,
         "device": opts.device,
         "train_defaults": base.model_dump(mode="json")["train"],
+        "tune_defaults": base.model_dump(mode="json")["tune"],
         **environment(),
     }
-    stem = opts.out / f"openset_{opts.dataset}"
+    stem = opts.out / (f"openset_{opts.dataset}" + ("_splits" if opts.splits else ""))
     write_json(
         stem.with_suffix(".json"),
         {
@@ -178,6 +292,9 @@ def run_openset(base: Config, opts: BenchOptions) -> pd.DataFrame:
             "runs": results.replace({np.nan: None}).to_dict(orient="records"),
         },
     )
-    table = to_markdown(summary, len(opts.seeds))
+    default = (base.train.method, base.tune.feature_score)
+    table = to_markdown(summary, len(splits) * len(opts.seeds), default)
+    if opts.splits:
+        table += "\nClass splits:\n\n" + splits_markdown(splits)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
-    return summary
+    return summary, table

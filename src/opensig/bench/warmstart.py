@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opensig.bench import environment
-from opensig.bench.openset import BenchOptions, prepare_manifest, run_config
+from opensig.bench.openset import PROTOCOL, BenchOptions, prepare_manifest, run_config
 from opensig.config import Config, parse_config
 from opensig.data.manifest import read_manifest, split_rows, write_manifest
 from opensig.evaluation import evaluate_bundle
@@ -52,13 +52,13 @@ def run_training(cfg: Config, manifest: Path, run_dir: Path) -> dict:
 
 def run_warm_start(base: Config, opts: WarmStartOptions) -> dict:
     """The champion, the scratch run and the warm runs; writes ``warm_start.{json,md}``."""
-    rows = prepare_manifest(opts)
+    rows = prepare_manifest(opts, PROTOCOL[opts.dataset], opts.work)
     if opts.added not in set(rows["label"]):
         raise ValueError(f"--added {opts.added!r} is not a known class of {opts.dataset}")
     before, after = opts.work / "before.parquet", opts.work / "after.parquet"
     write_manifest(rows[rows["label"] != opts.added], before)
     write_manifest(rows, after)
-    cfg = run_config(base, opts, "sigmoid_bce", opts.seeds[0])
+    cfg = run_config(base, opts, "sigmoid_bce", opts.seeds[0], opts.work)
     log.info("champion: %d epochs without %s", opts.epochs, opts.added)
     champion = run_training(cfg, before, opts.work / "champion")
     scratch = run_training(cfg, after, opts.work / "scratch")

@@ -23,7 +23,8 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-DIGITS_KNOWN = range(6)
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
+DIGITS_KNOWN = DIGITS_CLASSES[:6]
 DIGITS_HOLDOUT = ("8", "9")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -64,11 +65,12 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     path.write_bytes(_png_bytes(pixels))
 
 
-def write_digits(out: Path) -> dict[str, int]:
+def write_digits(out: Path, known: Sequence[str] = DIGITS_KNOWN) -> dict[str, int]:
     """Write scikit-learn's bundled 8x8 digits (1797 images) as 32x32 PNGs under `out`.
 
-    Digits 0..5 are the known classes; 6..9 go to `unknown/<digit>/`, so each digit is an
-    unknown source: train on 6 and 7, hold out 8 and 9 (`holdout_unknown: ["8", "9"]`).
+    Digits 0..5 are the known classes (or ``known``); the others go to `unknown/<digit>/`, so
+    each digit is an unknown source: train on 6 and 7, hold out 8 and 9
+    (`holdout_unknown: ["8", "9"]`).
     Returns the number of images per folder, e.g. {"known/0": 178, ..., "unknown/9": 180}.
     """
     from sklearn.datasets import load_digits  # heavy import, only needed here
@@ -77,7 +79,7 @@ def write_digits(out: Path) -> dict[str, int]:
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     counts: Counter[str] = Counter()
     for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
-        folder = f"known/{target}" if int(target) in DIGITS_KNOWN else f"unknown/{target}"
+        folder = f"known/{target}" if str(target) in known else f"unknown/{target}"
         big = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.NEAREST))
         _write_png(Path(out) / folder / f"digit_{index:04d}.png", big)
         counts[folder] += 1
@@ -103,7 +105,7 @@ def write_digit_pairs(out: Path, n: int = 1500, seed: int = 0) -> dict[str, int]
         big = np.asarray(Image.fromarray(pair).resize((64, 32), Image.Resampling.NEAREST))
         name = f"pairs/pair_{index:04d}.png"
         _write_png(Path(out) / name, big)
-        known = sorted({int(digits.target[i]) for i in (a, b)} & set(DIGITS_KNOWN))
+        known = sorted({str(digits.target[i]) for i in (a, b)} & set(DIGITS_KNOWN))
         rows.append(f"{name},{'|'.join(map(str, known))}")
         counts[("unknown", "single", "multi")[len(known)]] += 1
     (Path(out) / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
@@ -147,6 +149,7 @@ def write_fashion_mnist(
     per_class: int | None = 1000,
     parts: Sequence[str] = ("train", "test"),
     classes: Sequence[str] = FASHION_CLASSES,
+    known: Sequence[str] = FASHION_KNOWN,
 ) -> dict[str, int]:
     """Write Fashion-MNIST as 28x28 PNGs under `out`, `per_class` images of each class.
 
@@ -155,7 +158,8 @@ def write_fashion_mnist(
     unknown sources: shirt and sneaker (trained on), bag and ankle_boot (to hold out). Files
     are named `<train|test>_<index in that file:05d>.png`. Returns the images per folder.
     `parts` and `classes` select official files and classes (the open-set benchmark writes
-    the official train and test sets to separate folders).
+    the official train and test sets to separate folders); ``known`` which classes are
+    known, the others being unknown sources (the benchmark's random class splits).
     """
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be a positive number or None, got {per_class}")
@@ -179,7 +183,7 @@ def write_fashion_mnist(
             name = FASHION_CLASSES[label]
             if name not in classes:
                 continue
-            folder = f"known/{name}" if name in FASHION_KNOWN else f"unknown/{name}"
+            folder = f"known/{name}" if name in known else f"unknown/{name}"
             if per_class is not None and counts[folder] >= per_class:
                 continue
             _write_png(Path(out) / folder / f"{part}_{index:05d}.png", image)

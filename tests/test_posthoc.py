@@ -1,0 +1,158 @@
+"""Post-hoc feature scores: hand-computed values, scipy's Mahalanobis distance, the combined
+score's promises (argmax kept, [0, 1]), and the safetensors round trip."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy.spatial.distance import mahalanobis
+
+from opensig.posthoc import (
+    FeatureScore,
+    class_means,
+    ecdf,
+    fit_feature_score,
+    normalise,
+    reference,
+    whitening,
+)
+
+
+def test_class_means_by_hand_and_missing_class() -> None:
+    features = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 4.0]])
+    assert class_means(features, np.array([0, 0, 1]), 2).tolist() == [[1.0, 0.0], [4.0, 4.0]]
+    with pytest.raises(ValueError, match=r"classes \[2\].*tune.feature_score: none"):
+        class_means(features, np.array([0, 0, 1]), 3)
+
+
+def test_whitened_distance_is_scipys_mahalanobis_with_the_pooled_covariance() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    features = rng.normal(size=(120, 4)) @ rng.normal(size=(4, 4)) + labels[:, None] * 3.0
+    means = class_means(features, labels, 3)
+    residuals = features - means[labels]
+    inverse = np.linalg.inv(residuals.T @ residuals / len(features))
+    whiten = whitening(features, labels, means)
+    point = rng.normal(size=4)
+    for mean in means:
+        by_hand = mahalanobis(point, mean, inverse) ** 2
+        assert np.sum(((point - mean) @ whiten) ** 2) == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_whitening_drops_directions_without_variance() -> None:
+    # every image has 0 in the last coordinate: no variance there, and no infinite distance
+    features = np.array([[0.0, 0.0], [2.0, 0.0], [5.0, 0.0], [7.0, 0.0]])
+    labels = np.array([0, 0, 1, 1])
+    whiten = whitening(features, labels, class_means(features, labels, 2))
+    assert whiten.shape == (2, 1)
+    assert np.isfinite(whiten).all()
+    assert np.sum((np.array([3.0, 0.0]) - [1.0, 0.0]) @ whiten) ** 2 == pytest.approx(4.0)
+
+
+def test_ecdf_by_hand() -> None:
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    values = torch.tensor([0.0, 1.0, 2.5, 3.0, 4.0])
+    tail = math.exp(-1.5)  # the tails' scale is the mean gap, (3 - 1) / 3: 1 away is 1.5 scales
+    expected = [tail / 4, 1 / 4, (1 + 1.5) / 4, 3 / 4, (3 + 1 - tail) / 4]
+    assert ecdf(values, ref).tolist() == pytest.approx(expected)
+
+
+def test_ecdf_is_continuous_and_increasing() -> None:
+    ref = torch.tensor([-2.0, 0.0, 0.5, 1.0, 5.0])
+    values = torch.linspace(-10, 10, 2001)
+    levels = ecdf(values, ref)
+    assert (levels > 0).all() and (levels < 1).all()
+    assert (levels[1:] > levels[:-1]).all()
+    assert (levels[1:] - levels[:-1]).max() < 0.01  # no step: a small change moves it little
+
+
+def test_reference_keeps_all_values_or_quantiles() -> None:
+    assert reference(np.array([3.0, 1.0, 2.0])).tolist() == [1.0, 2.0, 3.0]
+    many = reference(np.arange(101.0), max_points=11)
+    assert many.tolist() == pytest.approx(np.arange(0.0, 101.0, 10.0).tolist())
+    with pytest.raises(ValueError, match="at least one"):
+        reference(np.array([]))
+
+
+def test_normalise_keeps_zero_rows() -> None:
+    assert normalise(np.array([[3.0, 4.0], [0.0, 0.0]])).tolist() == [[0.6, 0.8], [0.0, 0.0]]
+
+
+def _score(kind: str, **tensors: list) -> FeatureScore:
+    refs = {"head_ref": [0.2, 0.6, 0.9], "feature_ref": [-4.0, -1.0, 0.0]}
+    values = {name: torch.tensor(v) for name, v in {**refs, **tensors}.items()}
+    return FeatureScore(kind, values, k=2)
+
+
+def test_mahalanobis_known_score_by_hand() -> None:
+    # identity whitening: minus the squared Euclidean distance to the nearest class centre
+    score = _score("mahalanobis", whiten=[[1.0, 0.0], [0.0, 1.0]], centres=[[0.0, 0.0], [4.0, 0]])
+    features = torch.tensor([[1.0, 1.0], [4.0, 3.0], [2.0, 0.0]])
+    assert score.known_score(features).tolist() == [-2.0, -9.0, -4.0]
+
+
+def test_knn_known_score_is_the_kth_cosine_similarity() -> None:
+    bank = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    score = _score("knn", bank=bank)
+    # (2, 0) -> unit (1, 0): similarities 1, 0, 0.6 -> 2nd highest 0.6
+    # (0, 5) -> unit (0, 1): similarities 0, 1, 0.8 -> 2nd highest 0.8
+    assert score.known_score(torch.tensor([[2.0, 0.0], [0.0, 5.0]])).tolist() == pytest.approx(
+        [0.6, 0.8]
+    )
+
+
+def test_combined_score_by_hand_keeps_the_argmax_and_stays_in_0_1() -> None:
+    score = _score("mahalanobis", whiten=[[1.0, 0.0], [0.0, 1.0]], centres=[[0.0, 0.0]])
+    head = torch.tensor([[0.3, 0.95], [0.7, 0.5]])
+    features = torch.tensor([[0.0, 0.0], [2.0, 0.0]])  # known scores 0 and -4
+    combined = score(head, features)
+    # head refs 0.2, 0.6, 0.9 (tail scale 0.7 / 3); feature refs -4, -1, 0
+    # image 0: top 0.95 is past the last head ref: (1 + 2 + 1 - exp(-0.05 / (0.7 / 3))) / 4;
+    # its known score 0 is the last feature ref: (1 + 2) / 4
+    level0 = (4 - math.exp(-0.05 / (0.7 / 3))) / 4 * 3 / 4
+    # image 1: top 0.7 is a third into the second gap: (1 + 1 + 1 / 3) / 4; known score -4
+    # is the first feature ref: 1 / 4
+    level1 = (2 + 1 / 3) / 4 * 1 / 4
+    expected = [[0.3 / 0.95 * level0, level0], [level1, 0.5 / 0.7 * level1]]
+    np.testing.assert_allclose(combined.numpy(), expected, rtol=1e-5)
+    assert (combined.argmax(dim=1) == head.argmax(dim=1)).all()
+    assert ((combined > 0) & (combined < 1)).all()
+
+
+def test_saved_and_loaded_scores_alike(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 30)
+    features = rng.normal(size=(60, 8)) + labels[:, None]
+    val_features = rng.normal(size=(20, 8))
+    val_head = rng.uniform(size=(20, 2))
+    for kind in ("mahalanobis", "knn"):
+        fitted = fit_feature_score(
+            kind, features, labels, val_head, val_features, np.arange(20) < 15, 2, k=5
+        )
+        path = tmp_path / f"{kind}.safetensors"
+        fitted.save(path)
+        loaded = FeatureScore.load(path)
+        assert loaded.describe() == fitted.describe()
+        head, feats = torch.from_numpy(val_head).float(), torch.from_numpy(val_features).float()
+        assert torch.equal(loaded(head, feats), fitted(head, feats))
+        assert fitted.head_ref.numel() == 15  # the known validation images only
+
+
+def test_fit_and_load_refuse_what_they_cannot_use(tmp_path: Path) -> None:
+    features, labels = np.eye(4), np.array([0, 0, 1, 1])
+    head = np.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match="no image of a known class"):
+        fit_feature_score("mahalanobis", features, labels, head, features, np.zeros(4), 2)
+    with pytest.raises(ValueError, match="knn_k"):
+        fit_feature_score("knn", features, labels, head, features, np.ones(4), 2, k=0)
+    with pytest.raises(ValueError, match="feature_score 'cosine'"):
+        fit_feature_score("cosine", features, labels, head, features, np.ones(4), 2)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not an opensig feature score file"):
+        FeatureScore.load(other)
