@@ -3,7 +3,9 @@ score's promises (argmax kept, [0, 1]), and the safetensors round trip."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,39 @@ def test_fit_and_load_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not an opensig feature score file"):
         FeatureScore.load(other)
+
+
+def test_thresholds_file_names_its_feature_score_and_refuses_another(
+    untrained_bundle: Path, tmp_path: Path
+) -> None:
+    from opensig.model import model_digest
+    from opensig.predict import FEATURE_SCORE_FILE, THRESHOLDS_FILE, Bundle, write_thresholds
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(untrained_bundle, folder)
+    thresholds, stats = folder / THRESHOLDS_FILE, folder / FEATURE_SCORE_FILE
+    classes, digest = ["0", "1", "2"], model_digest(folder)
+    write_thresholds(thresholds, classes, [0.5] * 3, "fixed", {}, model_sha256=digest)
+    assert stats.is_file() and Bundle.load(folder).feature_score is None  # an empty file
+
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(30, 512)), np.arange(30) % 3
+    fitted = fit_feature_score(
+        "mahalanobis", features, labels, rng.uniform(size=(30, 3)), features, labels >= 0, 3
+    )
+    write_thresholds(
+        thresholds, classes, [0.5] * 3, "fixed", {}, model_sha256=digest, feature_score=fitted
+    )
+    assert json.loads(thresholds.read_text())["feature_score"]["kind"] == "mahalanobis"
+    loaded = Bundle.load(folder).feature_score
+    assert loaded is not None and torch.equal(loaded.whiten, fitted.whiten)
+
+    other = fit_feature_score(
+        "knn", features, labels, rng.uniform(size=(30, 3)), features, labels >= 0, 3
+    )
+    other.save(stats)  # statistics that are not the ones the thresholds were tuned on
+    with pytest.raises(ValueError, match=r"not the feature score .* was tuned on"):
+        Bundle.load(folder)
+    stats.unlink()
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        Bundle.load(folder)

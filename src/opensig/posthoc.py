@@ -163,6 +163,11 @@ class FeatureScore(torch.nn.Module):
         return {"kind": self.kind, **({"k": self.k} if self.kind == "knn" else {})}
 
 
+def save_empty_score(path: Path) -> None:
+    """The file of ``tune.feature_score: none``: no statistics, so nothing stale is left."""
+    atomic_write(path, lambda tmp: save_file({}, str(tmp), metadata={"kind": "none"}))
+
+
 def fit_feature_score(
     kind: str,
     train_features: np.ndarray,

@@ -25,7 +25,7 @@ from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
 from opensig.io import atomic_write, env_defaults, file_digest, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, model_digest, resolve_device
-from opensig.posthoc import FeatureScore, Scorer
+from opensig.posthoc import FeatureScore, Scorer, save_empty_score
 from opensig.progress import image_bar
 from opensig.redaction import redact
 from opensig.thresholds import UNKNOWN, decide, decide_multi
@@ -119,13 +119,13 @@ def write_thresholds(
 ) -> None:
     """Thresholds by class, with the ``model_digest`` of the model they were tuned for and
     the feature score they were tuned on (saved beside, as ``FEATURE_SCORE_FILE``)."""
+    stats = path.parent / FEATURE_SCORE_FILE
     described = None
     if feature_score is not None:
-        stats = path.parent / FEATURE_SCORE_FILE
         feature_score.save(stats)
         described = {**feature_score.describe(), "file": stats.name, "sha256": file_digest(stats)}
-    else:
-        (path.parent / FEATURE_SCORE_FILE).unlink(missing_ok=True)  # no stale statistics
+    else:  # an empty file, not a stale one: dvc.yaml declares it whatever the setting
+        save_empty_score(stats)
     write_json(
         path,
         {
