@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ DIGITS_CLASSES = tuple(str(d) for d in range(10))
 DIGITS_KNOWN = DIGITS_CLASSES[:6]
 DIGITS_HOLDOUT = ("8", "9")
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist; $OPENSIG_FASHION_MNIST points elsewhere (a copied folder)
+FASHION_DIR = Path(os.environ.get("OPENSIG_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 # Folder per Fashion-MNIST label 0..9; labels 0..5 are known, 6..9 become unknown sources.
 FASHION_CLASSES = (
     "tshirt_top",
