@@ -260,6 +260,7 @@ def _loader(
         )
     elif shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator())
+    per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -268,6 +269,9 @@ def _loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.train.seed),
+        # a last training batch of one image would stop BatchNorm ("more than 1 value per
+        # channel"): drop it (another image each epoch, the order being shuffled)
+        drop_last=shuffle and per_process > 1 and per_process % cfg.train.batch_size == 1,
     )
 
 
@@ -427,7 +431,7 @@ def _train(
             log_id = epoch_log.start(log_id, history)
         earlier_seconds = history[-1]["seconds"] if history else 0.0
         epoch = done
-        per_epoch = len(train_dl.sampler) * dist.world  # every process's images
+        per_epoch = (len(train_dl.sampler) - int(train_dl.drop_last)) * dist.world  # all processes
         with image_bar(
             cfg.train.epochs * per_epoch, "training", done * per_epoch, dist.main
         ) as bar:

@@ -92,3 +92,23 @@ def test_bars_count_images_over_the_whole_training(small: dict) -> None:
     assert f"epoch {EPOCHS}/{EPOCHS}:" in drawn
     assert "?img/s" in drawn and "it/s" not in drawn
     assert f"scoring:   0%|          | 0/{small['val']} [" in drawn  # tune scores val images
+
+
+def test_a_last_batch_of_one_image_is_dropped_not_fatal(
+    tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BatchNorm cannot train on one image: a split of n images with batch size n - 1 ends
+    every epoch with a batch of one, which must not stop the training (it did)."""
+    for folder in sorted(p for p in digits_data.glob("*/*") if p.is_dir()):
+        target = tmp_path / "data" / folder.relative_to(digits_data)
+        target.mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:6]:
+            shutil.copy(image, target / image.name)
+    write_params(tmp_path, {"train": {"epochs": 1}})
+    monkeypatch.chdir(tmp_path)
+    ingest(load_config())
+    manifest = read_manifest(HERE.manifest, load_config().data.root)
+    n_train = len(split_rows(manifest, "train"))
+    write_params(tmp_path, {"train": {"epochs": 1, "batch_size": n_train - 1}})
+    result = train_model(load_config(), manifest, HERE.model_dir, HERE.last_dir)
+    assert len(result.history) == 1 and (HERE.model_dir / "weights.safetensors").is_file()
