@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from opensig.labels import UNKNOWN
 from opensig.metrics import (
     auroc,
     confusion,
@@ -22,7 +23,7 @@ from opensig.metrics import (
     roc_points,
     unknown_recall,
 )
-from opensig.thresholds import UNKNOWN, decide
+from opensig.thresholds import decide
 from tests.conftest import METRIC_KEYS
 
 

@@ -15,13 +15,13 @@ import pandas as pd
 import torch
 
 from opensig.data.manifest import label_targets
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.labels import UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.metrics import multilabel_metrics, open_set_metrics
 from opensig.model import ModelSpec
 from opensig.posthoc import FeatureScore, Scorer, fit_feature_score
 from opensig.predict import Bundle, run_scorer
-from opensig.thresholds import UNKNOWN, decide, decide_multi, tune_thresholds
+from opensig.thresholds import decide, decide_multi, tune_thresholds
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Open-set metrics: closed-set quality on known images plus how well unknowns are rejected.
 
-``labels`` are int ``(N,)`` with :data:`~opensig.thresholds.UNKNOWN` for unknown images and
+``labels`` are int ``(N,)`` with :data:`~opensig.labels.UNKNOWN` for unknown images and
 ``scores`` are per-class sigmoid scores ``(N, K)``. Threshold-free metrics (AUROC, FPR@95, OSCR)
 rank images by their max class score; the others use the decisions of
 :func:`~opensig.thresholds.decide`.
@@ -13,7 +13,8 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from opensig.thresholds import UNKNOWN, decide, decide_multi, macro_f1
+from opensig.labels import UNKNOWN
+from opensig.thresholds import decide, decide_multi, macro_f1
 
 __all__ = [
     "MISTAKES",

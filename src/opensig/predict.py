@@ -21,14 +21,15 @@ from torch.utils.data import DataLoader
 
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
-from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL, display, walk_files
+from opensig.data.scan import display, walk_files
 from opensig.io import atomic_write, env_defaults, file_digest, read_json, write_json
+from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.model import ModelSpec, confine, load_model_dir, model_digest, resolve_device
 from opensig.posthoc import FeatureScore, Scorer, save_empty_score
 from opensig.progress import image_bar
 from opensig.redaction import redact
-from opensig.thresholds import UNKNOWN, decide, decide_multi
+from opensig.thresholds import decide, decide_multi
 
 log = logging.getLogger(__name__)
 

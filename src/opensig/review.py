@@ -27,7 +27,6 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from opensig.data.scan import (
-    UNKNOWN_LABEL,
     class_name_problem,
     display,
     like_unknown,
@@ -36,6 +35,7 @@ from opensig.data.scan import (
     walk_files,
 )
 from opensig.io import atomic_write, copy_new, write_json
+from opensig.labels import UNKNOWN_LABEL
 
 logger = logging.getLogger(__name__)  # `log` is the prediction log here
 

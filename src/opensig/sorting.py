@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from opensig.io import atomic_write, copy_new, free_names
+from opensig.labels import LABEL_SEP
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def sort_into(
         if rec["error"]:
             rows.append({**base, "destination": "", "label": "", "how": "", "error": rec["error"]})
             continue
-        for name in str(rec.get("labels") or rec["label"]).split("|"):
+        for name in str(rec.get("labels") or rec["label"]).split(LABEL_SEP):
             folder = out / name / (bucket_name(rec["score"], cuts) if cuts else "")
             dest, how = _place(Path(rec["path"]), folder, link)
             rows.append(

@@ -14,15 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from opensig.data.images import MAX_IMAGE_PIXELS
-from opensig.data.scan import (
-    LABEL_SEP,
-    UNKNOWN_LABEL,
-    Candidate,
-    Listing,
-    ScanResult,
-    like_unknown,
-    scan_candidates,
-)
+from opensig.data.scan import Candidate, Listing, ScanResult, like_unknown, scan_candidates
+from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
 
 REQUIRED = ("path", "labels")
 
@@ -37,7 +30,7 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {missing}; the header must be `path,labels` "
-            "(labels separated by '|', empty for an unknown image)"
+            f"(labels separated by '{LABEL_SEP}', empty for an unknown image)"
         )
     return table
 

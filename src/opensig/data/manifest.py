@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL
 from opensig.io import atomic_write
-from opensig.thresholds import UNKNOWN
+from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 
 COLUMNS = ["path", "hash", "label", "source", "split", "novel"]
 
