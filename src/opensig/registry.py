@@ -48,11 +48,12 @@ from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig, MonitorConfig
+from opensig.decision import THRESHOLDS_FILE, decision_files
 from opensig.io import env_defaults, file_digest, write_json
 from opensig.model import read_spec
 from opensig.monitoring.log import MONITOR_FILE
 from opensig.plots import picture_tables
-from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, decision_files, tracking_store
+from opensig.predict import BUNDLE_DIR, tracking_store
 from opensig.redaction import redact
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,12 @@ from opensig.data.split import (
     small_test_warnings,
     split_summary,
 )
+from opensig.decision import write_thresholds
 from opensig.evaluation import evaluate_bundle, fit_decision
 from opensig.io import read_json, write_json
 from opensig.model import load_model_dir, model_digest, read_spec, resolve_device
 from opensig.plots import write_history, write_pictures
-from opensig.predict import Bundle, resolve_model_dir, write_thresholds
+from opensig.predict import Bundle, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
