@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from opensig.io import atomic_write, copy_new, free_names
+from opensig.io import atomic_write, copy_new, free_names, inside
 from opensig.labels import LABEL_SEP
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,11 @@ def bucket_name(score: float, cuts: Sequence[float]) -> str:
 def check_destination(out: Path, inputs: Sequence[Path]) -> None:
     """The sorted folder must not sit inside an input folder: the copies would be predicted
     (and sorted again) on the next run over that folder."""
-    target = out.resolve()
-    for folder in (Path(p).resolve() for p in inputs if Path(p).is_dir()):
-        if target == folder or target.is_relative_to(folder):
+    for folder in (Path(p) for p in inputs if Path(p).is_dir()):
+        if inside(out, folder, follow_links=True) is not None:
             raise ValueError(
-                f"--sort-into {out} is inside the input folder {folder}: pick a folder outside it"
+                f"--sort-into {out} is inside the input folder {folder.resolve()}: pick a folder "
+                "outside it"
             )
 
 
