@@ -19,7 +19,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,10 @@ from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
-from opensig.model import create_model, model_digest, resolve_device
+from opensig.model import build_spec, create_model, model_digest, resolve_device
 from opensig.predict import Bundle, collect_images, write_thresholds
 from opensig.stages import Layout, train
+from opensig.step import StepOptions, TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +75,35 @@ def _timed_steps(step, batches: int, warmup: int, device: torch.device) -> float
     return (time.perf_counter() - start) / batches
 
 
-def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
-    """Images/s of one training step on random tensors in memory: the loop's own ceiling."""
-    from opensig.train import _autocast, optimizer_step
-
+def _limit_step(cfg: Config, n_classes: int, channels_last: bool) -> Callable[[], None]:
+    """The stage's training step (TrainingStep + AdamW) on one random batch in memory, made
+    by the step's own ``prepare`` once: each call is a forward, loss, backward and update."""
     device = resolve_device(cfg.train.device)
     method = get_method(cfg.train.method)
-    model = create_model(cfg.model.backbone, method.num_outputs(n_classes), cfg.model.in_chans)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    autocast, scaler = _autocast(device, cfg.train.amp)
-    size, batch = cfg.model.image_size, cfg.train.batch_size
-    images = torch.randn(batch, cfg.model.in_chans, size, size, device=device)
-    images = images.contiguous(memory_format=memory_format)
-    labels = torch.randint(0, n_classes, (batch,), device=device)
+    model, outputs = cfg.model, method.num_outputs(n_classes)
+    net = create_model(model.backbone, outputs, model.in_chans)
+    classes = [str(k) for k in range(n_classes)]
+    spec = build_spec(
+        net, model.backbone, classes, method.name, outputs, model.image_size, model.in_chans
+    )
+    options = replace(StepOptions.of(cfg.train), channels_last=channels_last)
+    step = TrainingStep(net, method, spec, device, options).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
+    batch, size = cfg.train.batch_size, model.image_size
+    pixels = torch.randint(0, 256, (batch, size, size, model.in_chans), dtype=torch.uint8)
+    labels = torch.randint(0, n_classes, (batch,))
+    images, labels = step.prepare({"image": pixels, "label": labels, "error": [""] * batch})
 
-    def step() -> None:
-        with autocast:
-            logits = model(images)
-        loss = method.loss(logits, labels, smoothing=0.0, unknown_weight=1.0)
-        optimizer_step(loss, optimizer, scaler)
+    def one_step() -> None:
+        step.update(step(images, labels)["loss"], optimizer)
 
-    return batch / _timed_steps(step, steps, 3, device)
+    return one_step
+
+
+def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
+    """Images/s of one training step on random tensors in memory: the loop's own ceiling."""
+    one_step = _limit_step(cfg, n_classes, cfg.train.channels_last)
+    return cfg.train.batch_size / _timed_steps(one_step, steps, 3, resolve_device(cfg.train.device))
 
 
 def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> float:
