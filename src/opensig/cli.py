@@ -608,7 +608,9 @@ def bench_speed(
     device: str = "auto",
     epochs: Annotated[int, typer.Option(help="train epochs; the last is measured")] = 2,
     per_class: Annotated[int, typer.Option(help="Fashion-MNIST train images per class")] = 500,
-    rounds: Annotated[int, typer.Option(help="interleaved repeats; medians reported")] = 3,
+    rounds: Annotated[
+        int, typer.Option(help="interleaved repeats; medians and min-max reported")
+    ] = 3,
     ingest_images: Annotated[
         int | None, typer.Option(help="ingest test: images per class [default: all 70k]")
     ] = None,
