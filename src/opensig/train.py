@@ -50,6 +50,7 @@ from opensig.data.dataset import (
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.data.split import small_train_warning
 from opensig.io import signals_deferred
+from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import Method, get_method
 from opensig.model import (
     ModelSpec,
@@ -239,7 +240,9 @@ def _wrapper(
 
 def _rows_for(method: Method, df: pd.DataFrame, split: str) -> pd.DataFrame:
     rows = split_rows(df, split)
-    return rows if method.uses_unknown else rows[rows["label"] != "unknown"].reset_index(drop=True)
+    return (
+        rows if method.uses_unknown else rows[rows["label"] != UNKNOWN_LABEL].reset_index(drop=True)
+    )
 
 
 def _split_rows(
