@@ -85,8 +85,8 @@ def project(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) 
 def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real resnet10t bundle (classes 0, 1, 2; 16 px; thresholds 0.5), untrained: enough
     for tests of predict's plumbing, which do not need a good model."""
+    from opensig.decision import THRESHOLDS_FILE, write_thresholds
     from opensig.model import build_spec, create_model, model_digest, save_model_dir
-    from opensig.predict import THRESHOLDS_FILE, write_thresholds
 
     folder = tmp_path_factory.mktemp("bundle")
     classes = ["0", "1", "2"]

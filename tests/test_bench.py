@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from opensig.bench import speed
 from opensig.bench.openset import COLUMNS, BenchOptions, class_splits, summarise, to_markdown
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
@@ -159,3 +160,70 @@ def test_speed_bench_measures_every_figure_against_its_limit(
     assert predict["images"] == 6 * 30 and predict["ratio_to_limit"] > 0
     assert ingest["files"] == 10 * 10 and ingest["rerun_reused"] == ingest["files"]
     assert figures["meta"]["torch"] and "| train stage |" in result.output
+    assert {r["limit_layout"] for r in train["rounds"]} <= set(speed.LAYOUTS)
+    assert {r["reference_layout"] for r in train["rounds"]} == {"contiguous"}  # 1 channel
+    low, high = train["spread"]["ratio_to_limit"]
+    assert low <= train["ratio_to_limit"] <= high
+    table = (tmp_path / "bench/results/speed_cpu_16px.md").read_text()
+    assert table in result.output
+    assert "| 2 |" in table.split("Train, every round:")[1].split("Predict")[0]
+
+
+def test_speed_bench_refuses_a_bad_option_before_any_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for bad, option in [
+        ({"ingest_images": 0}, "--ingest-images"),
+        ({"rounds": 0}, "--rounds"),
+        ({"epochs": 0}, "--epochs"),
+        ({"per_class": -1}, "--per-class"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"image_size": 4}, "--image-size"),
+        ({"in_chans": 2}, "--in-chans"),
+        ({"device": "tpu"}, "--device"),
+        ({"backbone": "resnet1"}, "--backbone"),
+    ]:
+        with pytest.raises(ValueError, match=option):
+            speed.SpeedOptions(work=tmp_path, **bad).check()
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "speed", "--ingest-images", "0"])
+    assert result.exit_code == 2
+    assert not (tmp_path / "bench").exists()  # refused before any data or round
+
+
+def test_speed_table_shows_the_spread_and_every_round() -> None:
+    def train_round(stage: float, layout: str) -> dict:
+        limit, reference = 100.0, 80.0
+        return {
+            "stage_images_per_s": stage,
+            "limit_images_per_s": limit,
+            "reference_images_per_s": reference,
+            "ratio_to_limit": stage / limit,
+            "reference_ratio_to_limit": reference / limit,
+            "stage_layout": "channels_last",
+            "limit_layout": layout,
+            "reference_layout": "contiguous",
+        }
+
+    train = [
+        train_round(90, "channels_last"),
+        train_round(96, "contiguous"),
+        train_round(93, "channels_last"),
+    ]
+    predict = [
+        {"predict_images_per_s": r, "forward_images_per_s": 100.0, "ratio_to_limit": r / 100}
+        for r in (70.0, 90.0, 80.0)
+    ]
+    ingest = {"files": 100, "first_files_per_s": 1000.0, "rerun_files_per_s": 5000.0}
+    results = {
+        "train": {**speed._summary(train), "rounds": train},
+        "predict": {**speed._summary(predict), "rounds": predict},
+        "ingest": ingest,
+    }
+    table = speed.to_markdown(results)
+    assert "| train stage | 93 | 90-96 | 100 | 100-100 | 0.93 | 0.90-0.96 |" in table
+    assert "| reference loop (ImageFolder + DataLoader, contiguous) | 80 | 80-80 |" in table
+    assert "| predict (folder of PNGs) | 80 | 70-90 | 100 | 100-100 | 0.80 | 0.70-0.90 |" in table
+    assert "| 2 | 96 | channels_last | 100 | contiguous | 0.96 | 80 | contiguous | 0.80 |" in table
+    assert "| 3 | 80 | 100 | 0.80 |" in table

@@ -85,8 +85,8 @@ def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from mlflow import MlflowClient
 
     from opensig.config import Config
+    from opensig.decision import THRESHOLDS_FILE, write_thresholds
     from opensig.model import build_spec, create_model, model_digest, save_model_dir
-    from opensig.predict import THRESHOLDS_FILE, write_thresholds
     from opensig.registry import log_and_register
 
     root = tmp_path_factory.mktemp("sources")

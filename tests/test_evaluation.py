@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from opensig.evaluation import align_classes
+from opensig.labels import UNKNOWN
 from opensig.metrics import open_set_metrics
-from opensig.thresholds import UNKNOWN, decide
+from opensig.thresholds import decide
 
 
 def test_align_classes_puts_the_model_in_todays_columns() -> None:

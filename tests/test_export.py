@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from opensig.cli import app
 from opensig.data.dataset import ImageDataset, eval_transform
+from opensig.decision import write_thresholds
+from opensig.labels import UNKNOWN
 from opensig.methods import get_method
 from opensig.model import build_spec, create_model, model_digest, save_model_dir
-from opensig.predict import Bundle, write_thresholds
-from opensig.thresholds import UNKNOWN, decide
+from opensig.predict import Bundle
+from opensig.thresholds import decide
 
 ort = pytest.importorskip("onnxruntime", reason="pip install 'opensig[export]'")
 

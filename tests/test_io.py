@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opensig.io import atomic_write, link_or_copy, read_json, signals_deferred, write_json
+from opensig.io import (
+    atomic_write,
+    inside,
+    link_or_copy,
+    read_json,
+    signals_deferred,
+    write_json,
+)
 
 
 def _strict_loads(text: str) -> object:
@@ -166,3 +173,22 @@ def test_link_or_copy_copies_across_filesystems(
     link_or_copy(source, target)
     assert target.read_bytes() == b"weights"
     assert target.stat().st_ino != source.stat().st_ino
+
+
+def test_inside_reads_the_normalised_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert inside("data/known/../known/a.png", "data") == Path("known/a.png")
+    assert inside("data", "data") == Path(".")
+    assert inside(tmp_path / "data/x.png", "data") == Path("x.png")  # absolute and relative
+    assert inside("data/../secret.txt", "data") is None
+    assert inside("data2/x.png", "data") is None  # a shared prefix is not a parent folder
+    assert inside("/etc/passwd", "data") is None
+
+
+def test_inside_follows_links_only_when_asked(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/link").symlink_to(tmp_path / "outside")
+    assert inside(tmp_path / "root/link/x", tmp_path / "root") == Path("link/x")
+    assert inside(tmp_path / "root/link/x", tmp_path / "root", follow_links=True) is None
+    assert inside(tmp_path / "outside", tmp_path / "root/link", follow_links=True) == Path(".")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from opensig.labels import UNKNOWN
 from opensig.methods import (
     METHODS,
     Method,
@@ -17,7 +18,6 @@ from opensig.methods import (
     softmax_targets,
     weighted_bce_loss,
 )
-from opensig.thresholds import UNKNOWN
 
 
 def _labels() -> torch.Tensor:

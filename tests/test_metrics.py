@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from opensig.labels import UNKNOWN
 from opensig.metrics import (
     auroc,
     confusion,
@@ -17,12 +18,13 @@ from opensig.metrics import (
     known_accuracy,
     known_ccr,
     macro_f1,
+    multilabel_metrics,
     open_set_metrics,
     oscr,
     roc_points,
     unknown_recall,
 )
-from opensig.thresholds import UNKNOWN, decide
+from opensig.thresholds import decide
 from tests.conftest import METRIC_KEYS
 
 
@@ -207,3 +209,19 @@ def test_open_set_metrics_rejects_novel_mask_on_known_images() -> None:
     bad = labels != UNKNOWN
     with pytest.raises(ValueError, match="known"):
         open_set_metrics(scores, labels, np.full(4, 0.5), novel_mask=bad)
+
+
+def test_multilabel_novel_subset_is_the_same_report_without_oscr() -> None:
+    """One novel report for both kinds of data: multi-label data ranks known vs unknown the
+    same way, has no OSCR (no single true class), and refuses the same bad masks."""
+    scores, labels = _random_case(seed=9)
+    targets = (labels[:, None] == np.arange(4)).astype(int)  # one class per known image
+    novel_mask = labels == UNKNOWN
+    novel_mask[np.flatnonzero(novel_mask)[::2]] = False
+    thresholds = np.full(4, 0.5)
+    single = open_set_metrics(scores, labels, thresholds, novel_mask=novel_mask)["novel"]
+    multi = multilabel_metrics(scores, targets, thresholds, list("abcd"), novel_mask)["novel"]
+    assert list(multi) == ["auroc", "fpr95", "unknown_recall", "n_novel"]
+    assert multi == {key: single[key] for key in multi}  # no class passes: unknown in both
+    with pytest.raises(ValueError, match="known"):
+        multilabel_metrics(scores, targets, thresholds, list("abcd"), labels != UNKNOWN)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
+from opensig.labels import UNKNOWN
 from opensig.metrics import (
     MISTAKES,
     calibration_bins,
@@ -19,7 +20,6 @@ from opensig.metrics import (
     unknown_groups,
     worst_mistakes,
 )
-from opensig.thresholds import UNKNOWN
 
 U = UNKNOWN
 

@@ -13,9 +13,10 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from opensig.evaluation import Evaluation
+from opensig.labels import UNKNOWN
 from opensig.metrics import open_set_metrics, oscr_points, reliability
 from opensig.plots import FPR_GRID, on_fpr_grid, picture_tables, write_pictures
-from opensig.thresholds import UNKNOWN, decide
+from opensig.thresholds import decide
 
 CLASSES = ["cat", "dog", "bird"]
 PICTURES = {

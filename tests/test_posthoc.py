@@ -163,8 +163,9 @@ def test_fit_and_load_refuse_what_they_cannot_use(tmp_path: Path) -> None:
 def test_thresholds_file_names_its_feature_score_and_refuses_another(
     untrained_bundle: Path, tmp_path: Path
 ) -> None:
+    from opensig.decision import FEATURE_SCORE_FILE, THRESHOLDS_FILE, write_thresholds
     from opensig.model import model_digest
-    from opensig.predict import FEATURE_SCORE_FILE, THRESHOLDS_FILE, Bundle, write_thresholds
+    from opensig.predict import Bundle
 
     folder = tmp_path / "bundle"
     shutil.copytree(untrained_bundle, folder)

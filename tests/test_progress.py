@@ -12,7 +12,8 @@ import mlflow
 import pytest
 
 from opensig.config import load_config
-from opensig.predict import THRESHOLDS_FILE, resolve_model_dir
+from opensig.decision import THRESHOLDS_FILE
+from opensig.predict import resolve_model_dir
 from opensig.progress import image_bar
 from opensig.registry import connected, log_and_register
 from tests.conftest import write_params

@@ -5,11 +5,13 @@ The flow itself runs end to end in tests/e2e/test_retrain.py.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
+from prefect.logging import disable_run_logger
 from prefect.states import Failed
 from typer.testing import CliRunner
 
@@ -21,6 +23,7 @@ from opensig.retrain import (
     StepFailed,
     _retry_if_busy,
     check_schedule,
+    commit,
     describe_changes,
     promotion_markdown,
 )
@@ -142,3 +145,28 @@ def test_prefect_yaml_deploys_this_flow_on_the_params_schedule() -> None:
     assert flow.name == FLOW_NAME
     settings = load_config(REPO / "params.yaml").retrain
     assert deployment["schedules"] == [{"cron": settings.cron, "timezone": settings.timezone}]
+
+
+def test_commit_records_only_the_project_files_given(tmp_path: Path) -> None:
+    """data.dvc of a data.root outside the project is not the project's to commit, and a file
+    the user staged stays out of the commit."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=project, check=True, capture_output=True, text=True
+        ).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "ci@example.com")
+    git("config", "user.name", "ci")
+    git("commit", "-q", "--allow-empty", "-m", "the project")
+    for path in (project / "dvc.lock", elsewhere / "data.dvc", project / "staged.txt"):
+        path.write_text("x\n")
+    git("add", "staged.txt")
+    files = [project / "../project/dvc.lock", elsewhere / "data.dvc", project / "data.dvc"]
+    with disable_run_logger():  # the task's function alone, outside a flow run
+        commit.fn(project, files, "opensig retrain: promoted")
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["dvc.lock"]
+    assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]

@@ -21,6 +21,7 @@ from opensig.review import (
     import_batch,
     label_config,
     select_for_review,
+    write_label_studio,
 )
 
 
@@ -264,6 +265,22 @@ def test_label_config_lists_the_classes_and_unknown() -> None:
     assert '<Choice value="cat"/>' in config and "<Choice value='say \"hi\"'/>" in config
     assert config.index('"cat"') < config.index('"unknown"')
     assert 'name="new_class"' in config
+
+
+def test_label_studio_tasks_serve_files_inside_the_review_folder_only(
+    tmp_path: Path, digits_data: Path
+) -> None:
+    review = tmp_path / "review"
+    image = _put(_digit(digits_data, "known/0", 0), review / "batch-1/inbox/0", "a.png")
+    listing = pd.DataFrame(
+        [{"file": "inbox/0/a.png", "sha256": _sha(image), "predicted_label": "0", "score": 0.9}]
+    )
+    tasks = write_label_studio(review / "batch-1", listing, ["0"], review)
+    assert json.loads(tasks.read_text())[0]["data"]["image"].endswith("d=batch-1/inbox/0/a.png")
+    image.unlink()
+    image.symlink_to(_digit(digits_data, "known/0", 1))  # a link out of the review folder
+    with pytest.raises(ValueError, match=r"a\.png leads to .*, outside the review folder"):
+        write_label_studio(review / "batch-1", listing, ["0"], review)
 
 
 def test_import_tells_a_prefect_server_that_data_was_added(

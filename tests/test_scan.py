@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from opensig.data.scan import UNKNOWN_LABEL, scan_folder
+from opensig.data.scan import scan_folder
+from opensig.labels import UNKNOWN_LABEL
 
 
 def _save(path: Path, seed: int, fmt: str, size: tuple[int, int] = (16, 12)) -> bytes:

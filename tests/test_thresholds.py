@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from opensig.thresholds import (
-    STRATEGIES,
-    UNKNOWN,
-    decide,
-    f1,
-    fixed,
-    macro_f1,
-    precision,
-    tune_thresholds,
-)
+from opensig.labels import UNKNOWN
+from opensig.thresholds import STRATEGIES, decide, f1, fixed, macro_f1, precision, tune_thresholds
 
 
 def _synthetic(

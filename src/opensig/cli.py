@@ -205,6 +205,7 @@ def predict(
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
     Exit code 1 when an input does not exist (the others are still predicted and written)."""
+    from opensig.labels import UNKNOWN_LABEL
     from opensig.predict import Bundle, collect_images, with_left_out, write_predictions
     from opensig.sorting import check_destination, parse_buckets
     from opensig.sorting import sort_into as sort_images
@@ -247,7 +248,7 @@ def predict(
         len(frame),
         out,
         len(frame) - len(failed),
-        int((frame["label"] == "unknown").sum()),
+        int((frame["label"] == UNKNOWN_LABEL).sum()),
         len(failed),
     )
     if missing := [str(p) for p in inputs if not p.exists()]:
@@ -607,7 +608,9 @@ def bench_speed(
     device: str = "auto",
     epochs: Annotated[int, typer.Option(help="train epochs; the last is measured")] = 2,
     per_class: Annotated[int, typer.Option(help="Fashion-MNIST train images per class")] = 500,
-    rounds: Annotated[int, typer.Option(help="interleaved repeats; medians reported")] = 3,
+    rounds: Annotated[
+        int, typer.Option(help="interleaved repeats; medians and min-max reported")
+    ] = 3,
     ingest_images: Annotated[
         int | None, typer.Option(help="ingest test: images per class [default: all 70k]")
     ] = None,

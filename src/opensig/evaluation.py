@@ -7,21 +7,22 @@ register, so both numbers come from the same code on the same images.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from opensig.config import Config
 from opensig.data.manifest import label_targets
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.labels import UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.metrics import multilabel_metrics, open_set_metrics
 from opensig.model import ModelSpec
 from opensig.posthoc import FeatureScore, Scorer, fit_feature_score
-from opensig.predict import Bundle, run_scorer
-from opensig.thresholds import UNKNOWN, decide, decide_multi, tune_thresholds
+from opensig.predict import Bundle, resolve_model_dir, run_scorer
+from opensig.thresholds import decide, decide_multi, tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +170,24 @@ def evaluate_bundle(
         metrics = open_set_metrics(scores, labels, thresholds, novel_mask=novel)
         preds = decide(scores, thresholds)
     return Evaluation(metrics, scores, labels, preds, novel, rows, classes, thresholds, multi_label)
+
+
+ChampionJudge = Callable[[str, Sequence[str]], tuple[dict, list[str]]]
+"""(version, today's classes) -> (its metrics on today's test split and classes, its own
+classes): how register's promotion gate measures the champion."""
+
+
+def champion_judge(
+    cfg: Config, tracking_uri: str | None, rows: pd.DataFrame, multi_label: bool
+) -> ChampionJudge:
+    """The champion measured as evaluate measured the challenger: a version of
+    ``mlflow.registered_model`` from ``tracking_uri``, downloaded and evaluated on ``rows``
+    (today's test split) in today's classes (:func:`evaluate_bundle`)."""
+
+    def judge(version: str, classes: Sequence[str]) -> tuple[dict, list[str]]:
+        uri = f"models:/{cfg.mlflow.registered_model}/{version}"
+        champion = Bundle.load(resolve_model_dir(uri, tracking_uri), device=cfg.train.device)
+        result = evaluate_bundle(champion, rows, cfg.evaluate.batch_size, multi_label, classes)
+        return result.metrics, champion.spec.classes
+
+    return judge

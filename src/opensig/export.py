@@ -22,8 +22,8 @@ import torch
 
 import opensig
 from opensig.data.dataset import model_input
-from opensig.data.scan import UNKNOWN_LABEL
 from opensig.io import atomic_write
+from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.posthoc import Scorer
 from opensig.predict import Bundle

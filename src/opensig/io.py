@@ -40,6 +40,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def inside(path: str | Path, root: str | Path, *, follow_links: bool = False) -> Path | None:
+    """``path`` relative to ``root`` when it stays inside it (``root`` itself included), else
+    None: the one test of "this path does not lead out of its folder".
+
+    By default on the normalised paths (``..`` collapsed, relative ones taken from the working
+    folder), where the path says it is: for paths read from a file (a manifest, a labels CSV),
+    whose links inside the data folder are the user's own. ``follow_links``: where it really
+    leads, every link resolved: for folders from elsewhere (a downloaded model), or for two
+    folders that must not overlap.
+    """
+    if follow_links:
+        target, base = Path(path).resolve(), Path(root).resolve()
+    else:
+        target, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return target.relative_to(base) if target.is_relative_to(base) else None
+
+
 def link_or_copy(source: Path, path: Path) -> Path:
     """Give ``path`` the content of ``source`` atomically: a hard link where the filesystem
     allows (no byte rewritten, e.g. a checkpoint's weights placed as the model's), else a copy."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from opensig.thresholds import UNKNOWN
+from opensig.labels import UNKNOWN
 
 
 def sigmoid_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

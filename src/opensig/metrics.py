@@ -1,6 +1,6 @@
 """Open-set metrics: closed-set quality on known images plus how well unknowns are rejected.
 
-``labels`` are int ``(N,)`` with :data:`~opensig.thresholds.UNKNOWN` for unknown images and
+``labels`` are int ``(N,)`` with :data:`~opensig.labels.UNKNOWN` for unknown images and
 ``scores`` are per-class sigmoid scores ``(N, K)``. Threshold-free metrics (AUROC, FPR@95, OSCR)
 rank images by their max class score; the others use the decisions of
 :func:`~opensig.thresholds.decide`.
@@ -13,7 +13,8 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from opensig.thresholds import UNKNOWN, decide, decide_multi, macro_f1
+from opensig.labels import UNKNOWN
+from opensig.thresholds import decide, decide_multi, macro_f1
 
 __all__ = [
     "MISTAKES",
@@ -27,6 +28,7 @@ __all__ = [
     "known_ccr",
     "macro_f1",
     "multilabel_metrics",
+    "novel_metrics",
     "open_set_metrics",
     "operating_point",
     "oscr",
@@ -292,6 +294,42 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def novel_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    rejected: np.ndarray,
+    novel_mask: np.ndarray | None,
+    with_oscr: bool = True,
+) -> dict | None:
+    """The rejection metrics again on the known and the novel unknown images only: the honest
+    test of generalising to kinds of unknown never seen in training. None when no image is
+    marked novel.
+
+    ``labels`` are class indices with UNKNOWN (multi-label data: any known index for a known
+    image), ``rejected`` marks the images decided unknown, ``novel_mask`` the held-out unknown
+    images (unknown images only). ``with_oscr``: OSCR needs one true class per image, so
+    multi-label data has none.
+    """
+    if novel_mask is None:
+        return None
+    novel_mask, labels = np.asarray(novel_mask, dtype=bool), np.asarray(labels)
+    known = labels != UNKNOWN
+    if novel_mask.shape != labels.shape:
+        raise ValueError(f"novel_mask must have shape {labels.shape}, got {novel_mask.shape}")
+    if (novel_mask & known).any():
+        raise ValueError("novel_mask marks known images; it must mark unknown images only")
+    if not novel_mask.any():
+        return None
+    keep = known | novel_mask
+    s, y = scores[keep], labels[keep]
+    report = {"auroc": _json_float(auroc(s, y)), "fpr95": _json_float(fpr_at_tpr(s, y))}
+    if with_oscr:
+        report["oscr"] = _json_float(oscr(s, y))
+    report["unknown_recall"] = _json_float(_mean_or_nan(rejected[novel_mask]))
+    report["n_novel"] = int(novel_mask.sum())
+    return report
+
+
 def open_set_metrics(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -301,8 +339,8 @@ def open_set_metrics(
     """All headline metrics as a JSON-safe dict (floats, None for undefined, int counts).
 
     ``novel_mask`` marks held-out "novel" unknown images (never seen as unknowns in training);
-    when any are marked, ``novel`` repeats the rejection metrics on known + novel images only,
-    which is the honest test of generalising to unseen kinds of unknown.
+    when any are marked, ``novel`` repeats the rejection metrics on known + novel images only
+    (:func:`novel_metrics`).
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -320,22 +358,8 @@ def open_set_metrics(
         "n_known": int(known.sum()),
         "n_unknown": int((~known).sum()),
     }
-    if novel_mask is not None:
-        novel_mask = np.asarray(novel_mask, dtype=bool)
-        if novel_mask.shape != labels.shape:
-            raise ValueError(f"novel_mask must have shape {labels.shape}, got {novel_mask.shape}")
-        if (novel_mask & known).any():
-            raise ValueError("novel_mask marks known images; it must mark unknown images only")
-        if novel_mask.any():
-            keep = known | novel_mask
-            s, y, p = scores[keep], labels[keep], preds[keep]
-            result["novel"] = {
-                "auroc": _json_float(auroc(s, y)),
-                "fpr95": _json_float(fpr_at_tpr(s, y)),
-                "oscr": _json_float(oscr(s, y)),
-                "unknown_recall": _json_float(unknown_recall(p, y)),
-                "n_novel": int(novel_mask.sum()),
-            }
+    if novel := novel_metrics(scores, labels, preds == UNKNOWN, novel_mask):
+        result["novel"] = novel
     return result
 
 
@@ -367,6 +391,7 @@ def multilabel_metrics(
         f1 = np.where(predicted + support > 0, 2 * true_pos / (predicted + support), 0.0)
     known = targets.any(axis=1)
     as_labels = np.where(known, 0, UNKNOWN)  # known vs unknown is all the ranking metrics need
+    rejected = ~preds.any(axis=1)  # decided unknown: no class passes its threshold
     all_tp, all_pred, all_true = true_pos.sum(), predicted.sum(), support.sum()
     result: dict = {
         "macro_f1": _json_float(_mean_or_nan(f1[support > 0])),
@@ -374,7 +399,7 @@ def multilabel_metrics(
             2 * all_tp / (all_pred + all_true) if all_pred + all_true else math.nan
         ),
         "subset_accuracy": _json_float(_mean_or_nan((preds == targets).all(axis=1))),
-        "unknown_recall": _json_float(_mean_or_nan(~preds[~known].any(axis=1))),
+        "unknown_recall": _json_float(_mean_or_nan(rejected[~known])),
         "auroc": _json_float(auroc(scores, as_labels)),
         "fpr95": _json_float(fpr_at_tpr(scores, as_labels)),
         "ece": _json_float(ece(scores, targets)),
@@ -390,12 +415,6 @@ def multilabel_metrics(
         "n_known": int(known.sum()),
         "n_unknown": int((~known).sum()),
     }
-    if novel_mask is not None and np.asarray(novel_mask, dtype=bool).any():
-        keep = known | np.asarray(novel_mask, dtype=bool)
-        result["novel"] = {
-            "auroc": _json_float(auroc(scores[keep], as_labels[keep])),
-            "fpr95": _json_float(fpr_at_tpr(scores[keep], as_labels[keep])),
-            "unknown_recall": _json_float(_mean_or_nan(~preds[keep & ~known].any(axis=1))),
-            "n_novel": int(np.asarray(novel_mask, dtype=bool).sum()),
-        }
+    if novel := novel_metrics(scores, as_labels, rejected, novel_mask, with_oscr=False):
+        result["novel"] = novel
     return result

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from opensig.io import atomic_write, file_digest, link_or_copy, read_json, write_json
+from opensig.io import atomic_write, file_digest, inside, link_or_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,8 @@ def confine(directory: Path) -> Path:
     its cache (``cache.type: symlink``).
     """
     directory = Path(directory)
-    base = directory.resolve()
     for path in sorted(directory.rglob("*")):
-        if not path.resolve().is_relative_to(base):
+        if inside(path, directory, follow_links=True) is None:
             raise ValueError(
                 f"{path} leads to {path.resolve()}, outside the model folder {directory}: "
                 "refusing to load this model; use a folder whose files are really inside it"

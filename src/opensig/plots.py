@@ -22,8 +22,8 @@ import pandas as pd
 from PIL import Image
 
 from opensig.data.images import decode
-from opensig.data.scan import UNKNOWN_LABEL
 from opensig.io import atomic_write
+from opensig.labels import UNKNOWN, UNKNOWN_LABEL
 from opensig.metrics import (
     MISTAKES,
     SCORE_GROUPS,
@@ -39,7 +39,6 @@ from opensig.metrics import (
     unknown_groups,
     worst_mistakes,
 )
-from opensig.thresholds import UNKNOWN
 
 if TYPE_CHECKING:
     from opensig.evaluation import Evaluation

@@ -22,11 +22,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import mlflow
 import yaml
@@ -48,12 +49,16 @@ from PIL import Image
 
 import opensig
 from opensig.config import Config, MlflowConfig, MonitorConfig
+from opensig.decision import THRESHOLDS_FILE, decision_files
 from opensig.io import env_defaults, file_digest, write_json
 from opensig.model import read_spec
 from opensig.monitoring.log import MONITOR_FILE
 from opensig.plots import picture_tables
-from opensig.predict import BUNDLE_DIR, THRESHOLDS_FILE, decision_files, tracking_store
+from opensig.predict import BUNDLE_DIR, tracking_store
 from opensig.redaction import redact
+
+if TYPE_CHECKING:  # the gate calls a judge, built by evaluation, that register hands it
+    from opensig.evaluation import ChampionJudge
 
 log = logging.getLogger(__name__)
 
@@ -637,10 +642,6 @@ class Decision:
     already_champion: bool = False
 
 
-ChampionJudge = Callable[[str], tuple[float | None, list[str]]]
-"""version -> (its promote.metric on today's test split and classes, its own classes)."""
-
-
 def judge(
     cfg: Config,
     challenger_value: float | None,
@@ -649,8 +650,9 @@ def judge(
     judge_champion: ChampionJudge,
 ) -> Decision:
     """Challenger vs champion, with every check that can fail: the champion's download and
-    evaluation, and the metric a promotion rests on. ``registered_version``: this bundle's
-    version when it is registered already (a re-run), else None."""
+    evaluation (``judge_champion``, e.g. :func:`opensig.evaluation.champion_judge`), and the
+    metric a promotion rests on. ``registered_version``: this bundle's version when it is
+    registered already (a re-run), else None."""
     client = MlflowClient(tracking_uri(cfg.mlflow))
     name, metric, delta = cfg.mlflow.registered_model, cfg.promote.metric, cfg.promote.min_delta
     champion = _champion_version(client, name)
@@ -662,7 +664,7 @@ def judge(
         promoted, comparison["reason"] = True, "no champion yet"
     else:
         try:
-            champion_value, champion_classes = judge_champion(champion)
+            champion_metrics, champion_classes = judge_champion(champion, classes)
         except (MlflowException, OSError, ValueError, RuntimeError) as err:
             message = err.message if isinstance(err, MlflowException) else str(err)
             raise RuntimeError(
@@ -671,6 +673,7 @@ def judge(
                 f"moved. Repair or delete that version, or move the {CHAMPION} alias, then "
                 "re-run register."
             ) from None
+        champion_value = metric_value(champion_metrics, metric)
         promoted, gain, comparison["reason"] = compare(
             metric, challenger_value, champion_value, delta
         )
@@ -722,6 +725,7 @@ def register_and_promote(
     its run and version instead of adding a duplicate.
     """
     name = cfg.mlflow.registered_model
+    classes = read_spec(model_dir).classes  # first: no model folder is named as such
     found = find_registered(cfg, bundle_digest(model_dir, thresholds))
     if found:
         log.info(
@@ -730,7 +734,6 @@ def register_and_promote(
             found[1],
             found[0],
         )
-    classes = read_spec(model_dir).classes
     decision = judge(
         cfg,
         metric_value(metrics, cfg.promote.metric),

@@ -7,6 +7,11 @@ fingerprint covers the train/val rows, the model and train params and the world 
 any and the next run starts afresh. Each file is written atomically and the state file, written
 last, names the weights it belongs to, so a kill at any instant leaves a loadable state. A run
 holds a lock on its folder, so no second run trains into it or deletes it.
+
+The loop's bookkeeping is one ``Progress``: epochs done, the best epoch and its val loss, the
+history rows, the id of the epoch log (MLflow run) it reports to. A state saved in another
+format (``STATE_FORMAT``; the older one, without the key, averaged the train loss per image)
+is not resumed: the run starts from scratch and says so.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +39,34 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer.pt"
 STATE_LOCK = "trainer.lock"  # held by the run training from this folder
+STATE_FORMAT = 2  # 2: Progress, both losses per unit of weight; 1 (no "format" key): older
+
+
+@dataclass
+class Progress:
+    """Where a training is: what the loop needs to go on after a stop, saved every epoch."""
+
+    epoch: int = 0  # epochs done
+    best_epoch: int = 0
+    best_loss: float = math.inf
+    history: list[dict] = field(default_factory=list)  # one row per epoch done
+    epoch_log_id: str | None = None  # where the epochs are reported (EpochLog.start)
+
+    def record(self, row: dict) -> bool:
+        """Add a finished epoch's history row (``epoch``, ``val_loss``, ...); True when its
+        val loss is the best so far (every epoch is when there is no val split: nan)."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        loss = row["val_loss"]
+        improved = math.isnan(loss) or loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch = loss, self.epoch
+        return improved
+
+    @property
+    def seconds(self) -> float:
+        """Training time of the epochs done (the last row's running total)."""
+        return self.history[-1]["seconds"] if self.history else 0.0
 
 
 def resume_dir(cfg: Config, rows: pd.DataFrame, world: int) -> Path:
@@ -93,15 +128,20 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
-    progress: dict,
+    progress: Progress,
 ) -> None:
     """Weights first (written once, linked into the model folders ``outputs``), then the
     state file naming them, then drop the weights no state names."""
-    epoch, best_epoch = progress["epoch"], progress["best_epoch"]
+    epoch, best_epoch = progress.epoch, progress.best_epoch
     weights = atomic_write(weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
     for directory in outputs:
         save_model_dir(directory, weights, spec)
-    state = {**progress, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {
+        **asdict(progress),
+        "format": STATE_FORMAT,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
@@ -119,8 +159,9 @@ def load_state(
     scaler: torch.amp.GradScaler | None,
     spec: ModelSpec,
     restore_best: Path | None,
-) -> dict | None:
-    """Load a stopped run's state (None if there is none) into the model and optimizers.
+) -> Progress | None:
+    """Load a stopped run's state into the model and optimizers; its Progress, or None if
+    there is none to resume (none saved, or saved in another format: start from scratch).
 
     ``restore_best`` (rank 0) gets the best weights so far back: ``dvc repro`` deletes the
     model folder before it reruns the stage. Tensors and plain values only (weights_only).
@@ -130,9 +171,19 @@ def load_state(
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            log.warning(
+                "the state in %s was saved by another opensig version (format %s, this one "
+                "reads %d): training from scratch",
+                folder,
+                state.get("format", 1),
+                STATE_FORMAT,
+            )
+            return None
+        progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
         if restore_best is not None:
-            save_model_dir(restore_best, weights_file(folder, state["best_epoch"]), spec)
-        load_model(net, str(weights_file(folder, state["epoch"])))
+            save_model_dir(restore_best, weights_file(folder, progress.best_epoch), spec)
+        load_model(net, str(weights_file(folder, progress.epoch)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
@@ -142,4 +193,4 @@ def load_state(
             f"cannot resume from {folder} ({type(err).__name__}: {err}); "
             "delete that folder to train from scratch"
         ) from err
-    return state
+    return progress

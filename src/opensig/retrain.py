@@ -32,6 +32,7 @@ from prefect.states import Completed, State
 
 from opensig.config import ConfigError, RetrainConfig, load_config
 from opensig.events import DATA_ADDED, project_resource
+from opensig.io import inside
 
 FLOW_NAME = "opensig-retrain"
 ARTIFACT_KEY = "opensig-promotion"
@@ -154,8 +155,12 @@ def push(project: Path) -> None:
 
 @task(name="commit")
 def commit(project: Path, files: list[Path], message: str) -> None:
-    """Record the new data and pipeline versions in git, and nothing else the user staged."""
-    paths = [str(f.relative_to(project)) for f in files if f.is_file()]
+    """Record the new data and pipeline versions in git, and nothing else the user staged.
+    Files outside the project (data.root elsewhere) are not the project's to commit."""
+    below = [inside(f, project) for f in files if f.is_file()]
+    paths = [str(path) for path in below if path is not None]
+    if not paths:  # `git commit --` with no path would commit whatever is staged
+        return
     changed = run_command(["git", "status", "--porcelain", "--", *paths], project, False)
     if changed.strip():
         run_command(["git", "add", "--", *paths], project)
@@ -265,7 +270,7 @@ def retrain(project: str = ".", force: bool = False) -> dict | State:
         message = f"opensig retrain: {action}" + (
             f" ({after['name']} version {after['version']})" if after else ""
         )
-        commit(root, [f for f in files if f.is_relative_to(root)], message)
+        commit(root, files, message)
     return {"action": action, "changes": changes, "registration": after}
 
 

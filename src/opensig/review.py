@@ -27,7 +27,6 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from opensig.data.scan import (
-    UNKNOWN_LABEL,
     class_name_problem,
     display,
     like_unknown,
@@ -35,7 +34,8 @@ from opensig.data.scan import (
     scan_folder,
     walk_files,
 )
-from opensig.io import atomic_write, copy_new, write_json
+from opensig.io import atomic_write, copy_new, inside, write_json
+from opensig.labels import UNKNOWN_LABEL
 
 logger = logging.getLogger(__name__)  # `log` is the prediction log here
 
@@ -259,11 +259,18 @@ def write_label_studio(batch: Path, listing: pd.DataFrame, classes: list[str], r
     folder = batch / LABEL_STUDIO
     tasks = []
     for rec in listing[listing["file"] != ""].to_dict("records"):
-        served = (batch / rec["file"]).resolve().relative_to(Path(root).resolve()).as_posix()
+        image = batch / rec["file"]
+        served = inside(image, root, follow_links=True)
+        if served is None:
+            raise ValueError(
+                f"{image} leads to {image.resolve()}, outside the review folder {root} that "
+                "Label Studio serves: keep the batch's files inside it (no links out), or "
+                "export the batch again"
+            )
         tasks.append(
             {
                 "data": {
-                    "image": f"/data/local-files/?d={quote(served)}",
+                    "image": f"/data/local-files/?d={quote(served.as_posix())}",
                     "file": rec["file"],
                     "sha256": rec["sha256"],
                     "predicted_label": rec["predicted_label"],

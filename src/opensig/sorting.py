@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from opensig.io import atomic_write, copy_new, free_names
+from opensig.io import atomic_write, copy_new, free_names, inside
+from opensig.labels import LABEL_SEP
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ def bucket_name(score: float, cuts: Sequence[float]) -> str:
 def check_destination(out: Path, inputs: Sequence[Path]) -> None:
     """The sorted folder must not sit inside an input folder: the copies would be predicted
     (and sorted again) on the next run over that folder."""
-    target = out.resolve()
-    for folder in (Path(p).resolve() for p in inputs if Path(p).is_dir()):
-        if target == folder or target.is_relative_to(folder):
+    for folder in (Path(p) for p in inputs if Path(p).is_dir()):
+        if inside(out, folder, follow_links=True) is not None:
             raise ValueError(
-                f"--sort-into {out} is inside the input folder {folder}: pick a folder outside it"
+                f"--sort-into {out} is inside the input folder {folder.resolve()}: pick a folder "
+                "outside it"
             )
 
 
@@ -92,7 +93,7 @@ def sort_into(
         if rec["error"]:
             rows.append({**base, "destination": "", "label": "", "how": "", "error": rec["error"]})
             continue
-        for name in str(rec.get("labels") or rec["label"]).split("|"):
+        for name in str(rec.get("labels") or rec["label"]).split(LABEL_SEP):
             folder = out / name / (bucket_name(rec["score"], cuts) if cuts else "")
             dest, how = _place(Path(rec["path"]), folder, link)
             rows.append(

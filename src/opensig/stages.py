@@ -24,11 +24,12 @@ from opensig.data.split import (
     small_test_warnings,
     split_summary,
 )
-from opensig.evaluation import evaluate_bundle, fit_decision
+from opensig.decision import write_thresholds
+from opensig.evaluation import champion_judge, evaluate_bundle, fit_decision
 from opensig.io import read_json, write_json
-from opensig.model import load_model_dir, model_digest, read_spec, resolve_device
+from opensig.model import load_model_dir, model_digest, resolve_device
 from opensig.plots import write_history, write_pictures
-from opensig.predict import Bundle, resolve_model_dir, write_thresholds
+from opensig.predict import Bundle, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -219,18 +220,8 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
     pngs = sorted(at.plots.glob("*.png")) + sorted(at.train_plots.glob("*.png"))
     manifest = read_manifest(at.manifest, cfg.data.root)
     test_rows, multi_label = split_rows(manifest, "test"), is_multi_label(manifest["label"])
-    classes = read_spec(at.model_dir).classes
     # Bounded retries, a reachability check before anything is logged, redacted errors.
     with registry.connected(cfg.mlflow) as tracking_uri:
-
-        def judge_champion(version: str) -> tuple[float | None, list[str]]:
-            uri = f"models:/{cfg.mlflow.registered_model}/{version}"
-            champion = Bundle.load(resolve_model_dir(uri, tracking_uri), device=cfg.train.device)
-            result = evaluate_bundle(
-                champion, test_rows, cfg.evaluate.batch_size, multi_label, classes
-            )
-            return registry.metric_value(result.metrics, cfg.promote.metric), champion.spec.classes
-
         out = registry.register_and_promote(
             cfg,
             metrics,
@@ -238,7 +229,7 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
             at.thresholds,
             [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
             train_run,
-            judge_champion,
+            champion_judge(cfg, tracking_uri, test_rows, multi_label),
         )
     write_json(at.registered, out.to_dict())
     return out.to_dict()

@@ -12,10 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from opensig.labels import UNKNOWN
 
-UNKNOWN: int = -1
-"""Label index meaning "none of the known classes"; known classes are ``0..K-1``."""
+logger = logging.getLogger(__name__)
 
 _DEFAULT_THRESHOLD = 0.5
 _IMPROVEMENT_TOL = 1e-12

@@ -1,5 +1,10 @@
 """The training loop: AdamW + warm-up/cosine, AMP on GPU, best-by-val-loss and last checkpoints.
 
+``_train`` reads the config once, builds the model, the ``TrainingStep`` (``opensig.step``:
+batch -> forward -> loss, the same in the training and the validation pass, both losses
+averaged per unit of weight), the loaders and the optimizer, and hands them to ``_Loop``,
+which runs the epochs and keeps its bookkeeping in one ``opensig.resume.Progress``.
+
 The time should go into the model's forward and backward passes: images are decoded once
 (``opensig.data.cache``), the loop never waits on the host per step (no ``.item()``), and on
 GPU it runs in bf16/fp16 with channels-last tensors fed from pinned memory by worker
@@ -21,7 +26,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,19 +39,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, get_worker_info
 from tqdm.auto import tqdm
 
-from opensig.config import Config
+from opensig.config import Config, ModelConfig, TrainConfig
 from opensig.data.cache import cached_images
 from opensig.data.dataset import (
     ImageDataset,
     eval_transform,
     loader_workers,
-    model_input,
     train_transform,
 )
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.data.split import small_train_warning
 from opensig.io import signals_deferred
-from opensig.methods import Method, get_method, mix_unknowns, sample_weights
+from opensig.labels import UNKNOWN_LABEL
+from opensig.methods import Method, get_method
 from opensig.model import (
     ModelSpec,
     build_spec,
@@ -57,7 +62,15 @@ from opensig.model import (
     warm_start,
 )
 from opensig.progress import image_bar
-from opensig.resume import load_state, resume_dir, save_state, state_folder, weights_file
+from opensig.resume import (
+    Progress,
+    load_state,
+    resume_dir,
+    save_state,
+    state_folder,
+    weights_file,
+)
+from opensig.step import EpochLoss, StepOptions, TrainingStep, mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -181,97 +194,133 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
     return factor
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast where the GPU has it, else fp16 (with a grad scaler); off on CPU."""
-    if not enabled or device.type != "cuda":
-        return nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+def _optimizer(
+    net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with the warm-up/cosine schedule, stepped once per training step."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    steps = train.epochs * steps_per_epoch
+    warmup = round(train.warmup_epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
 
 
-def optimizer_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
-) -> None:
-    """Backward and step, through the fp16 grad scaler when there is one."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+def _network(
+    model: ModelConfig, method: Method, classes: list[str], init_from: Path | None
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """The timm model with a head for ``method`` and ``classes``, and its spec; warm-started
+    from ``init_from`` (a model folder) when given."""
+    outputs = method.num_outputs(len(classes))
+    net = create_model(
+        model.backbone, outputs, model.in_chans, model.pretrained, model.pretrained_file
+    )
+    spec = build_spec(
+        net, model.backbone, classes, method.name, outputs, model.image_size, model.in_chans
+    )
+    if init_from is not None:
+        fresh = warm_start(net, init_from, spec)
+        log.info("warm start from %s; classes with fresh head rows: %s", init_from, fresh or "none")
+    return net, spec
+
+
+def _wrapper(
+    dist: Distributed, device: torch.device, compile_model: bool
+) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """What the training forward runs through: DDP under torchrun, torch.compile if asked."""
+
+    def wrap(net: torch.nn.Module) -> torch.nn.Module:
+        model = net
+        if dist.world > 1:
+            model = DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        return torch.compile(model) if compile_model else model
+
+    return wrap
 
 
 def _rows_for(method: Method, df: pd.DataFrame, split: str) -> pd.DataFrame:
     rows = split_rows(df, split)
-    return rows if method.uses_unknown else rows[rows["label"] != "unknown"].reset_index(drop=True)
-
-
-def _dataset(
-    rows: pd.DataFrame,
-    classes: list[str],
-    multi_label: bool,
-    transform,
-    spec: ModelSpec,
-    cfg: Config,
-    dist: Distributed,
-) -> ImageDataset:
-    """Rows -> dataset, reading the decode-once cache (rank 0 fills it, the others wait).
-
-    Images are decoded as ingest checked them: up to ``data.max_image_pixels``.
-    """
-    decoded = None
-    limit = cfg.data.max_image_pixels
-    if cfg.train.decode_cache and not rows.empty:
-        args = (rows["path"].tolist(), rows["hash"].tolist(), spec.image_size, spec.in_chans)
-        if dist.main:
-            decoded = cached_images(*args, cfg.data.cache_dir, limit)
-        if dist.world > 1:
-            torch_dist.barrier()
-            decoded = cached_images(*args, cfg.data.cache_dir, limit) if not dist.main else decoded
-    labels = label_targets(rows["label"], classes, multi_label)
-    return ImageDataset(
-        rows["path"].tolist(),
-        labels,
-        transform,
-        spec.in_chans,
-        decoded,
-        min_size=spec.image_size,
-        max_pixels=limit,
+    return (
+        rows if method.uses_unknown else rows[rows["label"] != UNKNOWN_LABEL].reset_index(drop=True)
     )
 
 
+def _split_rows(
+    method: Method, manifest: pd.DataFrame, from_weights: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and val rows ``method`` trains on (an error if there is nothing to train on;
+    warnings for no val split, or few images with no weights to start from: rank 0 only)."""
+    train_rows, val_rows = _rows_for(method, manifest, "train"), _rows_for(method, manifest, "val")
+    if train_rows.empty:
+        raise ValueError("the train split is empty: add images or lower data.val/test_fraction")
+    if val_rows.empty:
+        log.warning("the val split is empty: the last epoch is kept as the best model")
+    few_images = small_train_warning(train_rows, from_weights)
+    if few_images and is_main_process():
+        log.warning(few_images)
+    return train_rows, val_rows
+
+
+@dataclass(frozen=True)
+class _Images:
+    """How rows become a dataset: labels over ``classes``, images decoded as ingest checked
+    them (up to ``max_pixels``), read from the decode-once cache in ``cache_dir`` when there
+    is one (rank 0 fills it, the others wait)."""
+
+    classes: list[str]
+    multi_label: bool
+    spec: ModelSpec
+    cache_dir: Path | None
+    max_pixels: int
+    dist: Distributed
+
+    def dataset(self, rows: pd.DataFrame, transform) -> ImageDataset:
+        decoded = None
+        spec, dist = self.spec, self.dist
+        if self.cache_dir is not None and not rows.empty:
+            args = (rows["path"].tolist(), rows["hash"].tolist(), spec.image_size, spec.in_chans)
+            if dist.main:
+                decoded = cached_images(*args, self.cache_dir, self.max_pixels)
+            if dist.world > 1:
+                torch_dist.barrier()
+                if not dist.main:
+                    decoded = cached_images(*args, self.cache_dir, self.max_pixels)
+        return ImageDataset(
+            rows["path"].tolist(),
+            label_targets(rows["label"], self.classes, self.multi_label),
+            transform,
+            spec.in_chans,
+            decoded,
+            min_size=spec.image_size,
+            max_pixels=self.max_pixels,
+        )
+
+
 def _loader(
-    dataset: Dataset,
-    cfg: Config,
-    shuffle: bool,
-    device: torch.device,
-    dist: Distributed,
+    dataset: Dataset, train: TrainConfig, shuffle: bool, device: torch.device, dist: Distributed
 ) -> DataLoader:
     """The shuffling sampler gets a generator of its own, reseeded every epoch: the loader's
     generator also seeds the workers, but only when they start (once, with persistent ones)."""
-    workers = loader_workers(cfg.train.num_workers, device, dist.world)
+    workers = loader_workers(train.num_workers, device, dist.world)
     sampler: DistributedSampler | RandomSampler | None = None
     if dist.world > 1:
         sampler = DistributedSampler(
-            dataset, dist.world, dist.rank, shuffle=shuffle, seed=cfg.train.seed
+            dataset, dist.world, dist.rank, shuffle=shuffle, seed=train.seed
         )
     elif shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator())
     per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
-        batch_size=cfg.train.batch_size,
+        batch_size=train.batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        generator=torch.Generator().manual_seed(train.seed),
         # a last training batch of one image would stop BatchNorm ("more than 1 value per
         # channel"): drop it (another image each epoch, the order being shuffled)
-        drop_last=shuffle and per_process > 1 and per_process % cfg.train.batch_size == 1,
+        drop_last=shuffle and per_process > 1 and per_process % train.batch_size == 1,
     )
 
 
@@ -283,14 +332,6 @@ def _start_epoch(loader: DataLoader, train_set: _EpochSeeded, epoch: int) -> Non
     elif isinstance(loader.sampler, RandomSampler):
         loader.sampler.generator.manual_seed(value)
     train_set.epoch.fill_(epoch)
-
-
-def _check_readable(batch: dict) -> None:
-    bad = [e for e in batch["error"] if e]
-    if bad:
-        raise RuntimeError(
-            f"{len(bad)} training image(s) could not be read ({bad[0]}); rerun ingest"
-        )
 
 
 def train_model(
@@ -323,8 +364,10 @@ def _train(
     epoch_log: EpochLog | None,
     init_from: Path | None,
 ) -> TrainResult:
-    seed_everything(cfg.train.seed)
-    method = get_method(cfg.train.method)
+    """The config is read here, once; everything below gets the pieces it uses."""
+    train = cfg.train
+    seed_everything(train.seed)
+    method = get_method(train.method)
     classes = known_classes(manifest)
     multi = is_multi_label(manifest["label"])
     if multi and not method.multi_label:
@@ -332,76 +375,26 @@ def _train(
             f"train.method: {method.name} picks one class per image and cannot learn images "
             "with several labels (the labels CSV has some); use sigmoid_bce"
         )
-    net = create_model(
-        cfg.model.backbone,
-        method.num_outputs(len(classes)),
-        cfg.model.in_chans,
-        cfg.model.pretrained,
-        cfg.model.pretrained_file,
+    net, spec = _network(cfg.model, method, classes, init_from)
+    step = TrainingStep(
+        net, method, spec, device, StepOptions.of(train), _wrapper(dist, device, train.compile)
     )
-    spec = build_spec(
-        net,
-        cfg.model.backbone,
-        classes,
-        method.name,
-        method.num_outputs(len(classes)),
-        cfg.model.image_size,
-        cfg.model.in_chans,
-    )
-    if init_from is not None:
-        fresh = warm_start(net, init_from, spec)
-        log.info("warm start from %s; classes with fresh head rows: %s", init_from, fresh or "none")
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    net.to(device, memory_format=memory_format)
     check_input_size(net, spec.image_size, spec.in_chans)
 
-    train_rows = _rows_for(method, manifest, "train")
-    val_rows = _rows_for(method, manifest, "val")
-    if train_rows.empty:
-        raise ValueError("the train split is empty: add images or lower data.val/test_fraction")
-    if val_rows.empty:
-        log.warning("the val split is empty: the last epoch is kept as the best model")
-    pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
-    few_images = small_train_warning(train_rows, pretrained or init_from is not None)
-    if few_images and dist.main:
-        log.warning(few_images)
+    from_weights = cfg.model.pretrained or cfg.model.pretrained_file is not None
+    train_rows, val_rows = _split_rows(method, manifest, from_weights or init_from is not None)
     start = time.perf_counter()
-    augment = train_transform(spec, cfg.train.augment, cfg.train.seed + dist.rank)
-    train_set = _EpochSeeded(
-        _dataset(train_rows, classes, multi, augment, spec, cfg, dist), cfg.train.seed, dist.rank
-    )
-    train_dl = _loader(train_set, cfg, True, device, dist)
-    val_dl = _loader(
-        _dataset(val_rows, classes, multi, eval_transform(spec), spec, cfg, dist),
-        cfg,
-        False,
-        device,
-        dist,
-    )
+    cache_dir = cfg.data.cache_dir if train.decode_cache else None
+    images = _Images(classes, multi, spec, cache_dir, cfg.data.max_image_pixels, dist)
+    augment = train_transform(spec, train.augment, train.seed + dist.rank)
+    train_set = _EpochSeeded(images.dataset(train_rows, augment), train.seed, dist.rank)
+    train_dl = _loader(train_set, train, True, device, dist)
+    val_dl = _loader(images.dataset(val_rows, eval_transform(spec)), train, False, device, dist)
     decode_seconds = time.perf_counter() - start
-
-    model: torch.nn.Module = net
-    if dist.world > 1:
-        model = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.train.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(
-        net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
-    steps = cfg.train.epochs * len(train_dl)
-    warmup = round(cfg.train.warmup_epochs * len(train_dl))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
-    autocast, scaler = _autocast(device, cfg.train.amp)
-    loss_kwargs = {
-        "smoothing": cfg.train.label_smoothing,
-        "unknown_weight": cfg.train.unknown_weight,
-    }
-
+    optimizer, scheduler = _optimizer(net, train, len(train_dl))
     log.info(
         "training %s (%s) on %s%s: %d train / %d val images, %d classes, %d loader workers",
-        cfg.model.backbone,
+        spec.backbone,
         method.name,
         device,
         f" x {dist.world} processes" if dist.world > 1 else "",
@@ -410,115 +403,161 @@ def _train(
         len(classes),
         train_dl.num_workers,
     )
-    folder = resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world)
-    with state_folder(folder, [model_dir, last_dir], dist.main):
-        state = load_state(
-            folder, net, optimizer, scheduler, scaler, spec, model_dir if dist.main else None
-        )
-        best_loss, best_epoch, history, done = math.inf, 0, [], 0
-        if state is not None:
-            best_loss, best_epoch, history, done = (
-                state["best_loss"],
-                state["best_epoch"],
-                state["history"],
-                state["epoch"],
-            )
-            log.info("resuming from %s at epoch %d/%d", folder, done + 1, cfg.train.epochs)
-            if dist.main:
-                save_model_dir(last_dir, weights_file(folder, done), spec)
-        log_id = None if state is None else state.get("epoch_log_id")
-        if epoch_log is not None and dist.main:
-            log_id = epoch_log.start(log_id, history)
-        earlier_seconds = history[-1]["seconds"] if history else 0.0
-        epoch = done
-        per_epoch = (len(train_dl.sampler) - int(train_dl.drop_last)) * dist.world  # all processes
-        with image_bar(
-            cfg.train.epochs * per_epoch, "training", done * per_epoch, dist.main
-        ) as bar:
-            try:
-                for epoch in range(done + 1, cfg.train.epochs + 1):
-                    _start_epoch(train_dl, train_set, epoch)
-                    bar.set_description(f"epoch {epoch}/{cfg.train.epochs}")
-                    epoch_start = time.perf_counter()
-                    total = _train_epoch(
-                        model,
-                        train_dl,
-                        bar,
-                        dist.world,
-                        method,
-                        spec,
-                        cfg,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        autocast,
-                        loss_kwargs,
-                    )
-                    epoch_seconds = time.perf_counter() - epoch_start
-                    train_loss, seen = _all_sum(total, dist)
-                    val_loss = _evaluate_loss(
-                        net, val_dl, method, spec, cfg, autocast, loss_kwargs, dist
-                    )
-                    row = {
-                        "epoch": epoch,
-                        "train_loss": train_loss / seen,
-                        "val_loss": val_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": seen / epoch_seconds,
-                        "seconds": earlier_seconds + time.perf_counter() - start,
-                    }
-                    history.append(row)
-                    log.info(
-                        "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
-                        epoch,
-                        row["train_loss"],
-                        val_loss,
-                        row["images_per_s"],
-                    )
-                    improved = math.isnan(val_loss) or val_loss < best_loss
-                    if improved:
-                        best_loss, best_epoch = val_loss, epoch
-                    if dist.main:
-                        outputs = [model_dir, last_dir] if improved else [last_dir]
-                        progress = {
-                            "epoch": epoch,
-                            "best_epoch": best_epoch,
-                            "best_loss": best_loss,
-                            "history": history,
-                            "epoch_log_id": log_id,
-                        }
-                        with signals_deferred():  # a stop now still reports the epoch just saved
-                            save_state(
-                                folder, net, spec, outputs, optimizer, scheduler, scaler, progress
-                            )
-                            done = epoch
-                        if epoch_log is not None:  # after the save: a slow tracker delays no state
-                            epoch_log.log_epoch(row)
-            except (KeyboardInterrupt, SystemExit):
-                if dist.main:
-                    log.warning(
-                        "training stopped in epoch %d/%d; %s",
-                        epoch,
-                        cfg.train.epochs,
-                        f"rerun to resume from epoch {done + 1} (state in {folder})"
-                        if done
-                        else "no epoch was finished, a rerun starts from scratch",
-                    )
-                raise
-    steady = history[1:] or history
+    loop = _Loop(
+        step,
+        train_set,
+        train_dl,
+        val_dl,
+        optimizer,
+        scheduler,
+        dist,
+        resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world),
+        model_dir,
+        last_dir,
+        train.epochs,
+        epoch_log,
+        start,
+    )
+    progress = loop.run()
+    steady = progress.history[1:] or progress.history
     return TrainResult(
         spec,
-        best_epoch,
-        best_loss,
-        earlier_seconds + time.perf_counter() - start,
+        progress.best_epoch,
+        progress.best_loss,
+        time.perf_counter() - loop.start,
         len(train_rows),
         len(val_rows),
         str(device),
         dist.world,
         decode_seconds,
         float(np.mean([row["images_per_s"] for row in steady])),
-        history,
+        progress.history,
     )
+
+
+@dataclass
+class _Loop:
+    """The epochs of one training: each trains on this process's shard of the train set and
+    measures the val loss over every shard; rank 0 then saves the state to resume from, the
+    best model (val loss) in ``model_dir`` and the last in ``last_dir``, and reports the
+    epoch to ``epoch_log``."""
+
+    step: TrainingStep
+    train_set: _EpochSeeded
+    train_dl: DataLoader
+    val_dl: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: Distributed
+    folder: Path  # the resume state (opensig.resume)
+    model_dir: Path
+    last_dir: Path
+    epochs: int
+    epoch_log: EpochLog | None
+    start: float  # the run's clock; a resumed run moves it back by the stopped run's time
+    saved: int = field(default=0, init=False)  # the last epoch whose state is saved
+
+    def run(self) -> Progress:
+        """Resume from the saved state if there is one, then train the remaining epochs."""
+        main = self.dist.main
+        with state_folder(self.folder, [self.model_dir, self.last_dir], main):
+            progress = self.resume()
+            if self.epoch_log is not None and main:
+                progress.epoch_log_id = self.epoch_log.start(
+                    progress.epoch_log_id, progress.history
+                )
+            self.saved = epoch = progress.epoch
+            trained = len(self.train_dl.sampler) - int(self.train_dl.drop_last)  # per process
+            per_epoch = trained * self.dist.world
+            with image_bar(self.epochs * per_epoch, "training", epoch * per_epoch, main) as bar:
+                try:
+                    for epoch in range(progress.epoch + 1, self.epochs + 1):
+                        self.run_epoch(epoch, progress, bar)
+                except (KeyboardInterrupt, SystemExit):
+                    if main:
+                        log.warning(
+                            "training stopped in epoch %d/%d; %s",
+                            epoch,
+                            self.epochs,
+                            f"rerun to resume from epoch {self.saved + 1} (state in {self.folder})"
+                            if self.saved
+                            else "no epoch was finished, a rerun starts from scratch",
+                        )
+                    raise
+        return progress
+
+    def run_epoch(self, epoch: int, progress: Progress, bar: tqdm) -> None:
+        """Train and validate; record the epoch in ``progress``; rank 0 saves and reports it."""
+        _start_epoch(self.train_dl, self.train_set, epoch)
+        bar.set_description(f"epoch {epoch}/{self.epochs}")
+        row = {"epoch": epoch, **self.losses(bar)}
+        row["seconds"] = time.perf_counter() - self.start
+        improved = progress.record(row)
+        log.info(
+            "epoch %d: train_loss %.4f val_loss %.4f (%.0f images/s)",
+            epoch,
+            row["train_loss"],
+            row["val_loss"],
+            row["images_per_s"],
+        )
+        if self.dist.main:
+            with signals_deferred():  # a stop now still reports the epoch just saved
+                self.save(progress, improved)
+                self.saved = epoch
+            if self.epoch_log is not None:  # after the save: a slow tracker delays no state
+                self.epoch_log.log_epoch(row)
+
+    def resume(self) -> Progress:
+        """The saved state loaded into the model and optimizers (rank 0 puts its best and
+        last models back), or a fresh Progress when there is none to resume."""
+        step, main = self.step, self.dist.main
+        progress = load_state(
+            self.folder,
+            step.net,
+            self.optimizer,
+            self.scheduler,
+            step.scaler,
+            step.spec,
+            self.model_dir if main else None,
+        )
+        if progress is None:
+            return Progress()
+        log.info("resuming from %s at epoch %d/%d", self.folder, progress.epoch + 1, self.epochs)
+        if main:
+            save_model_dir(self.last_dir, weights_file(self.folder, progress.epoch), step.spec)
+        self.start -= progress.seconds
+        return progress
+
+    def save(self, progress: Progress, improved: bool) -> None:
+        """The epoch just recorded: weights (into the best model too if ``improved``),
+        optimizer, scheduler and grad-scaler state, and the progress."""
+        step = self.step
+        outputs = [self.model_dir, self.last_dir] if improved else [self.last_dir]
+        save_state(
+            self.folder,
+            step.net,
+            step.spec,
+            outputs,
+            self.optimizer,
+            self.scheduler,
+            step.scaler,
+            progress,
+        )
+
+    def losses(self, bar: tqdm) -> dict:
+        """One epoch's figures: train_loss, val_loss, lr, images_per_s (training only)."""
+        epoch_start = time.perf_counter()
+        losses = _train_epoch(
+            self.step, self.train_dl, self.optimizer, self.scheduler, bar, self.dist.world
+        )
+        epoch_seconds = time.perf_counter() - epoch_start
+        weighted, weight, seen = _all_sum(losses.sums, self.dist)
+        return {
+            "train_loss": mean_loss(weighted, weight),
+            "val_loss": _evaluate_loss(self.step, self.val_dl, self.dist),
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": seen / epoch_seconds,
+        }
 
 
 def _all_sum(values: torch.Tensor, dist: Distributed) -> list[float]:
@@ -529,71 +568,40 @@ def _all_sum(values: torch.Tensor, dist: Distributed) -> list[float]:
 
 
 def _train_epoch(
-    model: torch.nn.Module,
+    step: TrainingStep,
     loader: DataLoader,
-    bar: tqdm,
-    world: int,
-    method: Method,
-    spec: ModelSpec,
-    cfg: Config,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    autocast,
-    loss_kwargs: dict,
-) -> torch.Tensor:
-    """One pass over this process's shard; returns (loss sum, images) on the device.
+    bar: tqdm,
+    world: int = 1,
+) -> EpochLoss:
+    """One pass over this process's shard; its loss sums, on the device.
 
     ``bar`` counts the images of all ``world`` processes (they step together). No per-step
     host sync: the loss is read back only for a progress bar on a terminal.
     """
-    device = next(model.parameters()).device
-    model.train()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for step, batch in enumerate(loader):
-        _check_readable(batch)
-        images = model_input(batch["image"], spec, device, cfg.train.channels_last)
-        labels = batch["label"].to(device, non_blocking=True)
-        if method.uses_unknown:
-            images, labels = mix_unknowns(images, labels, cfg.train.mixed_unknowns)
-        with autocast:
-            logits = model(images)
-        loss = method.loss(logits, labels, **loss_kwargs)
-        optimizer_step(loss, optimizer, scaler)
+    step.train()
+    losses = EpochLoss(step.device)
+    for index, batch in enumerate(loader):
+        out = step(*step.prepare(batch))
+        step.update(out["loss"], optimizer)
         scheduler.step()
-        total[0] += loss.detach() * len(labels)
-        total[1] += len(labels)
-        bar.update(len(labels) * world)
-        if not bar.disable and step % 25 == 0:
-            bar.set_postfix(loss=f"{(total[0] / total[1]).item():.4f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return total
+        losses.add(out)
+        bar.update(len(out["labels"]) * world)
+        if not bar.disable and index % 25 == 0:
+            bar.set_postfix(loss=f"{losses.mean():.4f}")
+    if step.device.type == "cuda":
+        torch.cuda.synchronize(step.device)
+    return losses
 
 
 @torch.no_grad()
-def _evaluate_loss(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    method: Method,
-    spec: ModelSpec,
-    cfg: Config,
-    autocast,
-    loss_kwargs: dict,
-    dist: Distributed,
-) -> float:
-    """Mean validation loss over every process's shard (nan for an empty split)."""
-    device = next(model.parameters()).device
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss sum, weight
+def _evaluate_loss(step: TrainingStep, loader: DataLoader, dist: Distributed) -> float:
+    """The validation loss over every process's shard, averaged as the train loss is (nan
+    for an empty split)."""
+    step.eval()
+    losses = EpochLoss(step.device)
     for batch in loader:
-        _check_readable(batch)
-        labels = batch["label"].to(device, non_blocking=True)
-        images = model_input(batch["image"], spec, device, cfg.train.channels_last)
-        with autocast:
-            logits = model(images)
-        weight = sample_weights(labels, loss_kwargs["unknown_weight"]).sum()
-        total[0] += method.loss(logits, labels, **loss_kwargs).detach() * weight
-        total[1] += weight
-    loss_sum, weight = _all_sum(total, dist)
-    return loss_sum / weight if weight else math.nan
+        losses.add(step(*step.prepare(batch)))
+    weighted, weight, _ = _all_sum(losses.sums, dist)
+    return mean_loss(weighted, weight)

@@ -221,11 +221,13 @@ def test_onnx_graph_computes_the_feature_score_as_opensig_does(
     Runtime gives opensig's scores and, with the stored thresholds, its decisions."""
     ort = pytest.importorskip("onnxruntime", reason="pip install 'opensig[export]'")
     from opensig.data.manifest import read_manifest, split_rows
+    from opensig.decision import write_thresholds
     from opensig.evaluation import fit_decision
     from opensig.export import export_onnx
+    from opensig.labels import UNKNOWN
     from opensig.model import load_model_dir
-    from opensig.predict import Bundle, write_thresholds
-    from opensig.thresholds import UNKNOWN, decide
+    from opensig.predict import Bundle
+    from opensig.thresholds import decide
     from tests.test_export import pixels
 
     manifest = read_manifest(Path("artifacts/manifest.parquet"), Path("data"))

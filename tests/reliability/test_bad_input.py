@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from opensig.cli import app
 from opensig.data.images import ImageRejected, check, decode
-from opensig.data.scan import UNKNOWN_LABEL, scan_folder
+from opensig.data.scan import scan_folder
 from opensig.data.split import _unit_interval
+from opensig.labels import UNKNOWN_LABEL
 from tests.reliability import messy
 
 RED = np.array(messy.RED)

@@ -28,9 +28,10 @@ from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
-from opensig.data.scan import UNKNOWN_LABEL, scan_folder
+from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits
 from opensig.io import atomic_write, read_json, write_json
+from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import METHODS
 from opensig.posthoc import FEATURE_SCORES
 from opensig.stages import Layout, evaluate, train, tune

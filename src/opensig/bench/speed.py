@@ -4,13 +4,18 @@ Every figure is measured in the same process, on the same data, model, batch siz
 device, and reported as a ratio to its limit:
 
 - train: images/s of the real train stage (decode cache, augmentation, loss, optimizer,
-  per-epoch validation excluded) against the same training step on random tensors already
-  in memory (the loop's own limit), and against a plain reference loop (torchvision
-  ``ImageFolder`` + ``DataLoader``, no tricks) on the same PNG folder;
+  per-epoch validation excluded) against the same training step (``TrainingStep``: same
+  method, loss options, autocast and optimizer) on one random batch already in memory (the
+  loop's own limit, in the faster memory layout of the two, so that a ratio cannot flatter
+  the stage), and against a plain reference loop (torchvision ``ImageFolder`` +
+  ``DataLoader``, no tricks, in the layout it gets by default) on the same PNG folder;
 - predict: images/s of ``Bundle.predict`` on a folder of PNGs against the same model's
   batched forward pass on random tensors;
 - ingest: files/s of the scan (open, fully decode, hash) over a PNG tree, first run and
   re-run on unchanged files.
+
+Every option is checked before anything runs (``SpeedOptions.check``). The tables give the
+median of the interleaved rounds with their spread (min-max), then every round.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +40,16 @@ from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
-from opensig.model import create_model, model_digest, resolve_device
+from opensig.model import (
+    backbone_problem,
+    build_spec,
+    create_model,
+    model_digest,
+    resolve_device,
+)
 from opensig.predict import Bundle, collect_images, write_thresholds
 from opensig.stages import Layout, train
+from opensig.step import StepOptions, TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,35 @@ class SpeedOptions:
     ingest_images: int | None = None  # per class, train then test files; None: all 70k
     work: Path = Path("bench/work/speed")
     out: Path = Path("bench/results")
+
+    def check(self) -> None:
+        """Refuse a bad option before anything runs (not after the train and predict rounds)."""
+        problem = backbone_problem(self.backbone)
+        if problem:
+            raise ValueError(f"--backbone: {problem}")
+        if self.image_size < 8:
+            raise ValueError(f"--image-size must be at least 8 (px), got {self.image_size}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"--in-chans must be 1 or 3, got {self.in_chans}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        counts = {
+            "--batch-size": self.batch_size,
+            "--epochs": self.epochs,
+            "--per-class": self.per_class,
+            "--rounds": self.rounds,
+        }
+        if self.ingest_images is not None:
+            counts["--ingest-images"] = self.ingest_images
+        for option, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value}")
+        if not (self.work / "data" / "known").is_dir() and not demo.FASHION_DIR.is_dir():
+            raise ValueError(
+                f"Fashion-MNIST is not in {demo.FASHION_DIR}: apt-get install dataset-fashion-mnist"
+            )
 
 
 def _sync(device: torch.device) -> None:
@@ -73,36 +115,67 @@ def _timed_steps(step, batches: int, warmup: int, device: torch.device) -> float
     return (time.perf_counter() - start) / batches
 
 
-def train_step_limit(cfg: Config, n_classes: int, steps: int) -> float:
-    """Images/s of one training step on random tensors in memory: the loop's own ceiling."""
-    from opensig.train import _autocast, optimizer_step
+LAYOUTS = {"channels_last": True, "contiguous": False}
 
+
+def _limit_step(cfg: Config, n_classes: int, channels_last: bool) -> Callable[[], None]:
+    """The stage's training step (TrainingStep + AdamW) on one random batch in memory, made
+    by the step's own ``prepare`` once: each call is a forward, loss, backward and update."""
     device = resolve_device(cfg.train.device)
     method = get_method(cfg.train.method)
-    model = create_model(cfg.model.backbone, method.num_outputs(n_classes), cfg.model.in_chans)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    autocast, scaler = _autocast(device, cfg.train.amp)
-    size, batch = cfg.model.image_size, cfg.train.batch_size
-    images = torch.randn(batch, cfg.model.in_chans, size, size, device=device)
-    images = images.contiguous(memory_format=memory_format)
-    labels = torch.randint(0, n_classes, (batch,), device=device)
+    model, outputs = cfg.model, method.num_outputs(n_classes)
+    net = create_model(model.backbone, outputs, model.in_chans)
+    classes = [str(k) for k in range(n_classes)]
+    spec = build_spec(
+        net, model.backbone, classes, method.name, outputs, model.image_size, model.in_chans
+    )
+    options = replace(StepOptions.of(cfg.train), channels_last=channels_last)
+    step = TrainingStep(net, method, spec, device, options).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
+    batch, size = cfg.train.batch_size, model.image_size
+    pixels = torch.randint(0, 256, (batch, size, size, model.in_chans), dtype=torch.uint8)
+    labels = torch.randint(0, n_classes, (batch,))
+    images, labels = step.prepare({"image": pixels, "label": labels, "error": [""] * batch})
 
-    def step() -> None:
-        with autocast:
-            logits = model(images)
-        loss = method.loss(logits, labels, smoothing=0.0, unknown_weight=1.0)
-        optimizer_step(loss, optimizer, scaler)
+    def one_step() -> None:
+        step.update(step(images, labels)["loss"], optimizer)
 
-    return batch / _timed_steps(step, steps, 3, device)
+    return one_step
 
 
-def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> float:
-    """A plain torchvision loop on the same PNGs: ImageFolder, DataLoader, one-hot BCE.
+def train_step_limit(
+    cfg: Config, n_classes: int, steps: int, trial_steps: int = 3
+) -> tuple[float, str]:
+    """Images/s of one training step on random tensors in memory, the loop's own ceiling, and
+    the layout it was measured in: both layouts (channels-last, contiguous) are tried for
+    ``trial_steps`` steps and the faster runs ``steps``, so that the limit is the step at its
+    best whichever layout the stage uses."""
+    device = resolve_device(cfg.train.device)
+    candidates = {name: _limit_step(cfg, n_classes, cl) for name, cl in LAYOUTS.items()}
+    trials = {
+        name: _timed_steps(one_step, trial_steps, 2, device)
+        for name, one_step in candidates.items()
+    }
+    layout = min(trials, key=trials.__getitem__)
+    log.info(
+        "limit layout: %s (%s)",
+        layout,
+        ", ".join(f"{name} {seconds * 1000:.0f} ms/step" for name, seconds in trials.items()),
+    )
+    return cfg.train.batch_size / _timed_steps(candidates[layout], steps, 1, device), layout
 
-    The last epoch, like the stage's figure.
-    """
+
+def layout_of(images: torch.Tensor) -> str:
+    """The memory layout of a batch (one that is both, e.g. one channel, is contiguous)."""
+    if images.is_contiguous():
+        return "contiguous"
+    return "channels_last" if images.is_contiguous(memory_format=torch.channels_last) else "other"
+
+
+def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> tuple[float, str]:
+    """A plain torchvision loop on the same PNGs: ImageFolder, DataLoader, one-hot BCE, in
+    the memory layout it gets by default. Images/s of the last epoch, like the stage's
+    figure, and that layout (of its batches)."""
     import torch.nn.functional as F
     from torchvision import datasets
     from torchvision import transforms as T
@@ -127,12 +200,13 @@ def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> f
     )
     model = create_model(cfg.model.backbone, n_classes, cfg.model.in_chans).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    rates = []
+    rates, layout = [], "none"
     for _ in range(epochs):
         start = time.perf_counter()
         count = 0
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
+            layout = layout_of(images)
             loss = F.binary_cross_entropy_with_logits(
                 model(images), F.one_hot(labels, n_classes).float()
             )
@@ -142,7 +216,7 @@ def reference_train(folder: Path, cfg: Config, n_classes: int, epochs: int) -> f
             count += len(labels)
         _sync(device)
         rates.append(count / (time.perf_counter() - start))
-    return rates[-1]
+    return rates[-1], layout
 
 
 def forward_limit(
@@ -172,6 +246,7 @@ def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
 
 def run_speed(base: Config, opts: SpeedOptions) -> dict:
     """Every measurement; writes ``speed_<device>_<size>px.{json,md}`` under ``opts.out``."""
+    opts.check()
     data = opts.work / "data"
     if not (data / "known").is_dir():
         demo.write_fashion_mnist(
@@ -196,8 +271,8 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
         seconds = time.perf_counter() - start
         epochs = pd.read_csv(at.train_plots / "train_history.csv")["images_per_s"].tolist()
         stage = epochs[-1]  # the first epoch pays for the decoding and warm-up
-        limit = train_step_limit(cfg, n_classes, epoch_steps)
-        reference = reference_train(data / "known", cfg, n_classes, opts.epochs)
+        limit, limit_layout = train_step_limit(cfg, n_classes, epoch_steps)
+        reference, reference_layout = reference_train(data / "known", cfg, n_classes, opts.epochs)
         rounds.append(
             {
                 "stage_images_per_s": stage,
@@ -207,9 +282,12 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
                 "reference_ratio_to_limit": reference / limit,
                 "stage_seconds": seconds,
                 "decode_seconds": read_json(at.train_report)["decode_seconds"],
+                "stage_layout": StepOptions.of(cfg.train).layout,
+                "limit_layout": limit_layout,
+                "reference_layout": reference_layout,
             }
         )
-    results: dict = {"train": {**_medians(rounds), "rounds": rounds, "epochs": opts.epochs}}
+    results: dict = {"train": {**_summary(rounds), "rounds": rounds, "epochs": opts.epochs}}
 
     # Predict: the trained model on every PNG of the folder, interleaved with its forward.
     write_thresholds(
@@ -235,7 +313,7 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
                 "ratio_to_limit": rate / forward,
             }
         )
-    results["predict"] = {**_medians(rounds), "rounds": rounds, "images": len(files)}
+    results["predict"] = {**_summary(rounds), "rounds": rounds, "images": len(files)}
     results["ingest"] = ingest_speed(opts)
     options = {k: str(v) for k, v in asdict(opts).items()}
     results["meta"] = {**environment(device), "options": options}
@@ -246,8 +324,12 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     return results
 
 
-def _medians(rounds: list[dict]) -> dict:
-    return {key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}
+def _summary(rounds: list[dict]) -> dict:
+    """The median of every figure over the rounds, and its spread: ``spread[key]`` = [min, max]."""
+    keys = [key for key, value in rounds[0].items() if not isinstance(value, str)]
+    values = {key: [r[key] for r in rounds] for key in keys}
+    medians = {key: float(np.median(v)) for key, v in values.items()}
+    return {**medians, "spread": {key: [float(min(v)), float(max(v))] for key, v in values.items()}}
 
 
 def ingest_speed(opts: SpeedOptions) -> dict:
@@ -273,18 +355,79 @@ def ingest_speed(opts: SpeedOptions) -> dict:
     }
 
 
-def to_markdown(results: dict) -> str:
-    t, p, i = results["train"], results["predict"], results["ingest"]
+def _spread_row(name: str, figures: dict, rate: str, limit: str, ratio: str) -> list[str]:
+    """A summary row: images/s, its limit and their ratio, each as median and min-max."""
+    cells = [name]
+    for key, digits in ((rate, 0), (limit, 0), (ratio, 2)):
+        low, high = figures["spread"][key]
+        cells += [f"{figures[key]:.{digits}f}", f"{low:.{digits}f}-{high:.{digits}f}"]
+    return cells
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(header), line(["---"] + ["---:"] * (len(header) - 1)), *map(line, rows)]
+
+
+TRAIN_ROUND = {  # column: (figure, format)
+    "train stage": ("stage_images_per_s", "{:.0f}"),
+    "stage layout": ("stage_layout", "{}"),
+    "limit": ("limit_images_per_s", "{:.0f}"),
+    "limit layout": ("limit_layout", "{}"),
+    "stage / limit": ("ratio_to_limit", "{:.2f}"),
+    "reference": ("reference_images_per_s", "{:.0f}"),
+    "reference layout": ("reference_layout", "{}"),
+    "reference / limit": ("reference_ratio_to_limit", "{:.2f}"),
+}
+PREDICT_ROUND = {
+    "predict": ("predict_images_per_s", "{:.0f}"),
+    "forward": ("forward_images_per_s", "{:.0f}"),
+    "ratio": ("ratio_to_limit", "{:.2f}"),
+}
+
+
+def _rounds_table(rounds: list[dict], columns: dict[str, tuple[str, str]]) -> list[str]:
     rows = [
-        "| measure | images/s | limit | ratio |",
-        "| --- | ---: | ---: | ---: |",
-        f"| train stage | {t['stage_images_per_s']:.0f} | {t['limit_images_per_s']:.0f} | "
-        f"{t['ratio_to_limit']:.2f} |",
-        f"| reference loop (ImageFolder + DataLoader) | {t['reference_images_per_s']:.0f} | "
-        f"{t['limit_images_per_s']:.0f} | {t['reference_ratio_to_limit']:.2f} |",
-        f"| predict (folder of PNGs) | {p['predict_images_per_s']:.0f} | "
-        f"{p['forward_images_per_s']:.0f} | {p['ratio_to_limit']:.2f} |",
-        f"| ingest, first scan ({i['files']} files) | {i['first_files_per_s']:.0f} | | |",
-        f"| ingest, re-run (unchanged) | {i['rerun_files_per_s']:.0f} | | |",
+        [str(n), *(form.format(r[key]) for key, form in columns.values())]
+        for n, r in enumerate(rounds, 1)
     ]
-    return "\n".join(rows) + "\n"
+    return _table(["round", *columns], rows)
+
+
+def to_markdown(results: dict) -> str:
+    """Medians with their spread (min-max) over the rounds, then every round."""
+    t, p, i = results["train"], results["predict"], results["ingest"]
+    reference = f"reference loop (ImageFolder + DataLoader, {t['rounds'][0]['reference_layout']})"
+    rows = [
+        _spread_row("train stage", t, "stage_images_per_s", "limit_images_per_s", "ratio_to_limit"),
+        _spread_row(
+            reference, t, "reference_images_per_s", "limit_images_per_s", "reference_ratio_to_limit"
+        ),
+        _spread_row(
+            "predict (folder of PNGs)",
+            p,
+            "predict_images_per_s",
+            "forward_images_per_s",
+            "ratio_to_limit",
+        ),
+        [f"ingest, first scan ({i['files']} files)", f"{i['first_files_per_s']:.0f}", *[""] * 5],
+        ["ingest, re-run (unchanged)", f"{i['rerun_files_per_s']:.0f}", *[""] * 5],
+    ]
+    header = ["measure", "images/s", "min-max", "limit", "min-max", "ratio", "min-max"]
+    lines = [
+        f"Medians of {len(t['rounds'])} interleaved rounds with their spread (min-max); the "
+        "train limit is the in-memory training step in the faster memory layout.",
+        "",
+        *_table(header, rows),
+        "",
+        "Train, every round:",
+        "",
+        *_rounds_table(t["rounds"], TRAIN_ROUND),
+        "",
+        "Predict, every round:",
+        "",
+        *_rounds_table(p["rounds"], PREDICT_ROUND),
+    ]
+    return "\n".join(lines) + "\n"

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
+
 log = logging.getLogger(__name__)
 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
@@ -81,7 +83,7 @@ def write_digits(out: Path, known: Sequence[str] = DIGITS_KNOWN) -> dict[str, in
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     counts: Counter[str] = Counter()
     for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
-        folder = f"known/{target}" if str(target) in known else f"unknown/{target}"
+        folder = f"known/{target}" if str(target) in known else f"{UNKNOWN_LABEL}/{target}"
         big = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.NEAREST))
         _write_png(Path(out) / folder / f"digit_{index:04d}.png", big)
         counts[folder] += 1
@@ -108,8 +110,8 @@ def write_digit_pairs(out: Path, n: int = 1500, seed: int = 0) -> dict[str, int]
         name = f"pairs/pair_{index:04d}.png"
         _write_png(Path(out) / name, big)
         known = sorted({str(digits.target[i]) for i in (a, b)} & set(DIGITS_KNOWN))
-        rows.append(f"{name},{'|'.join(map(str, known))}")
-        counts[("unknown", "single", "multi")[len(known)]] += 1
+        rows.append(f"{name},{LABEL_SEP.join(map(str, known))}")
+        counts[(UNKNOWN_LABEL, "single", "multi")[len(known)]] += 1
     (Path(out) / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
     log.info("wrote %d digit pairs to %s: %s", n, out, dict(counts))
     return dict(sorted(counts.items()))
@@ -185,7 +187,7 @@ def write_fashion_mnist(
             name = FASHION_CLASSES[label]
             if name not in classes:
                 continue
-            folder = f"known/{name}" if name in known else f"unknown/{name}"
+            folder = f"known/{name}" if name in known else f"{UNKNOWN_LABEL}/{name}"
             if per_class is not None and counts[folder] >= per_class:
                 continue
             _write_png(Path(out) / folder / f"{part}_{index:05d}.png", image)

@@ -8,21 +8,14 @@ row ends up kept, skipped (with its reason), a duplicate or a conflict, as in fo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from opensig.data.images import MAX_IMAGE_PIXELS
-from opensig.data.scan import (
-    LABEL_SEP,
-    UNKNOWN_LABEL,
-    Candidate,
-    Listing,
-    ScanResult,
-    like_unknown,
-    scan_candidates,
-)
+from opensig.data.scan import Candidate, Listing, ScanResult, like_unknown, scan_candidates
+from opensig.io import inside
+from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
 
 REQUIRED = ("path", "labels")
 
@@ -37,22 +30,22 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {missing}; the header must be `path,labels` "
-            "(labels separated by '|', empty for an unknown image)"
+            f"(labels separated by '{LABEL_SEP}', empty for an unknown image)"
         )
     return table
 
 
-def _row(root: Path, base: str, rel: str, labels: str) -> Candidate | str:
+def _row(root: Path, rel: str, labels: str) -> Candidate | str:
     """A candidate for one CSV row, or the reason it cannot be one."""
     if not rel.strip():
         return "empty path"
-    full = os.path.abspath(os.path.join(root, rel))
-    if os.path.commonpath([base, full]) != base:
+    below = inside(root / rel, root)
+    if below is None:
         return f"outside the data folder {root}"
     names = sorted({name.strip() for name in labels.split(LABEL_SEP) if name.strip()})
     if any(like_unknown(name) for name in names):
         return f"'{UNKNOWN_LABEL}' is not a class: leave labels empty for an unknown image"
-    parts = Path(os.path.relpath(full, base)).parts
+    parts = below.parts
     label = LABEL_SEP.join(names) or UNKNOWN_LABEL
     source = label if names else (parts[0] if len(parts) > 1 else UNKNOWN_LABEL)
     return Candidate(Path(root, *parts).as_posix(), label, source)
@@ -61,11 +54,10 @@ def _row(root: Path, base: str, rel: str, labels: str) -> Candidate | str:
 def list_csv(root: Path, csv: Path) -> Listing:
     """Every row of the labels CSV as a candidate, or skipped with its reason."""
     table = read_labels_csv(csv)
-    base = os.path.abspath(root)
     candidates: list[Candidate] = []
     skipped: list[dict] = []
     for rel, labels in zip(table["path"], table["labels"], strict=True):
-        row = _row(Path(root), base, rel, labels)
+        row = _row(Path(root), rel, labels)
         if isinstance(row, str):
             skipped.append({"path": rel, "reason": f"{csv}: {row}", "label": labels})
         else:

@@ -6,16 +6,14 @@ list before a model exists; afterwards the model's spec carries it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL
-from opensig.io import atomic_write
-from opensig.thresholds import UNKNOWN
+from opensig.io import atomic_write, inside
+from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 
 COLUMNS = ["path", "hash", "label", "source", "split", "novel"]
 
@@ -42,8 +40,7 @@ def read_manifest(path: Path, root: Path) -> pd.DataFrame:
         raise ValueError(
             f"{path}: manifest lacks columns {sorted(missing)}; rerun `opensig ingest`"
         )
-    base = os.path.abspath(root)
-    outside = [p for p in df["path"] if os.path.commonpath([base, os.path.abspath(p)]) != base]
+    outside = [p for p in df["path"] if inside(p, root) is None]
     if outside:
         raise ValueError(
             f"{path}: {len(outside)} image path(s) outside the data folder {root}, e.g. "

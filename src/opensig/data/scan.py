@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 from opensig.data.images import DECODE_VERSION, MAX_IMAGE_PIXELS, ImageRejected, check
 from opensig.io import atomic_write
+from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_LABEL = "unknown"
-LABEL_SEP = "|"  # "cat|dog": an image of both classes (multi-label data, from a labels CSV)
 RECORD_COLUMNS = ["path", "hash", "label", "source", "width", "height"]
 
 

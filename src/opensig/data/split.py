@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import LABEL_SEP, UNKNOWN_LABEL
+from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from opensig.config import MonitorConfig
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.drift import rate_change, score_shift, share_change
 from opensig.monitoring.log import between
 

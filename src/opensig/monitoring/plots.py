@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from opensig.data.scan import UNKNOWN_LABEL
+from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.drift import wilson
 from opensig.plots import _save_png
 

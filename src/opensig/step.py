@@ -1,0 +1,174 @@
+"""One training step, written once: a batch -> the model's input -> forward -> loss.
+
+``TrainingStep`` is what the training pass, the validation pass and the speed benchmark's
+in-memory limit all run (modelled on timm's ``task/classification.py``, whose
+``task(x, y)["loss"]`` it mirrors, and on lightning-hydra-template's ``model_step``). It owns:
+
+- the model: the module itself (``net``: validation forward, saved weights) and what the
+  training forward runs through (``model``: ``net``, or its DistributedDataParallel /
+  ``torch.compile`` wrapper);
+- the training method (targets and loss) and the loss options (label smoothing, the weight
+  of an unknown image);
+- autocast (bf16 on a GPU that has it, else fp16 with a grad scaler; off on CPU) and the
+  memory layout (channels-last or contiguous) of the model and its input;
+- the synthetic unknowns (``train.mixed_unknowns``): blended into a batch in training mode
+  only, and only for methods that train on unknown images.
+
+Losses are averaged one way, in training and in validation alike: the weighted mean per
+unit of weight over every image of the epoch, ``sum_i(loss_i * w_i) / sum_i(w_i)``, where
+``w_i`` is 1 for a known image and ``train.unknown_weight`` for an unknown one (what each
+batch's loss already is, accumulated over the epoch by ``EpochLoss``). The train and val
+curves in train_history.csv, loss.png and MLflow are thus the same quantity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from opensig.config import TrainConfig
+from opensig.data.dataset import model_input
+from opensig.methods import Method, mix_unknowns, sample_weights
+from opensig.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The train params a step uses (``train.amp``, ``channels_last``, ``label_smoothing``,
+    ``unknown_weight``, ``mixed_unknowns``)."""
+
+    amp: bool = True
+    channels_last: bool = True
+    label_smoothing: float = 0.0
+    unknown_weight: float = 1.0
+    mixed_unknowns: float = 0.0
+
+    @property
+    def layout(self) -> str:
+        """The memory layout of the model and its input: channels_last or contiguous."""
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> StepOptions:
+        return cls(
+            train.amp,
+            train.channels_last,
+            train.label_smoothing,
+            train.unknown_weight,
+            train.mixed_unknowns,
+        )
+
+
+def _autocast(
+    device: torch.device, enabled: bool
+) -> tuple[AbstractContextManager, torch.amp.GradScaler | None]:
+    """bf16 autocast where the GPU has it, else fp16 (with a grad scaler); off on CPU."""
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+class TrainingStep:
+    """Forward and loss of one batch, the same in training and validation.
+
+    ``step(images, labels)`` takes the model's input (``prepare`` makes it from a loader
+    batch) and returns a dict: ``loss`` (the batch's weighted mean, what backward needs),
+    ``weight`` (the batch's sum of sample weights), ``logits`` and ``labels`` (after any
+    synthetic unknowns). ``update`` runs backward and the optimizer step through the grad
+    scaler. ``train()`` / ``eval()`` switch the mode: training runs ``model``, blends
+    synthetic unknowns and needs gradients; validation runs ``net`` (under ``no_grad``, the
+    caller's).
+
+    The net is moved to ``device`` in the step's memory layout; ``wrap`` (DDP,
+    ``torch.compile``) then gives the module the training forward runs through.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        method: Method,
+        spec: ModelSpec,
+        device: torch.device,
+        options: StepOptions = StepOptions(),
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    ) -> None:
+        self.method, self.spec, self.device, self.options = method, spec, device, options
+        self.memory_format = (
+            torch.channels_last if options.channels_last else torch.contiguous_format
+        )
+        self.net = net.to(device, memory_format=self.memory_format)
+        self.model = wrap(self.net) if wrap is not None else self.net
+        self.autocast, self.scaler = _autocast(device, options.amp)
+        self.training = True
+
+    def train(self, mode: bool = True) -> TrainingStep:
+        self.training = mode
+        (self.model if mode else self.net).train(mode)
+        return self
+
+    def eval(self) -> TrainingStep:
+        return self.train(False)
+
+    def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch (uint8 NHWC images, labels, read errors) -> input and labels on
+        the device; a batch with an unreadable image stops training."""
+        bad = [e for e in batch["error"] if e]
+        if bad:
+            raise RuntimeError(
+                f"{len(bad)} training image(s) could not be read ({bad[0]}); rerun ingest"
+            )
+        images = model_input(batch["image"], self.spec, self.device, self.options.channels_last)
+        return images, batch["label"].to(self.device, non_blocking=True)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training and self.method.uses_unknown:
+            images, labels = mix_unknowns(images, labels, self.options.mixed_unknowns)
+        with self.autocast:
+            logits = (self.model if self.training else self.net)(images)
+        loss = self.method.loss(
+            logits,
+            labels,
+            smoothing=self.options.label_smoothing,
+            unknown_weight=self.options.unknown_weight,
+        )
+        weight = sample_weights(labels, self.options.unknown_weight).sum()
+        return {"loss": loss, "weight": weight, "logits": logits, "labels": labels}
+
+    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step, through the fp16 grad scaler when there is one."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+class EpochLoss:
+    """An epoch's loss, ``sum_i(loss_i * w_i) / sum_i(w_i)`` over its images, summed on the
+    device (no host sync per step): (weighted loss, weight, images) in float64."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        """Add a step's output: its mean loss times its weight is its weighted loss sum."""
+        self.sums[0] += out["loss"].detach() * out["weight"]
+        self.sums[1] += out["weight"]
+        self.sums[2] += len(out["labels"])
+
+    def mean(self) -> float:
+        """The loss so far (a host sync: for a progress bar, not every step)."""
+        return mean_loss(*self.sums[:2].tolist())
+
+
+def mean_loss(weighted_sum: float, weight: float) -> float:
+    """The weighted mean, nan when nothing was weighed (an empty split)."""
+    return weighted_sum / weight if weight else float("nan")
