@@ -90,6 +90,7 @@ def test_model_download_shows_no_mlflow_bar(
     folder = resolve_model_dir(uri, store)
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json",
+        "feature_score.safetensors",  # empty: these thresholds use no feature score
         "thresholds.json",
         "weights.safetensors",
     ]
