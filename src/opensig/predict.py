@@ -23,10 +23,6 @@ from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, m
 from opensig.data.images import ImageSource
 from opensig.data.scan import display, walk_files
 from opensig.decision import THRESHOLDS_FILE, read_thresholds
-
-# bench/speed.py imports write_thresholds from here; once it takes it from opensig.decision
-# (a change on another branch), this line goes.
-from opensig.decision import write_thresholds as write_thresholds
 from opensig.io import atomic_write, env_defaults
 from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method

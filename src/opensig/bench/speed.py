@@ -38,6 +38,7 @@ from opensig.data import demo
 from opensig.data.manifest import write_manifest
 from opensig.data.scan import scan_folder
 from opensig.data.split import assign_splits
+from opensig.decision import write_thresholds
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import (
@@ -47,7 +48,7 @@ from opensig.model import (
     model_digest,
     resolve_device,
 )
-from opensig.predict import Bundle, collect_images, write_thresholds
+from opensig.predict import Bundle, collect_images
 from opensig.stages import Layout, train
 from opensig.step import StepOptions, TrainingStep
 
