@@ -34,6 +34,22 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One compute thread per core: with ``-n N`` workers, each (and every process it starts)
+    gets cores / N torch threads. At torch's default every worker starts a thread per core,
+    and on 2 cores two workers' threads wait on each other (bench/README.md: test suite).
+    Runs in the main process (whose environment the workers inherit) before any test module
+    imports torch; an OMP_NUM_THREADS already set is kept."""
+    cores = os.cpu_count() or 1
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers is None:
+        requested = getattr(config.option, "numprocesses", None)  # "auto": one per core
+        workers = requested if isinstance(requested, int) and requested > 0 else 1
+        workers = cores if requested in ("auto", "logical") else workers
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+
+
 # The metrics.json keys the core-pipeline issue promises users.
 METRIC_KEYS = frozenset(
     {"known_accuracy", "known_ccr", "unknown_recall", "macro_f1", "auroc", "fpr95", "oscr", "ece"}

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from opensig.backbones import backbone_problem  # imports timm only for a name it has not seen
 from opensig.data.images import MAX_IMAGE_PIXELS
 from opensig.redaction import redact, uri_credentials
 
@@ -84,8 +85,6 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _timm_knows(cls, value: str) -> str:
-        from opensig.model import backbone_problem  # imports timm, so only when validating
-
         problem = backbone_problem(value)
         if problem:
             raise ValueError(problem)

@@ -3,7 +3,8 @@
 ``labels`` are int ``(N,)`` with :data:`~opensig.labels.UNKNOWN` for unknown images and
 ``scores`` are per-class sigmoid scores ``(N, K)``. Threshold-free metrics (AUROC, FPR@95, OSCR)
 rank images by their max class score; the others use the decisions of
-:func:`~opensig.thresholds.decide`.
+:func:`~opensig.thresholds.decide`. scikit-learn computes the ROC figures and is imported
+where they are (a second of start-up): train and tune import this module but never pay it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from opensig.labels import UNKNOWN
 from opensig.thresholds import decide, decide_multi, macro_f1
@@ -77,6 +77,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     is_known, max_score = _known_vs_unknown(scores, labels)
     if is_known.all() or not is_known.any():
         return math.nan
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(is_known, max_score))
 
 
@@ -85,6 +87,8 @@ def fpr_at_tpr(scores: np.ndarray, labels: np.ndarray, tpr: float = 0.95) -> flo
     is_known, max_score = _known_vs_unknown(scores, labels)
     if is_known.all() or not is_known.any():
         return math.nan
+    from sklearn.metrics import roc_curve
+
     fpr, tpr_curve, _ = roc_curve(is_known, max_score, drop_intermediate=False)
     return float(fpr[np.argmax(tpr_curve >= tpr)])
 
@@ -178,6 +182,8 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     if is_known.all() or not is_known.any():
         empty = np.empty(0)
         return empty, empty.copy(), empty.copy()
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(is_known, max_score)
     return fpr, tpr, thresholds
 

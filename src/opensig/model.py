@@ -8,7 +8,6 @@ there, so the class list and the preprocessing are defined exactly once.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from opensig.backbones import backbone_problem
 from opensig.io import atomic_write, file_digest, inside, link_or_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -84,22 +84,6 @@ def features_and_logits(
     """
     features = model.forward_head(model.forward_features(images), pre_logits=True)
     return features, model.get_classifier()(features)
-
-
-def backbone_problem(backbone: str) -> str | None:
-    """Why timm cannot build ``backbone`` (with close names to suggest), or None if it can.
-
-    Names with a source prefix (``hf-hub:``, ``local-dir:``) cannot be checked offline.
-    """
-    try:
-        source, name = timm.models.parse_model_name(backbone)
-    except ValueError as err:
-        return str(err)
-    if source is not None or timm.is_model(name):
-        return None
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
-    return f"{backbone!r} is not a timm model; {hint}"
 
 
 def build_spec(

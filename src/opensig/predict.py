@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
 from opensig.data.images import ImageSource
+from opensig.data.prefetch import overlapped
 from opensig.data.scan import display, walk_files
 from opensig.decision import THRESHOLDS_FILE, read_thresholds
 from opensig.io import atomic_write, env_defaults
@@ -44,8 +45,8 @@ def _images(
     batch_size: int,
     num_workers: int | str,
 ) -> DataLoader:
-    """Batches of decoded, resized images, decoded in worker processes on GPU so the model
-    does not wait for the files."""
+    """Batches of decoded, resized images, decoded in worker processes on GPU (on CPU, in
+    the thread ``overlapped`` runs it in) so the model does not wait for the files."""
     dataset = ImageDataset(
         sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
     )
@@ -77,8 +78,11 @@ def run_scorer(
     errors: list[str] = []
     scorer.eval()
     loader = _images(spec, sources, device, batch_size, num_workers)
-    with image_bar(len(loader.dataset), "scoring", show=progress) as bar:
-        for batch in loader:
+    with (
+        image_bar(len(loader.dataset), "scoring", show=progress) as bar,
+        overlapped(loader) as batches,
+    ):
+        for batch in batches:
             images = model_input(batch["image"], spec, device)
             out = scorer.head_and_features(images) if features else (scorer(images),)
             outputs.append([o.float().cpu().numpy() for o in out])

@@ -1,6 +1,8 @@
 """One thin function per DVC stage: read config and inputs, call the library, write outputs.
 
 Each reads like its entry in dvc.yaml; the paths below are the ones dvc.yaml declares.
+A stage imports the heavy libraries it uses (torch and timm, mlflow, matplotlib) inside its
+function: ``opensig ingest`` starts in under a second instead of paying for all of them.
 """
 
 from __future__ import annotations
@@ -24,12 +26,7 @@ from opensig.data.split import (
     small_test_warnings,
     split_summary,
 )
-from opensig.decision import write_thresholds
-from opensig.evaluation import champion_judge, evaluate_bundle, fit_decision
 from opensig.io import read_json, write_json
-from opensig.model import load_model_dir, model_digest, resolve_device
-from opensig.plots import write_history, write_pictures
-from opensig.predict import Bundle, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +111,10 @@ def init_source(cfg: Config) -> str:
 def train(cfg: Config, at: Layout = HERE) -> dict:
     """Also the entry point of `torchrun -m opensig train`: every process trains, rank 0 writes
     and logs each epoch to an MLflow run, whose id register reads from the report."""
-    from opensig.registry import TrainingRun, tracking_uri  # heavy (mlflow): when used
+    from opensig.model import model_digest
+    from opensig.plots import write_history
+    from opensig.predict import resolve_model_dir
+    from opensig.registry import TrainingRun, tracking_uri
     from opensig.train import is_main_process, train_model
 
     manifest = read_manifest(at.manifest, cfg.data.root)
@@ -149,6 +149,10 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
 def tune(cfg: Config, at: Layout = HERE) -> dict:
     """The feature score (fitted on train, calibrated on val) and per-class thresholds from
     the validation split (never from test)."""
+    from opensig.decision import write_thresholds
+    from opensig.evaluation import fit_decision
+    from opensig.model import load_model_dir, model_digest, resolve_device
+
     model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
     manifest = read_manifest(at.manifest, cfg.data.root)
     val_rows = split_rows(manifest, "val")
@@ -191,6 +195,10 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
 
 def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
+    from opensig.evaluation import evaluate_bundle
+    from opensig.plots import write_pictures
+    from opensig.predict import Bundle
+
     bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
     manifest = read_manifest(at.manifest, cfg.data.root)
     multi_label = is_multi_label(manifest["label"])
@@ -211,7 +219,8 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
     The gate judges the champion on today's test split and today's classes: a champion of
     another class set cannot name the new classes, and those images count as its mistakes.
     """
-    from opensig import registry  # mlflow is a heavy import
+    from opensig import registry
+    from opensig.evaluation import champion_judge
 
     metrics = read_json(at.metrics)
     train_run = (

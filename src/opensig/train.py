@@ -48,6 +48,7 @@ from opensig.data.dataset import (
     train_transform,
 )
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
+from opensig.data.prefetch import overlapped
 from opensig.data.split import small_train_warning
 from opensig.io import signals_deferred
 from opensig.labels import UNKNOWN_LABEL
@@ -582,14 +583,15 @@ def _train_epoch(
     """
     step.train()
     losses = EpochLoss(step.device)
-    for index, batch in enumerate(loader):
-        out = step(*step.prepare(batch))
-        step.update(out["loss"], optimizer)
-        scheduler.step()
-        losses.add(out)
-        bar.update(len(out["labels"]) * world)
-        if not bar.disable and index % 25 == 0:
-            bar.set_postfix(loss=f"{losses.mean():.4f}")
+    with overlapped(loader) as batches:
+        for index, batch in enumerate(batches):
+            out = step(*step.prepare(batch))
+            step.update(out["loss"], optimizer)
+            scheduler.step()
+            losses.add(out)
+            bar.update(len(out["labels"]) * world)
+            if not bar.disable and index % 25 == 0:
+                bar.set_postfix(loss=f"{losses.mean():.4f}")
     if step.device.type == "cuda":
         torch.cuda.synchronize(step.device)
     return losses
@@ -601,7 +603,8 @@ def _evaluate_loss(step: TrainingStep, loader: DataLoader, dist: Distributed) ->
     for an empty split)."""
     step.eval()
     losses = EpochLoss(step.device)
-    for batch in loader:
-        losses.add(step(*step.prepare(batch)))
+    with overlapped(loader) as batches:
+        for batch in batches:
+            losses.add(step(*step.prepare(batch)))
     weighted, weight, _ = _all_sum(losses.sums, dist)
     return mean_loss(weighted, weight)

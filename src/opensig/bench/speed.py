@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from opensig.backbones import backbone_problem
 from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
@@ -42,7 +43,6 @@ from opensig.decision import write_thresholds
 from opensig.io import atomic_write, read_json, write_json
 from opensig.methods import get_method
 from opensig.model import (
-    backbone_problem,
     build_spec,
     create_model,
     model_digest,
