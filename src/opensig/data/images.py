@@ -31,6 +31,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 DECODE_VERSION = "2"  # bump when decoding changes, so cached pixels and probes are redone
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_TURNS = {2, 3, 4, 5, 6, 7, 8}  # EXIF orientations other than upright (1)
 _QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _CHECK_SIZE = 64  # smallest side check() decodes JPEGs at
 
@@ -90,11 +91,14 @@ def _decode(
         with opened as img:
             _check_size(img, max_pixels)
             width, height = img.size
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS:
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            if orientation in _QUARTER_TURNS:
                 width, height = height, width
             if min_size:
                 img.draft(img.mode, (min_size, min_size))
-            array = np.asarray(_flatten(ImageOps.exif_transpose(img), in_chans))
+            # exif_transpose of an upright image is a copy and a second EXIF read: skipped
+            upright = ImageOps.exif_transpose(img) if orientation in _TURNS else img
+            array = np.asarray(_flatten(upright, in_chans))
     return (array[..., None] if array.ndim == 2 else array), (width, height)
 
 
