@@ -4,6 +4,9 @@ On CPU the loaders have no worker processes (they would take the cores the convo
 run on), so without this the model waits while each batch is decoded, resized, augmented
 and collated. Pillow's and OpenCV's decoding and resizing, and torch's kernels, release the
 GIL: a thread lets the two overlap. On GPU the loaders' worker processes already do it.
+Where the model already keeps every core busy (2 cores, bench/README.md) the overlap gains
+nothing measurable: the decoding still takes its CPU time; it pays where files are slow to
+read.
 
 The batches come in the order the loader makes them, the loader's random state lives in
 the one producing thread, and ``iter(loader)`` is called before that thread starts, so a
