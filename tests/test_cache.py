@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from opensig.data.cache import cache_key, cached_images, decode_all
-from opensig.data.dataset import ImageDataset, eval_transform
-from opensig.model import ModelSpec
+from opensig.data.dataset import ImageDataset
 
 
 def _images(folder: Path, n: int) -> list[str]:
@@ -24,27 +23,13 @@ def _images(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def _spec(size: int, in_chans: int) -> ModelSpec:
-    return ModelSpec(
-        backbone="resnet10t",
-        classes=["a"],
-        method="sigmoid_bce",
-        num_outputs=1,
-        image_size=size,
-        in_chans=in_chans,
-        mean=[0.5] * in_chans,
-        std=[0.25] * in_chans,
-    )
-
-
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_cached_pixels_score_exactly_like_the_files(tmp_path: Path, in_chans: int) -> None:
     paths = _images(tmp_path / "img", 5)
-    transform = eval_transform(_spec(16, in_chans))
     decoded = decode_all(paths, 16, in_chans, workers=2)
     assert decoded.shape == (5, 16, 16, in_chans) and decoded.dtype == np.uint8
-    from_files = ImageDataset(paths, None, transform, in_chans)
-    from_cache = ImageDataset(paths, None, transform, in_chans, decoded)
+    from_files = ImageDataset(paths, None, 16, in_chans)
+    from_cache = ImageDataset(paths, None, 16, in_chans, decoded)
     for i in range(5):
         assert np.array_equal(from_files[i]["image"].numpy(), from_cache[i]["image"].numpy())
 

@@ -1,4 +1,4 @@
-"""Tests for image decoding, the train/eval transforms and ImageDataset."""
+"""Tests for image decoding, the resize to the model's input and ImageDataset."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from opensig.config import AugmentConfig
-from opensig.data.dataset import (
-    ImageDataset,
-    eval_transform,
-    model_input,
-    train_transform,
-)
+from opensig.data.dataset import ImageDataset, fit_to, model_input
 from opensig.data.images import decode
 from opensig.model import ModelSpec
 
@@ -90,7 +84,7 @@ def test_eval_preprocessing_shape_and_normalisation(tmp_path: Path, in_chans: in
     path = tmp_path / "grey.png"
     Image.fromarray(np.full((40, 30, 3), value, dtype=np.uint8)).save(path)
     spec = _spec(in_chans)
-    item = ImageDataset([path], None, eval_transform(spec), in_chans)[0]
+    item = ImageDataset([path], None, SIZE, in_chans)[0]
     assert item["image"].shape == (SIZE, SIZE, in_chans) and item["image"].dtype == torch.uint8
     out = model_input(item["image"][None], spec, torch.device("cpu"))
     assert out.shape == (1, in_chans, SIZE, SIZE) and out.dtype == torch.float32
@@ -100,33 +94,20 @@ def test_eval_preprocessing_shape_and_normalisation(tmp_path: Path, in_chans: in
     assert model_input(item["image"][None], spec, torch.device("cpu"), False).is_contiguous()
 
 
-def test_eval_transform_is_deterministic() -> None:
-    transform = eval_transform(_spec())
+def test_fit_to_resizes_to_the_square_input_and_keeps_an_image_at_that_size() -> None:
     image = _noise()
-    assert np.array_equal(transform(image=image)["image"], transform(image=image)["image"])
-
-
-def test_train_transform_reproducible_with_seed() -> None:
-    augment = AugmentConfig(scale_min=0.5, rotate=30.0, hflip=True, brightness_contrast=0.3)
-    image = _noise(32, 32)
-
-    def run(seed: int) -> list[np.ndarray]:
-        transform = train_transform(_spec(), augment, seed=seed)
-        return [transform(image=image)["image"] for _ in range(4)]
-
-    first, again, other = run(7), run(7), run(8)
-    assert all(out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8 for out in first)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
-    # augmentation is random from call to call
-    assert not all(np.array_equal(first[0], out) for out in first[1:])
+    resized = fit_to(image, SIZE)
+    assert resized.shape == (SIZE, SIZE, 3) and resized.dtype == np.uint8
+    assert np.array_equal(resized, fit_to(image, SIZE))  # deterministic
+    at_size = _noise(SIZE, SIZE)
+    assert fit_to(at_size, SIZE) is at_size
 
 
 def test_image_dataset_reads_files(tmp_path: Path) -> None:
     path = tmp_path / "ok.png"
     Image.fromarray(_noise()).save(path)
     data = _png_bytes(Image.fromarray(_noise(seed=1)))
-    dataset = ImageDataset([path, data], [1, -1], eval_transform(_spec()), in_chans=3)
+    dataset = ImageDataset([path, data], [1, -1], SIZE, in_chans=3)
     assert len(dataset) == 2
     first, second = dataset[0], dataset[1]
     assert first["error"] == "" and second["error"] == ""
@@ -137,7 +118,7 @@ def test_image_dataset_reads_files(tmp_path: Path) -> None:
 def test_image_dataset_default_labels_unknown(tmp_path: Path) -> None:
     path = tmp_path / "ok.png"
     Image.fromarray(_noise()).save(path)
-    dataset = ImageDataset([path], None, eval_transform(_spec()), in_chans=3)
+    dataset = ImageDataset([path], None, SIZE, in_chans=3)
     assert dataset[0]["label"] == -1
 
 
@@ -146,9 +127,7 @@ def test_image_dataset_unreadable_file(tmp_path: Path, in_chans: int) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not an image")
     missing = tmp_path / "missing.png"
-    dataset = ImageDataset(
-        [bad, missing, b"\x89PNG garbage"], [0, 1, -1], eval_transform(_spec(in_chans)), in_chans
-    )
+    dataset = ImageDataset([bad, missing, b"\x89PNG garbage"], [0, 1, -1], SIZE, in_chans)
     for index, label in enumerate([0, 1, -1]):
         item = dataset[index]
         assert item["label"] == label
@@ -170,7 +149,7 @@ def test_image_at_the_model_size_reaches_torch_without_a_warning(
     Image.fromarray(_noise(SIZE, SIZE)).save(path)
     assert decode(path, in_chans).flags.writeable
     assert decode(path.read_bytes(), in_chans).flags.writeable
-    dataset = ImageDataset([path], None, eval_transform(_spec(in_chans)), in_chans)
+    dataset = ImageDataset([path], None, SIZE, in_chans)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         item = dataset[0]
@@ -183,7 +162,7 @@ def test_image_dataset_works_with_dataloader(tmp_path: Path) -> None:
     Image.fromarray(_noise()).save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    dataset = ImageDataset([good, bad], [0, 1], eval_transform(_spec()), in_chans=3)
+    dataset = ImageDataset([good, bad], [0, 1], SIZE, in_chans=3)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
     assert batch["image"].shape == (2, SIZE, SIZE, 3)
     assert batch["label"].tolist() == [0, 1]

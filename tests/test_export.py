@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from opensig.cli import app
-from opensig.data.dataset import ImageDataset, eval_transform
+from opensig.data.dataset import ImageDataset
 from opensig.decision import write_thresholds
 from opensig.labels import UNKNOWN
 from opensig.methods import get_method
@@ -53,11 +53,9 @@ def images(digits_data: Path) -> list[Path]:
 
 
 def pixels(bundle: Bundle, sources: list[Path]) -> np.ndarray:
-    """The exported graph's input: what eval_transform yields per image, stacked."""
+    """The exported graph's input: what ImageDataset yields per image, stacked."""
     spec = bundle.spec
-    dataset = ImageDataset(
-        sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
-    )
+    dataset = ImageDataset(sources, None, spec.image_size, spec.in_chans)
     return np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))])
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 from tqdm.auto import tqdm
 
+from opensig.config import AugmentConfig
+from opensig.data.augment import BatchAugment
 from opensig.data.dataset import model_input
 from opensig.methods import get_method
 from opensig.model import ModelSpec
@@ -114,3 +116,23 @@ def test_a_batch_with_an_unreadable_image_stops_training() -> None:
     batch["error"] = ["", "cannot identify image file"]
     with pytest.raises(RuntimeError, match=r"1 training image.*could not be read.*rerun ingest"):
         _step("sigmoid_bce").prepare(batch)
+
+
+def test_the_augmentation_runs_in_training_mode_only() -> None:
+    method = get_method("sigmoid_bce")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE * CHANS, CLASSES))
+    augment = BatchAugment(AugmentConfig(rotate=30.0, brightness_contrast=0.3), seed=1)
+    spec = _spec(method.name, CLASSES)
+    step = TrainingStep(net, method, spec, torch.device("cpu"), augment=augment)
+    batch = _batch([0, 1, 2, 0])
+    plain = model_input(batch["image"], step.spec, step.device)
+    evaluated, _ = step.eval().prepare(batch)
+    assert torch.equal(evaluated, plain)
+    trained, _ = step.train().prepare(batch)
+    assert trained.shape == plain.shape and trained.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(trained, plain)
+    assert not torch.equal(step.prepare(batch)[0], trained)  # new draws for every batch
+    augment.seed(1)
+    assert torch.equal(step.prepare(batch)[0], trained)  # the draws are the seeded generator's
+    again = BatchAugment(augment.augment, seed=1)
+    assert torch.equal(model_input(batch["image"], step.spec, step.device, augment=again), trained)

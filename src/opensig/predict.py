@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from opensig.data.dataset import ImageDataset, eval_transform, loader_workers, model_input
+from opensig.data.dataset import ImageDataset, loader_workers, model_input
 from opensig.data.images import ImageSource
 from opensig.data.prefetch import overlapped
 from opensig.data.scan import display, walk_files
@@ -46,10 +46,9 @@ def _images(
     num_workers: int | str,
 ) -> DataLoader:
     """Batches of decoded, resized images, decoded in worker processes on GPU (on CPU, in
-    the thread ``overlapped`` runs it in) so the model does not wait for the files."""
-    dataset = ImageDataset(
-        sources, None, eval_transform(spec), spec.in_chans, min_size=spec.image_size
-    )
+    the thread ``overlapped`` runs it in where a core is spare) so the model does not wait
+    for the files."""
+    dataset = ImageDataset(sources, None, spec.image_size, spec.in_chans)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -80,7 +79,7 @@ def run_scorer(
     loader = _images(spec, sources, device, batch_size, num_workers)
     with (
         image_bar(len(loader.dataset), "scoring", show=progress) as bar,
-        overlapped(loader) as batches,
+        overlapped(loader, device) as batches,
     ):
         for batch in batches:
             images = model_input(batch["image"], spec, device)

@@ -11,6 +11,8 @@ in-memory limit all run (modelled on timm's ``task/classification.py``, whose
   of an unknown image);
 - autocast (bf16 on a GPU that has it, else fp16 with a grad scaler; off on CPU) and the
   memory layout (channels-last or contiguous) of the model and its input;
+- the augmentation (``opensig.data.augment``): applied to a whole batch, on the device, in
+  training mode only;
 - the synthetic unknowns (``train.mixed_unknowns``): blended into a batch in training mode
   only, and only for methods that train on unknown images.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from opensig.config import TrainConfig
+from opensig.data.augment import BatchAugment
 from opensig.data.dataset import model_input
 from opensig.methods import Method, mix_unknowns, sample_weights
 from opensig.model import ModelSpec
@@ -85,7 +88,8 @@ class TrainingStep:
     caller's).
 
     The net is moved to ``device`` in the step's memory layout; ``wrap`` (DDP,
-    ``torch.compile``) then gives the module the training forward runs through.
+    ``torch.compile``) then gives the module the training forward runs through. ``augment``
+    transforms training batches in ``prepare`` (its draws are seeded by the caller).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class TrainingStep:
         device: torch.device,
         options: StepOptions = StepOptions(),
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         self.method, self.spec, self.device, self.options = method, spec, device, options
         self.memory_format = (
@@ -104,6 +109,7 @@ class TrainingStep:
         self.net = net.to(device, memory_format=self.memory_format)
         self.model = wrap(self.net) if wrap is not None else self.net
         self.autocast, self.scaler = _autocast(device, options.amp)
+        self.augment = augment
         self.training = True
 
     def train(self, mode: bool = True) -> TrainingStep:
@@ -115,14 +121,18 @@ class TrainingStep:
         return self.train(False)
 
     def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader batch (uint8 NHWC images, labels, read errors) -> input and labels on
-        the device; a batch with an unreadable image stops training."""
+        """A loader batch (uint8 NHWC images, labels, read errors) -> input (augmented in
+        training mode) and labels on the device; a batch with an unreadable image stops
+        training."""
         bad = [e for e in batch["error"] if e]
         if bad:
             raise RuntimeError(
                 f"{len(bad)} training image(s) could not be read ({bad[0]}); rerun ingest"
             )
-        images = model_input(batch["image"], self.spec, self.device, self.options.channels_last)
+        augment = self.augment if self.training else None
+        images = model_input(
+            batch["image"], self.spec, self.device, self.options.channels_last, augment
+        )
         return images, batch["label"].to(self.device, non_blocking=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,9 +14,10 @@ shard of each epoch, and only rank 0 writes checkpoints and reports.
 A stopped run (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes when rerun, from the state
 rank 0 saves after every epoch (``opensig.resume``). No RNG state is saved because none is
 carried from one epoch to the next: every epoch reseeds python, numpy and torch, the shuffle
-order and the augmentation (in the main process and in each loader worker) from (train.seed,
-epoch, rank). Epoch k thus draws the same numbers after a restart as after epoch k-1, and on
-CPU a resumed run ends with the uninterrupted run's weights.
+order and the augmentation (``opensig.data.augment``: batched in the training process, the
+loader workers draw nothing) from (train.seed, epoch, rank). Epoch k thus draws the same
+numbers after a restart as after epoch k-1, and on CPU a resumed run ends with the
+uninterrupted run's weights.
 """
 
 from __future__ import annotations
@@ -36,17 +37,13 @@ import pandas as pd
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from opensig.config import Config, ModelConfig, TrainConfig
+from opensig.data.augment import BatchAugment
 from opensig.data.cache import cached_images
-from opensig.data.dataset import (
-    ImageDataset,
-    eval_transform,
-    loader_workers,
-    train_transform,
-)
+from opensig.data.dataset import ImageDataset, loader_workers
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.data.prefetch import overlapped
 from opensig.data.split import small_train_warning
@@ -145,42 +142,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int, worker: int = 0) -> int:
-    """A 32-bit seed that depends on its arguments only (worker 0: the training process)."""
-    return int(np.random.SeedSequence([seed % 2**64, epoch, rank, worker]).generate_state(1)[0])
-
-
-def _seed_epoch(seed: int, epoch: int, rank: int, worker: int = 0) -> int:
-    """Reseed python, numpy and torch (all devices) for this epoch; return the seed used."""
-    value = epoch_seed(seed, epoch, rank, worker)
-    seed_everything(value)
-    return value
-
-
-class _EpochSeeded(Dataset):
-    """The train set: when the epoch changes, the process fetching images (the main one, or
-    a loader worker) reseeds its RNGs and the augmentation's from (seed, epoch, rank, worker).
-
-    Persistent loader workers keep their copy of the dataset across epochs, so the epoch
-    reaches them through shared memory.
-    """
-
-    def __init__(self, dataset: ImageDataset, seed: int, rank: int) -> None:
-        self.dataset, self.seed, self.rank = dataset, seed, rank
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._seeded_epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        epoch = int(self.epoch)
-        if epoch != self._seeded_epoch:
-            info = get_worker_info()
-            worker = 0 if info is None else info.id + 1
-            self.dataset.transform.set_random_seed(_seed_epoch(self.seed, epoch, self.rank, worker))
-            self._seeded_epoch = epoch
-        return self.dataset[index]
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A 32-bit seed that depends on its arguments only (``stream`` 0: python, numpy, torch
+    and the shuffle order; 1: the augmentation, so that its draws are not torch's own)."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, rank, stream]).generate_state(1)[0])
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
@@ -275,7 +240,7 @@ class _Images:
     max_pixels: int
     dist: Distributed
 
-    def dataset(self, rows: pd.DataFrame, transform) -> ImageDataset:
+    def dataset(self, rows: pd.DataFrame) -> ImageDataset:
         decoded = None
         spec, dist = self.spec, self.dist
         if self.cache_dir is not None and not rows.empty:
@@ -289,11 +254,10 @@ class _Images:
         return ImageDataset(
             rows["path"].tolist(),
             label_targets(rows["label"], self.classes, self.multi_label),
-            transform,
+            spec.image_size,
             spec.in_chans,
             decoded,
-            min_size=spec.image_size,
-            max_pixels=self.max_pixels,
+            self.max_pixels,
         )
 
 
@@ -325,14 +289,18 @@ def _loader(
     )
 
 
-def _start_epoch(loader: DataLoader, train_set: _EpochSeeded, epoch: int) -> None:
+def _start_epoch(
+    loader: DataLoader, augment: BatchAugment | None, seed: int, rank: int, epoch: int
+) -> None:
     """Make everything random in this epoch a function of (seed, epoch, rank) alone."""
-    value = _seed_epoch(train_set.seed, epoch, train_set.rank)
+    value = epoch_seed(seed, epoch, rank)
+    seed_everything(value)
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     elif isinstance(loader.sampler, RandomSampler):
         loader.sampler.generator.manual_seed(value)
-    train_set.epoch.fill_(epoch)
+    if augment is not None:
+        augment.seed(epoch_seed(seed, epoch, rank, stream=1))
 
 
 def train_model(
@@ -378,7 +346,13 @@ def _train(
         )
     net, spec = _network(cfg.model, method, classes, init_from)
     step = TrainingStep(
-        net, method, spec, device, StepOptions.of(train), _wrapper(dist, device, train.compile)
+        net,
+        method,
+        spec,
+        device,
+        StepOptions.of(train),
+        _wrapper(dist, device, train.compile),
+        BatchAugment(train.augment),
     )
     check_input_size(net, spec.image_size, spec.in_chans)
 
@@ -387,10 +361,8 @@ def _train(
     start = time.perf_counter()
     cache_dir = cfg.data.cache_dir if train.decode_cache else None
     images = _Images(classes, multi, spec, cache_dir, cfg.data.max_image_pixels, dist)
-    augment = train_transform(spec, train.augment, train.seed + dist.rank)
-    train_set = _EpochSeeded(images.dataset(train_rows, augment), train.seed, dist.rank)
-    train_dl = _loader(train_set, train, True, device, dist)
-    val_dl = _loader(images.dataset(val_rows, eval_transform(spec)), train, False, device, dist)
+    train_dl = _loader(images.dataset(train_rows), train, True, device, dist)
+    val_dl = _loader(images.dataset(val_rows), train, False, device, dist)
     decode_seconds = time.perf_counter() - start
     optimizer, scheduler = _optimizer(net, train, len(train_dl))
     log.info(
@@ -406,7 +378,7 @@ def _train(
     )
     loop = _Loop(
         step,
-        train_set,
+        train.seed,
         train_dl,
         val_dl,
         optimizer,
@@ -444,7 +416,7 @@ class _Loop:
     epoch to ``epoch_log``."""
 
     step: TrainingStep
-    train_set: _EpochSeeded
+    seed: int  # train.seed: with the epoch and rank, it seeds everything random in an epoch
     train_dl: DataLoader
     val_dl: DataLoader
     optimizer: torch.optim.Optimizer
@@ -489,7 +461,7 @@ class _Loop:
 
     def run_epoch(self, epoch: int, progress: Progress, bar: tqdm) -> None:
         """Train and validate; record the epoch in ``progress``; rank 0 saves and reports it."""
-        _start_epoch(self.train_dl, self.train_set, epoch)
+        _start_epoch(self.train_dl, self.step.augment, self.seed, self.dist.rank, epoch)
         bar.set_description(f"epoch {epoch}/{self.epochs}")
         row = {"epoch": epoch, **self.losses(bar)}
         row["seconds"] = time.perf_counter() - self.start
@@ -583,7 +555,7 @@ def _train_epoch(
     """
     step.train()
     losses = EpochLoss(step.device)
-    with overlapped(loader) as batches:
+    with overlapped(loader, step.device) as batches:
         for index, batch in enumerate(batches):
             out = step(*step.prepare(batch))
             step.update(out["loss"], optimizer)
@@ -603,7 +575,7 @@ def _evaluate_loss(step: TrainingStep, loader: DataLoader, dist: Distributed) ->
     for an empty split)."""
     step.eval()
     losses = EpochLoss(step.device)
-    with overlapped(loader) as batches:
+    with overlapped(loader, step.device) as batches:
         for batch in batches:
             losses.add(step(*step.prepare(batch)))
     weighted, weight, _ = _all_sum(losses.sums, dist)

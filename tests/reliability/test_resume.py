@@ -23,7 +23,6 @@ import pytest
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
 
 import opensig.resume
 import opensig.train
@@ -153,10 +152,11 @@ def stop_in_epoch_2(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train as if Ctrl-C were pressed as epoch 2 starts."""
     start_epoch = opensig.train._start_epoch
 
-    def ctrl_c_in_epoch_2(loader: DataLoader, train_set: Dataset, epoch: int) -> None:
+    def ctrl_c_in_epoch_2(*args: object) -> None:
+        *_, epoch = args
         if epoch == 2:
             raise KeyboardInterrupt
-        start_epoch(loader, train_set, epoch)
+        start_epoch(*args)
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(opensig.train, "_start_epoch", ctrl_c_in_epoch_2)
@@ -166,8 +166,8 @@ def stop_in_epoch_2(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_stopped_run_resumes_with_loader_workers_and_restarts_on_new_params(
     project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """In-process (Ctrl-C at the start of epoch 2): the augmentation also runs in loader
-    workers; stale temp files are swept; changed params make the saved state stale."""
+    """In-process (Ctrl-C at the start of epoch 2), with loader workers; stale temp files
+    are swept; changed params make the saved state stale."""
     caplog.set_level(logging.INFO, logger="opensig")
     write_params(project, {"train": {"epochs": 2, "num_workers": 2}})
     cfg = load_config()

@@ -7,9 +7,8 @@ on the same data (e.g. a new learning rate), read that array, memory-mapped so 1
 images need disk rather than RAM. The key hashes the images' content hashes, so new data
 gets a new file and a stale one is never read.
 
-The cached pixels are exactly what ``eval_transform`` would compute first (the same
-``A.Resize``), so validation scores on cached and on file inputs are identical; training
-crops come from the resized image rather than the original file.
+The cached pixels are exactly what ``ImageDataset`` computes from the file (the same
+``fit_to``), so training and validation on cached and on file inputs are identical.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 
+from opensig.data.dataset import fit_to
 from opensig.data.images import DECODE_VERSION, MAX_IMAGE_PIXELS, decode
 from opensig.io import atomic_write
 from opensig.progress import image_bar
@@ -40,7 +39,7 @@ def cache_key(hashes: Sequence[str], size: int, in_chans: int) -> str:
 def _decode(args: tuple[str, int, int, int | None]) -> np.ndarray | str:
     path, size, in_chans, max_pixels = args
     try:
-        return A.Resize(size, size)(image=decode(path, in_chans, max_pixels, size))["image"]
+        return fit_to(decode(path, in_chans, max_pixels, size), size)
     except Exception as err:  # reported with the file name by the caller
         return f"{type(err).__name__}: {err}"
 

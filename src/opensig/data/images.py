@@ -73,7 +73,8 @@ def _flatten(img: Image.Image, in_chans: int) -> Image.Image:
     if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("L" if in_chans == 1 else "RGB")
+    mode = "L" if in_chans == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)  # the same mode: convert copies
 
 
 def _decode(

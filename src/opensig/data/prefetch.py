@@ -1,12 +1,12 @@
 """Batches made ahead in a background thread while the model works on the current one.
 
 On CPU the loaders have no worker processes (they would take the cores the convolutions
-run on), so without this the model waits while each batch is decoded, resized, augmented
-and collated. Pillow's and OpenCV's decoding and resizing, and torch's kernels, release the
-GIL: a thread lets the two overlap. On GPU the loaders' worker processes already do it.
-Where the model already keeps every core busy (2 cores, bench/README.md) the overlap gains
-nothing measurable: the decoding still takes its CPU time; it pays where files are slow to
-read.
+run on), so without this the model waits while each batch is read, decoded and collated.
+Pillow's decoding and torch's kernels release the GIL: a thread lets the two overlap, where
+there is a core for it. On GPU the loaders' worker processes already do it. Where torch's
+threads already use every core (2 cores, bench/README.md) the thread only competes with
+them: the decoding still takes its CPU time, and a torch thread that loses its core holds
+up the others. So on CPU the thread runs only when a core is spare (``spare_core``).
 
 The batches come in the order the loader makes them, the loader's random state lives in
 the one producing thread, and ``iter(loader)`` is called before that thread starts, so a
@@ -15,11 +15,14 @@ seeded run sees exactly the batches it would see without the thread.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -75,12 +78,22 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Generator[T, None, None]
         thread.join()
 
 
+def spare_core(device: torch.device) -> bool:
+    """Whether a thread making batches would not take a core from the model: always when
+    it computes on an accelerator; on CPU, when torch's threads leave a core unused."""
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) > torch.get_num_threads()
+
+
 @contextmanager
-def overlapped(batches: Iterable[T]) -> Iterator[Iterable[T]]:
+def overlapped(batches: Iterable[T], device: torch.device) -> Iterator[Iterable[T]]:
     """``batches`` made ahead in a thread, unless it is a loader with worker processes (they
-    read ahead already). The thread is stopped when the block ends, however it ends: a
-    stage stopped by SIGTERM or an error exits with no thread left running."""
-    if getattr(batches, "num_workers", 0) > 0:
+    read ahead already) or no core is spare for it on ``device`` (``spare_core``). The
+    thread is stopped when the block ends, however it ends: a stage stopped by SIGTERM or
+    an error exits with no thread left running."""
+    if getattr(batches, "num_workers", 0) > 0 or not spare_core(device):
         yield batches
         return
     ahead = prefetched(batches)

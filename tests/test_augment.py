@@ -1,0 +1,116 @@
+"""Batched augmentation: each transform's draws against its definition, and its pixels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opensig.config import AugmentConfig
+from opensig.data.augment import BatchAugment
+
+N = 4000  # draws per check: a probability of 1/2 lands in [0.45, 0.55] (6 sigma)
+
+
+def _params(augment: AugmentConfig, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    theta, contrast, brightness = BatchAugment(augment, seed).params(N, 16, 16)
+    return theta.double(), contrast.double(), brightness.double()
+
+
+def _crop(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each map's crop width and height (fractions of the side) and its rotation (radians):
+    its 2x2 part is diag(width, height) @ rotation @ diag(+-1, 1)."""
+    width = torch.hypot(theta[:, 0, 0], theta[:, 0, 1])
+    height = torch.hypot(theta[:, 1, 0], theta[:, 1, 1])
+    angle = torch.atan2(-theta[:, 0, 1] / width, theta[:, 1, 1] / height)
+    return width, height, angle
+
+
+def test_the_crop_covers_the_asked_area_and_ratio_inside_the_image() -> None:
+    theta, _, _ = _params(AugmentConfig(scale_min=0.5, rotate=0.0, brightness_contrast=0.0))
+    width, height, angle = _crop(theta)
+    area, ratio = width * height, width / height
+    assert area.min() >= 0.5 - 1e-6 and area.max() <= 1.0 + 1e-6
+    assert area.min() < 0.52 and area.max() > 0.98  # the whole range is drawn
+    assert ratio.min() >= 0.9 - 1e-6 and ratio.max() <= 1.1 + 1e-6
+    assert torch.all(angle.abs() < 1e-9)
+    # every corner of the crop lies inside the image ([-1, 1] on both axes)
+    assert torch.all(theta[:, 0, 2].abs() + width <= 1.0 + 1e-6)
+    assert torch.all(theta[:, 1, 2].abs() + height <= 1.0 + 1e-6)
+
+
+def test_rotation_flip_and_photometry_each_apply_to_about_half_within_their_limits() -> None:
+    augment = AugmentConfig(rotate=10.0, hflip=True, brightness_contrast=0.2)
+    theta, contrast, brightness = _params(augment)
+    _, _, angle = _crop(theta)
+    rotated = angle.abs() > 1e-9
+    assert 0.45 < rotated.double().mean() < 0.55
+    assert angle.abs().max() <= math.radians(10.0) + 1e-6
+    flipped = torch.linalg.det(theta[:, :, :2]) < 0
+    assert 0.45 < flipped.double().mean() < 0.55
+    changed = (contrast != 1.0) | (brightness != 0.0)
+    assert 0.45 < changed.double().mean() < 0.55
+    assert torch.all((contrast - 1.0).abs() <= 0.2 + 1e-6)
+    assert torch.all(brightness.abs() <= 0.2 + 1e-6)
+    assert torch.all(brightness[~changed] == 0.0)
+
+
+def test_switched_off_transforms_draw_nothing() -> None:
+    theta, contrast, brightness = _params(AugmentConfig(hflip=False, brightness_contrast=0.0))
+    assert torch.all(torch.linalg.det(theta[:, :, :2]) > 0)
+    assert torch.all(contrast == 1.0) and torch.all(brightness == 0.0)
+
+
+def test_the_same_seed_gives_the_same_batch_and_each_call_new_draws() -> None:
+    images = torch.rand(8, 3, 16, 16) * 255
+    augment = BatchAugment(AugmentConfig(rotate=30.0, hflip=True, brightness_contrast=0.3), 7)
+    first, second = augment(images), augment(images)
+    assert first.shape == images.shape and first.dtype == torch.float32
+    assert not torch.equal(first, second)
+    augment.seed(7)
+    assert torch.equal(augment(images), first)
+    augment.seed(8)
+    assert not torch.equal(augment(images), first)
+
+
+def test_pixels_a_constant_image_keeps_its_value_up_to_brightness_and_contrast() -> None:
+    """A crop inside the image samples no border: only the photometric change remains."""
+    augment = BatchAugment(AugmentConfig(rotate=0.0, brightness_contrast=0.3), seed=3)
+    images = torch.full((64, 1, 16, 16), 100.0)
+    out = augment(images)
+    augment.seed(3)
+    _, contrast, brightness = augment.params(64, 16, 16)
+    expected = (100.0 * contrast + 255.0 * brightness).clamp(0, 255).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expected.expand_as(out), atol=1e-3, rtol=0)
+
+
+def test_pixels_rotated_corners_are_black_and_flips_mirror() -> None:
+    """Left half dark, right half bright: a flipped image has its bright half on the left."""
+    augment = BatchAugment(AugmentConfig(rotate=0.0, hflip=True, brightness_contrast=0.0), 5)
+    images = torch.zeros(64, 1, 16, 16)
+    images[..., 8:] = 255.0
+    out = augment(images)
+    augment.seed(5)
+    theta, _, _ = augment.params(64, 16, 16)
+    flipped = torch.linalg.det(theta[:, :, :2]) < 0
+    left, right = out[..., :8].mean(dim=(1, 2, 3)), out[..., 8:].mean(dim=(1, 2, 3))
+    assert 0 < int(flipped.sum()) < 64
+    assert torch.equal(left > right, flipped)
+
+    config = AugmentConfig(scale_min=1.0, rotate=45.0, brightness_contrast=0.0)
+    out = BatchAugment(config, seed=0)(torch.full((64, 1, 16, 16), 200.0))
+    theta, _, _ = BatchAugment(config, seed=0).params(64, 16, 16)
+    rotated = _crop(theta.double())[2].abs() > math.radians(20)
+    assert rotated.any()
+    assert torch.all(out[rotated][..., 0, 0] < 100.0)  # a corner from outside the image
+    assert torch.all(out[..., 8, 8] > 199.0)  # the centre stays inside
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_draws_do_not_depend_on_the_device() -> None:
+    images = torch.rand(8, 3, 16, 16) * 255
+    config = AugmentConfig(rotate=30.0, hflip=True, brightness_contrast=0.3)
+    on_cpu = BatchAugment(config, 1)(images)
+    on_gpu = BatchAugment(config, 1)(images.cuda()).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-2, rtol=0)
