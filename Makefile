@@ -32,8 +32,8 @@ prefect-server: install  ## a local Prefect server for scheduled runs (then: exp
 	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-test: install  ## whole test files spread over TEST_WORKERS processes (pytest-xdist)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+test: install  ## whole test files spread over TEST_WORKERS processes (pytest-xdist); lists the 15 slowest
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations 15
 
 lint: install
 	$(BIN)/ruff check src tests pipelines

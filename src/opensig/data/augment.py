@@ -5,10 +5,11 @@ of a training step on CPU, where no spare core hides it, and on GPU it needs wor
 processes to keep the card fed. Here one batch is augmented by a handful of tensor
 operations: every image's random crop, rotation and flip become one affine map, sampled
 in one ``grid_sample`` call; brightness and contrast are one multiply-add. The loader only
-hands over images already at the model's size (the decode cache, or the eval resize).
+hands over images already at the model's size (the decode cache, or ``fit_to``).
 
-What each image gets, drawn independently (the same distribution as torchvision's and
-albumentations' transforms of the same names):
+What each image gets, drawn independently (the distributions of the albumentations
+transforms opensig used before, with the same settings; crops are placed continuously
+rather than on whole pixels, and resampled once rather than cropped, resized and rotated):
 
 - ``RandomResizedCrop``: a crop covering ``U(scale_min, 1)`` of the area, aspect ratio
   log-uniform in [0.9, 1.1], placed uniformly inside the image, resized to the full size;
