@@ -87,7 +87,8 @@ def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from opensig.config import Config
     from opensig.decision import THRESHOLDS_FILE, write_thresholds
     from opensig.model import build_spec, create_model, model_digest, save_model_dir
-    from opensig.registry import log_and_register
+    from opensig.tracking.promotion import ModelRegistry, log_and_register
+    from opensig.tracking.runs import RunSpec
 
     root = tmp_path_factory.mktemp("sources")
     bare = root / "no_thresholds"
@@ -106,8 +107,9 @@ def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
+        registry = ModelRegistry(uri, REGISTERED, REGISTERED)
         _, version = log_and_register(
-            cfg, {}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
+            registry, RunSpec.of(cfg), {}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
         )
     MlflowClient(uri, registry_uri=uri).set_registered_model_alias(REGISTERED, "champion", version)
     return {

@@ -18,9 +18,9 @@ The rule, read statically from the source (an AST walk, nothing imported), for t
    Imports under ``if TYPE_CHECKING:`` never run and are left out.
 5. Importing ``opensig.data.scan`` runs ``opensig/__init__.py`` and
    ``opensig/data/__init__.py`` first: package files count too.
-6. A file a module names beside itself to have it run, ``Path(__file__).with_name("x.py")``
-   (registry hands pyfunc_model.py to MLflow, which runs it while logging the model), counts
-   like an import. Files only copied (register copies the package as the model's code) do not.
+6. A file a module names beside itself (or a folder up) to have it run,
+   ``Path(__file__).with_name("x.py")`` (tracking/packaging.py hands pyfunc_model.py to
+   MLflow, which runs it while logging the model), counts like an import. Files only copied (register copies the package as the model's code) do not.
 
 The other deps (data, artifacts) are not checked here.
 """
@@ -90,7 +90,8 @@ def type_checking_only(tree: ast.Module) -> set[ast.AST]:
 
 
 def run_beside(name: str, node: ast.AST) -> str | None:
-    """The module that ``Path(__file__).with_name("x.py")`` in module ``name`` names (rule 6)."""
+    """The module that ``Path(__file__).with_name("x.py")`` in module ``name`` names, or
+    ``Path(__file__).parent.with_name("x.py")`` one folder up (rule 6)."""
     if not (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -101,7 +102,10 @@ def run_beside(name: str, node: ast.AST) -> str | None:
         and str(node.args[0].value).endswith(".py")
     ):
         return None
-    return f"{name.rpartition('.')[0]}.{node.args[0].value.removesuffix('.py')}"
+    folder, path = name.split(".")[:-1], node.func.value
+    while isinstance(path, ast.Attribute) and path.attr == "parent":
+        folder, path = folder[:-1], path.value
+    return ".".join([*folder, node.args[0].value.removesuffix(".py")])
 
 
 def all_imports(name: str) -> set[str]:
@@ -219,4 +223,34 @@ def test_the_walk_sees_lazy_imports_and_skips_type_checking() -> None:
     assert "src/opensig/train.py" in stage_closure("train")  # a lazy import in stages.train
     assert "src/opensig/train.py" not in stage_closure("evaluate")
     assert "src/opensig/data/__init__.py" in stage_closure("ingest")  # a package on the way
-    assert "opensig.pyfunc_model" in all_imports("opensig.registry")  # run by MLflow
+    assert "opensig.pyfunc_model" in all_imports("opensig.tracking.packaging")  # run by MLflow
+
+
+# What only register runs: registering and judging, packaging, the served model, the
+# prediction log. Training and tuning a model must not rerun when one of them changes.
+REGISTER_ONLY = (
+    "src/opensig/tracking/promotion.py",
+    "src/opensig/tracking/packaging.py",
+    "src/opensig/pyfunc_model.py",
+    "src/opensig/monitoring/__init__.py",
+    "src/opensig/monitoring/log.py",
+    "src/opensig/predict.py",
+    "src/opensig/decision.py",
+)
+
+
+@pytest.mark.parametrize("stage", ["train"])
+def test_training_does_not_depend_on_registration_packaging_serving_or_monitoring(
+    stage: str,
+) -> None:
+    deps = set(dvc_stages()[stage]["deps"])
+    assert not deps & set(REGISTER_ONLY), (
+        f"{stage} reruns when these change: {deps & set(REGISTER_ONLY)}"
+    )
+    assert set(REGISTER_ONLY) <= set(dvc_stages()["register"]["deps"])
+
+
+def test_tuning_does_not_depend_on_registration_packaging_or_monitoring() -> None:
+    deps = set(dvc_stages()["tune"]["deps"])
+    assert not deps & set(REGISTER_ONLY[:5]), deps & set(REGISTER_ONLY[:5])
+    assert "src/opensig/tracking/store.py" not in deps  # tune never talks to MLflow

@@ -13,9 +13,11 @@ import pytest
 
 from opensig.config import load_config
 from opensig.decision import THRESHOLDS_FILE
-from opensig.predict import resolve_model_dir
 from opensig.progress import image_bar
-from opensig.registry import connected, log_and_register
+from opensig.tracking.model_uri import resolve_model_dir
+from opensig.tracking.promotion import ModelRegistry, log_and_register
+from opensig.tracking.runs import RunSpec
+from opensig.tracking.store import connected
 from tests.conftest import write_params
 
 PROGRESS_SWITCH = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -110,9 +112,15 @@ def test_registering_a_model_shows_no_mlflow_bar(
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
     cfg = load_config()
-    with connected(cfg.mlflow):
+    with connected(cfg.mlflow) as uri:
+        registry = ModelRegistry(uri, cfg.mlflow.registered_model, cfg.mlflow.experiment)
         _, version = log_and_register(
-            cfg, {"macro_f1": 0.5}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
+            registry,
+            RunSpec.of(cfg),
+            {"macro_f1": 0.5},
+            untrained_bundle,
+            untrained_bundle / THRESHOLDS_FILE,
+            [],
         )
     assert version == "1"
     assert "Downloading artifacts" not in capfd.readouterr().err

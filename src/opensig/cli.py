@@ -84,9 +84,9 @@ TrackingUriOption = Annotated[
 def _model_dir(model: str, tracking_uri: str | None) -> Path:
     """--model and --tracking-uri -> a local bundle folder, as predict and export take them."""
     from opensig.config import MlflowConfig
-    from opensig.predict import resolve_model_dir
-    from opensig.registry import http_limits
-    from opensig.registry import tracking_uri as resolve_tracking_uri
+    from opensig.tracking.model_uri import resolve_model_dir
+    from opensig.tracking.store import http_limits
+    from opensig.tracking.store import tracking_uri as resolve_tracking_uri
 
     try:
         mlflow_cfg = MlflowConfig(tracking_uri=tracking_uri)
@@ -231,8 +231,9 @@ def predict(
     )
     if log_dir is not None:
         from opensig.config import MlflowConfig
-        from opensig.monitoring.log import PredictionLog, model_identity
-        from opensig.registry import tracking_uri as resolve_tracking_uri
+        from opensig.monitoring.log import PredictionLog
+        from opensig.tracking.model_uri import model_identity
+        from opensig.tracking.store import tracking_uri as resolve_tracking_uri
 
         uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
         PredictionLog(log_dir, *model_identity(model, bundle_dir, uri)).append(frame, files)
@@ -284,8 +285,8 @@ def monitor(
     from opensig.io import write_json
     from opensig.monitoring.log import read_log
     from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
-    from opensig.registry import http_limits
-    from opensig.registry import tracking_uri as resolve_tracking_uri
+    from opensig.tracking.store import http_limits
+    from opensig.tracking.store import tracking_uri as resolve_tracking_uri
 
     cfg = load_config(params)
     root = log_dir or cfg.monitor.log_dir

@@ -39,7 +39,7 @@ def log_dir(cfg: Config, root: Path) -> str:
 @task(name="monitor")
 def monitor_log(cfg: Config, root: Path) -> dict:
     """The monitor report of the latest model version; reports/monitor.json and pictures."""
-    from opensig.registry import http_limits, tracking_uri
+    from opensig.tracking.store import http_limits, tracking_uri
 
     out = root / "reports" / "monitor.json"
     figures = out.parent / out.stem

@@ -8,9 +8,7 @@ was evaluated.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +22,15 @@ from opensig.data.images import ImageSource
 from opensig.data.prefetch import overlapped
 from opensig.data.scan import display, walk_files
 from opensig.decision import THRESHOLDS_FILE, read_thresholds
-from opensig.io import atomic_write, env_defaults
+from opensig.io import atomic_write
 from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method
-from opensig.model import ModelSpec, confine, load_model_dir, resolve_device
+from opensig.model import ModelSpec, load_model_dir, resolve_device
 from opensig.posthoc import FeatureScore, Scorer
 from opensig.progress import image_bar
-from opensig.redaction import redact
 from opensig.thresholds import decide, decide_multi
 
 log = logging.getLogger(__name__)
-
-BUNDLE_DIR = "bundle"  # the folder name inside a logged MLflow model's artifacts
 
 
 def _images(
@@ -191,103 +186,6 @@ class Bundle:
             frame.insert(2, "labels", sets)
         frame["error"] = errors
         return frame
-
-
-@contextmanager
-def tracking_store(uri: str | None) -> Iterator[None]:
-    """MLflow's global tracking URI set to ``uri`` (if any) for a while, then put back with
-    the $MLFLOW_TRACKING_URI that setting it exports. The fluent API, and the registry
-    lookup of a ``models:/`` download, read only the global URI (else ./mlflow.db)."""
-    if uri is None:
-        yield
-        return
-    import mlflow  # heavy import, only when a store is used
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # None unsets it
-
-
-def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
-    """A local bundle folder, a local MLflow model, or an MLflow URI -> a local bundle folder.
-
-    ``tracking_uri`` is the MLflow server or store that resolves ``models:/`` and ``runs:/``.
-    """
-    local = Path(model)
-    if local.exists():
-        return confine(local) / "artifacts" / BUNDLE_DIR if (local / "MLmodel").is_file() else local
-    if "://" in model or model.startswith(("models:/", "runs:/")):
-        import mlflow  # heavy import, only for registry URIs
-        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
-        from mlflow.exceptions import MlflowException
-
-        try:
-            # models:/ names resolve in the registry of the global tracking URI, whatever
-            # download_artifacts' registry_uri says (else ./mlflow.db): tracking_store sets it.
-            # MLflow draws its download bar even into logs (a Prefect run's, a stage's).
-            with (
-                tracking_store(tracking_uri),
-                env_defaults({MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}),
-            ):
-                downloaded = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=model, tracking_uri=tracking_uri, registry_uri=tracking_uri
-                    )
-                )
-        except MlflowException as err:
-            where = redact(tracking_uri or mlflow.get_tracking_uri())
-            found = _registry_entries(model, tracking_uri) if model.startswith("models:/") else None
-            raise FileNotFoundError(
-                f"--model {model}: not found in {where}: {found}"
-                if found
-                else f"--model {model}: {redact(err.message)} (tracking store {where})"
-            ) from None
-        return confine(downloaded) / "artifacts" / BUNDLE_DIR
-    raise FileNotFoundError(
-        f"--model {model}: no such folder, and not a models:/ or runs:/ URI; pass a model "
-        "folder (e.g. artifacts/model) or a registered model (e.g. models:/opensig@champion)"
-    )
-
-
-def _registry_entries(model: str, tracking_uri: str | None, shown: int = 20) -> str | None:
-    """What the registry holds instead of ``model`` (a models:/ URI that did not resolve): the
-    registered models, or that model's aliases and versions. None when what it names exists
-    (the failure lies elsewhere), when it names no alias or version, or on a read failure."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    name, _, suffix = model.removeprefix("models:/").partition("/")
-    name, _, alias = name.partition("@")
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        try:
-            aliases = client.get_registered_model(name).aliases
-        except MlflowException as err:
-            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                return None
-            names = [m.name for m in client.search_registered_models(max_results=shown + 1)]
-            listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-            return f"no registered model {name!r}; " + (
-                f"registered models: {listed}"
-                if names
-                else "none is registered there (run the pipeline, or pass --tracking-uri)"
-            )
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    except MlflowException:
-        return None
-    if alias and alias not in aliases:
-        missing = f"alias @{alias}"
-    elif suffix.isdigit() and int(suffix) not in versions:
-        missing = f"version {suffix}"
-    else:
-        return None
-    held = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
-    listed = ("..., " if len(versions) > shown else "") + ", ".join(map(str, versions[-shown:]))
-    return f"model {name!r} has no {missing}; its aliases: {held}; its versions: {listed or 'none'}"
 
 
 def collect_images(inputs: Iterable[Path]) -> tuple[list[Path], list[dict]]:

@@ -27,7 +27,8 @@ import pandas as pd
 
 from opensig.model import confine
 from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
-from opensig.predict import BUNDLE_DIR, Bundle
+from opensig.predict import Bundle
+from opensig.tracking.model_uri import BUNDLE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -113,15 +113,16 @@ def train(cfg: Config, at: Layout = HERE) -> dict:
     and logs each epoch to an MLflow run, whose id register reads from the report."""
     from opensig.model import model_digest
     from opensig.plots import write_history
-    from opensig.predict import resolve_model_dir
-    from opensig.registry import TrainingRun, tracking_uri
+    from opensig.tracking.model_uri import resolve_model_dir
+    from opensig.tracking.runs import TRAIN_SECTIONS, RunSpec, TrainingRun
+    from opensig.tracking.store import tracking_uri
     from opensig.train import is_main_process, train_model
 
     manifest = read_manifest(at.manifest, cfg.data.root)
     init_dir = None
     if cfg.train.init_from is not None:
         init_dir = resolve_model_dir(init_source(cfg), tracking_uri(cfg.mlflow))
-    with TrainingRun(cfg) as mlflow_run:
+    with TrainingRun(cfg.mlflow, RunSpec.of(cfg, TRAIN_SECTIONS)) as mlflow_run:
         result = train_model(cfg, manifest, at.model_dir, at.last_dir, mlflow_run, init_dir)
     if not is_main_process():
         return {}
@@ -150,8 +151,8 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
     """The feature score (fitted on train, calibrated on val) and per-class thresholds from
     the validation split (never from test)."""
     from opensig.decision import write_thresholds
-    from opensig.evaluation import fit_decision
     from opensig.model import load_model_dir, model_digest, resolve_device
+    from opensig.tuning import fit_decision
 
     model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
     manifest = read_manifest(at.manifest, cfg.data.root)
@@ -166,16 +167,16 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
         "doc_k": cfg.tune.doc_k,
     }
     values, feature_score = fit_decision(
-        model,
-        spec,
-        split_rows(manifest, "train"),
-        val_rows,
-        is_multi_label(manifest["label"]),
-        cfg.tune.strategy,
-        options,
-        cfg.tune.feature_score,
-        cfg.tune.knn_k,
-        cfg.evaluate.batch_size,
+        model=model,
+        spec=spec,
+        train_rows=split_rows(manifest, "train"),
+        val_rows=val_rows,
+        multi_label=is_multi_label(manifest["label"]),
+        strategy=cfg.tune.strategy,
+        options=options,
+        feature_score=cfg.tune.feature_score,
+        knn_k=cfg.tune.knn_k,
+        batch_size=cfg.evaluate.batch_size,
     )
     write_thresholds(
         at.thresholds,
@@ -219,8 +220,8 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
     The gate judges the champion on today's test split and today's classes: a champion of
     another class set cannot name the new classes, and those images count as its mistakes.
     """
-    from opensig import registry
-    from opensig.evaluation import champion_judge
+    from opensig.tracking.promotion import champion_judge, register_and_promote
+    from opensig.tracking.store import connected
 
     metrics = read_json(at.metrics)
     train_run = (
@@ -230,15 +231,24 @@ def register(cfg: Config, at: Layout = HERE) -> dict:
     manifest = read_manifest(at.manifest, cfg.data.root)
     test_rows, multi_label = split_rows(manifest, "test"), is_multi_label(manifest["label"])
     # Bounded retries, a reachability check before anything is logged, redacted errors.
-    with registry.connected(cfg.mlflow) as tracking_uri:
-        out = registry.register_and_promote(
+    with connected(cfg.mlflow) as tracking_uri:
+        judge = champion_judge(
+            tracking_uri=tracking_uri,
+            name=cfg.mlflow.registered_model,
+            rows=test_rows,
+            multi_label=multi_label,
+            device=cfg.train.device,
+            batch_size=cfg.evaluate.batch_size,
+        )
+        out = register_and_promote(
             cfg,
-            metrics,
-            at.model_dir,
-            at.thresholds,
-            [*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
-            train_run,
-            champion_judge(cfg, tracking_uri, test_rows, multi_label),
+            tracking_uri=tracking_uri,
+            metrics=metrics,
+            model_dir=at.model_dir,
+            thresholds=at.thresholds,
+            artifacts=[*pngs, at.metrics, at.ingest_report, at.train_report, at.thresholds],
+            train_run=train_run,
+            judge_champion=judge,
         )
     write_json(at.registered, out.to_dict())
     return out.to_dict()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from opensig.cli import app
 from opensig.config import load_config
 from opensig.model import model_digest
-from opensig.registry import EPOCH_METRICS
+from opensig.tracking.runs import EPOCH_METRICS
 from tests.conftest import METRIC_KEYS, write_params
 from tests.test_plots import CSVS, PICTURES
 
@@ -222,25 +222,25 @@ def test_onnx_graph_computes_the_feature_score_as_opensig_does(
     ort = pytest.importorskip("onnxruntime", reason="pip install 'opensig[export]'")
     from opensig.data.manifest import read_manifest, split_rows
     from opensig.decision import write_thresholds
-    from opensig.evaluation import fit_decision
     from opensig.export import export_onnx
     from opensig.labels import UNKNOWN
     from opensig.model import load_model_dir
     from opensig.predict import Bundle
     from opensig.thresholds import decide
+    from opensig.tuning import fit_decision
     from tests.test_export import pixels
 
     manifest = read_manifest(Path("artifacts/manifest.parquet"), Path("data"))
     model, spec = load_model_dir(Path("artifacts/model"))
     values, fitted = fit_decision(
-        model,
-        spec,
-        split_rows(manifest, "train"),
-        split_rows(manifest, "val"),
-        False,
-        "f1",
-        {},
-        feature_score,
+        model=model,
+        spec=spec,
+        train_rows=split_rows(manifest, "train"),
+        val_rows=split_rows(manifest, "val"),
+        multi_label=False,
+        strategy="f1",
+        options={},
+        feature_score=feature_score,
     )
     folder = tmp_path / "model"
     shutil.copytree("artifacts/model", folder)

@@ -22,7 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from opensig.cli import app
-from opensig.predict import Bundle, resolve_model_dir
+from opensig.predict import Bundle
+from opensig.tracking.model_uri import resolve_model_dir
 from tests.conftest import answers, background, free_port, write_params
 
 pytestmark = pytest.mark.e2e

@@ -34,7 +34,7 @@ def test_training_goes_on_when_the_tracking_server_is_down(
     [warning] = [
         r.message
         for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "opensig.registry"
+        if r.levelno == logging.WARNING and r.name == "opensig.tracking.runs"
     ]
     assert "cannot reach the MLflow tracking store" in warning
     assert "training goes on without MLflow logging" in warning

@@ -10,7 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from opensig.monitoring.log import PredictionLog, model_identity, read_log
+from opensig.monitoring.log import PredictionLog, read_log
+from opensig.tracking.model_uri import model_identity
 
 
 def _frame(paths: list[str], classes: list[str], label: str = "a") -> pd.DataFrame:

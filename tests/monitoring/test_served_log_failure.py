@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from opensig.predict import BUNDLE_DIR
+from opensig.tracking.model_uri import BUNDLE_DIR
 
 
 def test_unwritable_log_still_answers_and_logs_an_error(

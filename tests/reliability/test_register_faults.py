@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner, Result
 
 from opensig.cli import app
-from opensig.registry import CHAMPION, DIGEST_TAG, bundle_digest
+from opensig.tracking.packaging import bundle_digest
+from opensig.tracking.promotion import CHAMPION, DIGEST_TAG
 from tests.conftest import free_port, write_params
 
 pytestmark = pytest.mark.e2e

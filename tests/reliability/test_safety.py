@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from opensig.cli import app
 from opensig.decision import THRESHOLDS_FILE, write_thresholds
 from opensig.model import build_spec, create_model, model_digest, save_model_dir
-from opensig.predict import resolve_model_dir
+from opensig.tracking.model_uri import resolve_model_dir
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "opensig"
 

@@ -160,7 +160,8 @@ def run_one(
     """Train once; then tune on val and evaluate on test with each feature score, each
     logged as an MLflow run (the first into the training's own run). Flat results, one per
     feature score."""
-    from opensig.registry import flatten, logged_run
+    from opensig.tracking.runs import RunSpec, flatten, logged_run
+    from opensig.tracking.store import tracking_uri
 
     at = Layout.under(run_dir)
     at.manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,8 @@ def run_one(
         metrics["train_seconds"] = report["seconds"]
         run_tags = {**tags, "method": cfg.train.method, "seed": str(cfg.train.seed)}
         with logged_run(
-            scored,
+            tracking_uri(scored.mlflow),
+            RunSpec.of(scored),
             metrics,
             [*sorted(variant.plots.glob("*.png")), variant.metrics, at.train_report],
             tags={**run_tags, "feature_score": score},

@@ -214,27 +214,6 @@ def read_log(
     return frame.sort_values("time", kind="stable").reset_index(drop=True)[ordered]
 
 
-def model_identity(
-    model: str, bundle_dir: Path, tracking_uri: str | None = None
-) -> tuple[str, str]:
-    """(model, model_version) for the log: the registered name and version of a
-    ``models:/name/version`` or ``models:/name@alias`` URI, else ``model`` as given (a folder,
-    a runs:/ URI) and the bundle's ``model_digest``."""
-    from opensig.model import model_digest
-
-    if model.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        name, _, version = model.removeprefix("models:/").partition("/")
-        name, _, alias = name.partition("@")
-        if alias:
-            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            version = str(client.get_model_version_by_alias(name, alias).version)  # an int
-        if version.isdigit():
-            return name, version
-    return model, model_digest(bundle_dir)
-
-
 def served_identity(bundle_dir: Path) -> tuple[str, str]:
     """(model, model_version) of the served pyfunc whose bundle is ``bundle_dir``: the
     registry's name and version of the run in the MLmodel file beside it when a tracking

@@ -1,5 +1,5 @@
-"""The pure parts of the registry: promotion rule, metric lookup, tracking URI precedence,
-HTTP limits, bundle digest and redaction."""
+"""The pure parts of the MLflow wing: promotion rule, metric lookup, tracking URI precedence,
+HTTP limits, the models:/ parser, bundle digest and redaction."""
 
 from __future__ import annotations
 
@@ -10,19 +10,11 @@ import pytest
 
 from opensig.config import MlflowConfig, load_config
 from opensig.redaction import redact, uri_credentials
-from opensig.registry import (
-    DEFAULT_TRACKING_URI,
-    bundle_digest,
-    class_sets,
-    compare,
-    flatten,
-    http_limits,
-    metric_value,
-    mlflow_metric_name,
-    run_name,
-    split_counts,
-    tracking_uri,
-)
+from opensig.tracking.model_uri import RegisteredModelUri
+from opensig.tracking.packaging import bundle_digest
+from opensig.tracking.promotion import class_sets, compare, metric_value
+from opensig.tracking.runs import flatten, mlflow_metric_name, run_name, split_counts
+from opensig.tracking.store import DEFAULT_TRACKING_URI, http_limits, tracking_uri
 from tests.conftest import write_params
 
 
@@ -186,3 +178,18 @@ def test_run_names_are_readable_and_follow_params_data_and_dvc_experiment(
     assert run_name(load_config(write_params(tmp_path))) != name  # other data
     monkeypatch.setenv("DVC_EXP_NAME", "gusty-reef")
     assert run_name(load_config(write_params(tmp_path))).startswith("gusty-reef sigmoid_bce ")
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("models:/opensig@champion", RegisteredModelUri("opensig", alias="champion")),
+        ("models:/opensig/3", RegisteredModelUri("opensig", version="3")),
+        ("models:/opensig/Production", RegisteredModelUri("opensig", stage="Production")),
+        ("models:/a-b", RegisteredModelUri("a-b")),
+        ("runs:/0123/model", None),
+        ("artifacts/model", None),
+    ],
+)
+def test_the_models_uri_parser(uri: str, parsed: RegisteredModelUri | None) -> None:
+    assert RegisteredModelUri.parse(uri) == parsed
