@@ -20,7 +20,8 @@ The rule, read statically from the source (an AST walk, nothing imported), for t
    ``opensig/data/__init__.py`` first: package files count too.
 6. A file a module names beside itself (or a folder up) to have it run,
    ``Path(__file__).with_name("x.py")`` (tracking/packaging.py hands pyfunc_model.py to
-   MLflow, which runs it while logging the model), counts like an import. Files only copied (register copies the package as the model's code) do not.
+   MLflow, which runs it while logging the model), counts like an import. Files only copied
+   (register copies the package as the model's code) do not.
 
 The other deps (data, artifacts) are not checked here.
 """

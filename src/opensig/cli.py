@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from opensig.config import DEFAULT_PARAMS, Config, load_config
+from opensig.config import DEFAULT_PARAMS, Config, MlflowConfig, load_config
 from opensig.redaction import redact
 
 log = logging.getLogger("opensig")
@@ -81,19 +81,19 @@ TrackingUriOption = Annotated[
 ]
 
 
-def _model_dir(model: str, tracking_uri: str | None) -> Path:
-    """--model and --tracking-uri -> a local bundle folder, as predict and export take them."""
-    from opensig.config import MlflowConfig
-    from opensig.tracking.model_uri import resolve_model_dir
-    from opensig.tracking.store import http_limits
-    from opensig.tracking.store import tracking_uri as resolve_tracking_uri
-
+def _store(tracking_uri: str | None) -> MlflowConfig:
+    """--tracking-uri as the store settings every MLflow call takes (bounded HTTP)."""
     try:
-        mlflow_cfg = MlflowConfig(tracking_uri=tracking_uri)
+        return MlflowConfig(tracking_uri=tracking_uri)
     except ValidationError as err:  # e.g. a password in the URI: its message does not echo it
         raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--tracking-uri") from None
-    with http_limits(mlflow_cfg):  # a dead tracking server fails in seconds, not minutes
-        return resolve_model_dir(model, resolve_tracking_uri(mlflow_cfg))
+
+
+def _model_dir(model: str, tracking_uri: str | None) -> Path:
+    """--model and --tracking-uri -> a local bundle folder, as export and review take them."""
+    from opensig.tracking.model_uri import local_bundle
+
+    return local_bundle(model, _store(tracking_uri))
 
 
 class Terminated(SystemExit):
@@ -205,12 +205,10 @@ def predict(
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
     Exit code 1 when an input does not exist (the others are still predicted and written)."""
-    from opensig.labels import UNKNOWN_LABEL
-    from opensig.predict import Bundle, collect_images, with_left_out, write_predictions
+    from opensig.batch import OUTPUT_SUFFIXES, NoInputs, Sorting, predict_job
     from opensig.sorting import check_destination, parse_buckets
-    from opensig.sorting import sort_into as sort_images
 
-    if out.suffix not in (".csv", ".jsonl"):
+    if out.suffix not in OUTPUT_SUFFIXES:
         raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
     if (link or buckets) and sort_into is None:
         raise typer.BadParameter("--link and --buckets go with --sort-into DIR")
@@ -220,45 +218,24 @@ def predict(
             check_destination(sort_into, inputs)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    files, left_out = collect_images(inputs)
-    if not files:
-        raise typer.BadParameter("no files found in the given inputs", param_hint="INPUTS")
-    bundle_dir = _model_dir(model, tracking_uri)
-    bundle = Bundle.load(bundle_dir, thresholds, device, force)
-    workers_setting = "auto" if workers is None else workers
-    frame = bundle.predict(
-        files, batch_size=batch_size, num_workers=workers_setting, multi_label=multi_label
-    )
-    if log_dir is not None:
-        from opensig.config import MlflowConfig
-        from opensig.monitoring.log import PredictionLog
-        from opensig.tracking.model_uri import model_identity
-        from opensig.tracking.store import tracking_uri as resolve_tracking_uri
-
-        uri = resolve_tracking_uri(MlflowConfig(tracking_uri=tracking_uri))
-        PredictionLog(log_dir, *model_identity(model, bundle_dir, uri)).append(frame, files)
-    frame = with_left_out(frame, left_out)
-    write_predictions(frame, out)
-    if sort_into is not None:
-        sort_images(frame, sort_into, link, cuts)
-    failed = frame[frame["error"] != ""]
-    for row in failed.itertuples():
-        log.warning("not predicted: %s: %s", row.path, row.error)
-    log.info(
-        "wrote %d rows to %s: %d predicted (%d unknown), %d not predicted (see the error column)",
-        len(frame),
-        out,
-        len(frame) - len(failed),
-        int((frame["label"] == UNKNOWN_LABEL).sum()),
-        len(failed),
-    )
-    if missing := [str(p) for p in inputs if not p.exists()]:
-        log.error(
-            "predict: %d input(s) do not exist: %s (the other inputs are predicted in %s)",
-            len(missing),
-            ", ".join(missing),
+    try:
+        result = predict_job(
+            inputs,
             out,
+            model=model,
+            store=_store(tracking_uri),
+            thresholds=thresholds,
+            device=device,
+            force=force,
+            batch_size=batch_size,
+            workers="auto" if workers is None else workers,
+            multi_label=multi_label,
+            sorting=None if sort_into is None else Sorting(sort_into, link, cuts),
+            log_dir=log_dir,
         )
+    except NoInputs as err:
+        raise typer.BadParameter(str(err), param_hint="INPUTS") from None
+    if result.missing:
         raise typer.Exit(code=1)
 
 
@@ -282,33 +259,26 @@ def monitor(
 ) -> None:
     """Compare the latest predictions with the first ones of that model version: unknown
     rate, class shares, max scores, errors. Exit 0 on ok and alert (see status in --out)."""
-    from opensig.io import write_json
-    from opensig.monitoring.log import read_log
-    from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
-    from opensig.tracking.store import http_limits
-    from opensig.tracking.store import tracking_uri as resolve_tracking_uri
+    from opensig.monitoring.monitor import ALERT, monitor_log
 
     cfg = load_config(params)
     root = log_dir or cfg.monitor.log_dir
     if root is None:
         raise typer.BadParameter("pass --log DIR or set monitor.log_dir in params.yaml")
-    figures = out.parent / out.stem
-    report = run_monitor(
-        read_log(root, until=until, model_version=model_version),
+    report = monitor_log(
+        root,
         cfg.monitor,
-        model_version,
-        since,
-        until,
-        reference_since,
-        reference_until,
-        figures=figures,
+        cfg.mlflow,
+        out,
+        model_version=model_version,
+        since=since,
+        until=until,
+        reference_since=reference_since,
+        reference_until=reference_until,
     )
-    write_json(out, report)
-    with http_limits(cfg.mlflow):
-        log_to_mlflow(report, resolve_tracking_uri(cfg.mlflow), figures)
     for alert in report["alerts"]:
         log.warning("monitor alert: %s", alert)
-    log.info("monitor: %s (%s, pictures in %s)", report["status"], out, figures)
+    log.info("monitor: %s (%s, pictures in %s)", report["status"], out, out.parent / out.stem)
     if fail_on_alert and report["status"] == ALERT:
         raise typer.Exit(code=3)
 

@@ -17,9 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from opensig.config import Config, load_config
 from opensig.events import MONITOR_ALERT, emit, project_resource
-from opensig.io import write_json
 from opensig.monitoring.log import read_log
-from opensig.monitoring.monitor import ALERT, log_to_mlflow, run_monitor
+from opensig.monitoring.monitor import ALERT, monitor_log
 
 FLOW_NAME = "opensig-monitor"
 ARTIFACT_KEY = "opensig-monitor"
@@ -37,17 +36,9 @@ def log_dir(cfg: Config, root: Path) -> str:
 
 
 @task(name="monitor")
-def monitor_log(cfg: Config, root: Path) -> dict:
+def monitor_task(cfg: Config, root: Path) -> dict:
     """The monitor report of the latest model version; reports/monitor.json and pictures."""
-    from opensig.tracking.store import http_limits, tracking_uri
-
-    out = root / "reports" / "monitor.json"
-    figures = out.parent / out.stem
-    report = run_monitor(read_log(log_dir(cfg, root)), cfg.monitor, figures=figures)
-    write_json(out, report)
-    with http_limits(cfg.mlflow):
-        log_to_mlflow(report, tracking_uri(cfg.mlflow), figures)
-    return report
+    return monitor_log(log_dir(cfg, root), cfg.monitor, cfg.mlflow, root / "reports/monitor.json")
 
 
 @task(name="export review batch")
@@ -91,7 +82,7 @@ def monitor(project: str = ".") -> dict:
     logger = get_run_logger()
     root = Path(project).resolve()
     cfg = load_config(root / "params.yaml")
-    report = monitor_log(cfg, root)
+    report = monitor_task(cfg, root)
     batch = None
     if report["status"] == ALERT:
         batch = export_review(cfg, root, report["model_version"])

@@ -8,7 +8,7 @@ was evaluated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,7 @@ from torch.utils.data import DataLoader
 from opensig.data.dataset import ImageDataset, loader_workers, model_input
 from opensig.data.images import ImageSource
 from opensig.data.prefetch import overlapped
-from opensig.data.scan import display, walk_files
 from opensig.decision import THRESHOLDS_FILE, read_thresholds
-from opensig.io import atomic_write
 from opensig.labels import LABEL_SEP, UNKNOWN, UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.model import ModelSpec, load_model_dir, resolve_device
@@ -186,44 +184,3 @@ class Bundle:
             frame.insert(2, "labels", sets)
         frame["error"] = errors
         return frame
-
-
-def collect_images(inputs: Iterable[Path]) -> tuple[list[Path], list[dict]]:
-    """Files to predict, and entries not predicted (hidden files, folder loops) with reasons.
-
-    Folders are walked like ingest walks data/ (symlinks followed once); files named on the
-    command line are kept as given, so a missing one becomes an error row, not a crash.
-    """
-    found: list[Path] = []
-    left_out: list[dict] = []
-    for item in map(Path, inputs):
-        if not item.is_dir():
-            found.append(item)
-            continue
-        files, problems = walk_files(item)
-        left_out.extend(problems)
-        for f in files:
-            if any(part.startswith(".") for part in f.relative_to(item).parts):
-                left_out.append({"path": display(f), "reason": "hidden file (not predicted)"})
-            else:
-                found.append(f)
-    return found, left_out
-
-
-def with_left_out(frame: pd.DataFrame, left_out: list[dict]) -> pd.DataFrame:
-    """Prediction rows plus one error row per entry not predicted: nothing goes unmentioned."""
-    if not left_out:
-        return frame
-    rows = pd.DataFrame({"path": [e["path"] for e in left_out]})
-    rows["error"] = [e["reason"] for e in left_out]
-    return pd.concat([frame, rows], ignore_index=True)[list(frame.columns)]
-
-
-def write_predictions(frame: pd.DataFrame, out: Path) -> None:
-    """CSV or JSON lines by the file's suffix."""
-    if out.suffix == ".jsonl":
-        atomic_write(out, lambda tmp: frame.to_json(tmp, orient="records", lines=True))
-    elif out.suffix == ".csv":
-        atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
-    else:
-        raise ValueError(f"--out {out}: use a .csv or .jsonl file")

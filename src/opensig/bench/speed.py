@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from opensig.backbones import backbone_problem
+from opensig.batch import collect_images
 from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
@@ -48,7 +49,7 @@ from opensig.model import (
     model_digest,
     resolve_device,
 )
-from opensig.predict import Bundle, collect_images
+from opensig.predict import Bundle
 from opensig.stages import Layout, train
 from opensig.step import StepOptions, TrainingStep
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from opensig.config import MonitorConfig
+from opensig.config import MlflowConfig, MonitorConfig
+from opensig.io import write_json
 from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.drift import rate_change, score_shift, share_change
-from opensig.monitoring.log import between
+from opensig.monitoring.log import between, read_log
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,40 @@ def run_monitor(
         from opensig.monitoring.plots import write_monitor_pictures  # matplotlib: only here
 
         write_monitor_pictures(rows, current, reference, report, settings.alpha, figures)
+    return report
+
+
+def monitor_log(
+    log_dir: str,
+    settings: MonitorConfig,
+    store: MlflowConfig,
+    out: Path,
+    *,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    reference_since: datetime | None = None,
+    reference_until: datetime | None = None,
+) -> dict:
+    """What `opensig monitor` and the monitor flow do: the report of the prediction log at
+    ``log_dir`` (:func:`run_monitor`), written to ``out`` with its pictures in the folder
+    beside it (``out``'s stem), and its figures logged to the opensig-monitor MLflow run."""
+    from opensig.tracking.store import http_limits, tracking_uri
+
+    figures = out.parent / out.stem
+    report = run_monitor(
+        read_log(log_dir, until=until, model_version=model_version),
+        settings,
+        model_version,
+        since,
+        until,
+        reference_since,
+        reference_until,
+        figures=figures,
+    )
+    write_json(out, report)
+    with http_limits(store):
+        log_to_mlflow(report, tracking_uri(store), figures)
     return report
 
 

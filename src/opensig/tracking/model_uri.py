@@ -12,10 +12,12 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
+from opensig.config import MlflowConfig
 from opensig.io import env_defaults
 from opensig.model import confine, model_digest
 from opensig.redaction import redact
-from opensig.tracking.store import global_store, missing
+from opensig.tracking.store import global_store, http_limits, missing
+from opensig.tracking.store import tracking_uri as configured_uri
 
 BUNDLE_DIR = "bundle"  # the folder name inside a logged MLflow model's artifacts
 MODELS_SCHEME = "models:/"
@@ -105,6 +107,13 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         f"--model {model}: no such folder, and not a models:/ or runs:/ URI; pass a model "
         "folder (e.g. artifacts/model) or a registered model (e.g. models:/opensig@champion)"
     )
+
+
+def local_bundle(model: str, store: MlflowConfig) -> Path:
+    """:func:`resolve_model_dir` in the configured store, with its bounded HTTP: a dead
+    tracking server fails in seconds, not minutes."""
+    with http_limits(store):
+        return resolve_model_dir(model, configured_uri(store))
 
 
 def registry_entries(
