@@ -452,6 +452,7 @@ def review_export(
 ) -> None:
     """Copy the images predicted unknown, and the least certain ones, into a new batch
     (review/<batch>/inbox/<label>/ + review.csv); prints the batch folder."""
+    from opensig.data.scan import scan_cache
     from opensig.monitoring.log import read_log
     from opensig.review import export_batch
 
@@ -474,7 +475,7 @@ def review_export(
         max_images or cfg.monitor.review_max,
         fmt is ReviewFormat.label_studio,
         thresholds=by_class,
-        cache=cfg.data.cache_dir / "scan.parquet",
+        cache=scan_cache(cfg.data.cache_dir),
     )
     typer.echo(batch)
 
@@ -490,6 +491,7 @@ def review_import(
 ) -> None:
     """Copy the batch's labeled images into data/known/<class>/ and data/unknown/<source>/
     (never overwriting), write <batch>/imported.json, and announce the new data."""
+    from opensig.data.scan import scan_cache
     from opensig.review import announce, import_batch
 
     cfg = load_config(params)
@@ -502,7 +504,7 @@ def review_import(
         batch,
         data or cfg.data.root,
         label_studio=label_studio,
-        cache=cfg.data.cache_dir / "scan.parquet",
+        cache=scan_cache(cfg.data.cache_dir),
     )
     announce(report, params.resolve().parent)
 

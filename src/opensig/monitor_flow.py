@@ -52,6 +52,7 @@ def monitor_log(cfg: Config, root: Path) -> dict:
 
 @task(name="export review batch")
 def export_review(cfg: Config, root: Path, model_version: str) -> Path:
+    from opensig.data.scan import scan_cache
     from opensig.review import export_batch
 
     return export_batch(
@@ -59,7 +60,7 @@ def export_review(cfg: Config, root: Path, model_version: str) -> Path:
         Path(_under(root, cfg.monitor.review_dir)),
         Path(_under(root, cfg.data.root)),
         cfg.monitor.review_max,
-        cache=Path(_under(root, cfg.data.cache_dir)) / "scan.parquet",
+        cache=scan_cache(Path(_under(root, cfg.data.cache_dir))),
     )
 
 
