@@ -13,7 +13,6 @@ copy, so a refused import leaves ``data/`` as it was.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -21,8 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
-from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
@@ -34,7 +31,8 @@ from opensig.data.scan import (
     scan_folder,
     walk_files,
 )
-from opensig.io import atomic_write, copy_new, inside, write_json
+from opensig.io import atomic_write, copy_new, write_json
+from opensig.label_studio import read_annotations, write_label_studio
 from opensig.labels import UNKNOWN_LABEL
 
 logger = logging.getLogger(__name__)  # `log` is the prediction log here
@@ -43,7 +41,6 @@ REVIEW_CSV = "review.csv"
 IMPORTED = "imported.json"
 INBOX = "inbox"
 LABELED = "labeled"
-LABEL_STUDIO = "label-studio"  # tasks.json and config.xml, in the batch folder
 REVIEW_SOURCE = "review"  # the unknown source of a bare labeled/unknown/x.png
 COLUMNS = [
     "file",
@@ -231,98 +228,6 @@ def export_batch(
     return batch
 
 
-# -- Label Studio ------------------------------------------------------------------------
-
-
-def label_config(classes: list[str]) -> str:
-    """A Label Studio labeling config: one choice among the classes and ``unknown``, plus a
-    text field to name a new class (or ``unknown/<source>``)."""
-    choices = "\n".join(
-        f"    <Choice value={quoteattr(name)}/>" for name in [*classes, UNKNOWN_LABEL]
-    )
-    return (
-        "<View>\n"
-        '  <Image name="image" value="$image"/>\n'
-        '  <Choices name="label" toName="image" choice="single" showInLine="true">\n'
-        f"{choices}\n"
-        "  </Choices>\n"
-        '  <Header value="A new class? Its name (it wins over the choice):"/>\n'
-        '  <TextArea name="new_class" toName="image" maxSubmissions="1" rows="1"/>\n'
-        "</View>\n"
-    )
-
-
-def write_label_studio(batch: Path, listing: pd.DataFrame, classes: list[str], root: Path) -> Path:
-    """``<batch>/label-studio/tasks.json`` (one task per copied image, pre-annotated with the
-    prediction) and ``config.xml``. Images are served by Label Studio's local-files serving,
-    with ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` set to ``root`` (the review folder)."""
-    folder = batch / LABEL_STUDIO
-    tasks = []
-    for rec in listing[listing["file"] != ""].to_dict("records"):
-        image = batch / rec["file"]
-        served = inside(image, root, follow_links=True)
-        if served is None:
-            raise ValueError(
-                f"{image} leads to {image.resolve()}, outside the review folder {root} that "
-                "Label Studio serves: keep the batch's files inside it (no links out), or "
-                "export the batch again"
-            )
-        tasks.append(
-            {
-                "data": {
-                    "image": f"/data/local-files/?d={quote(served.as_posix())}",
-                    "file": rec["file"],
-                    "sha256": rec["sha256"],
-                    "predicted_label": rec["predicted_label"],
-                },
-                "predictions": [
-                    {
-                        "model_version": "opensig",
-                        "score": rec["score"],
-                        "result": [
-                            {
-                                "from_name": "label",
-                                "to_name": "image",
-                                "type": "choices",
-                                "value": {"choices": [rec["predicted_label"]]},
-                            }
-                        ],
-                    }
-                ],
-            }
-        )
-    atomic_write(folder / "config.xml", lambda tmp: tmp.write_text(label_config(classes)))
-    write_json(folder / "tasks.json", tasks)
-    return folder / "tasks.json"
-
-
-def _label_studio_labels(export: Path) -> list[tuple[str, str, str | None]]:
-    """(batch file, label text, sha256) per annotation of a Label Studio JSON export."""
-    try:
-        tasks = json.loads(Path(export).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{export}: not a Label Studio JSON export ({err})") from None
-    if not isinstance(tasks, list):
-        raise ValueError(f"{export}: not a Label Studio JSON export (a list of tasks)")
-    found = []
-    for task in tasks:
-        data = task.get("data", {})
-        if "file" not in data:
-            raise ValueError(
-                f"{export}: task {task.get('id')} has no data.file: import the tasks.json "
-                "that `opensig review export --format label-studio` wrote"
-            )
-        for annotation in task.get("annotations", []):
-            if annotation.get("was_cancelled"):
-                continue
-            results = {r.get("from_name"): r.get("value", {}) for r in annotation["result"]}
-            text = " ".join(results.get("new_class", {}).get("text", [])).strip()
-            choices = results.get("label", {}).get("choices", [])
-            if text or choices:
-                found.append((data["file"], text or choices[0], data.get("sha256")))
-    return found
-
-
 # -- import ------------------------------------------------------------------------------
 
 
@@ -409,7 +314,7 @@ def _from_csv(batch: Path) -> tuple[list[_Labeled], list[str]]:
 
 def _from_label_studio(export: Path) -> tuple[list[_Labeled], list[str]]:
     found, problems = [], []
-    for file, text, digest in _label_studio_labels(export):
+    for file, text, digest in read_annotations(export):
         where = f"{export} (task of {file})"
         placed = _parse_label(text, where)
         if isinstance(placed, str):
