@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from opensig.data.scan import (
+    Probe,
     class_name_problem,
     display,
     like_unknown,
@@ -338,6 +339,134 @@ def _destination(data_root: Path, item: _Labeled) -> Path:
     return data_root / "known" / item.label
 
 
+def _read_labels(batch: Path, label_studio: Path | None) -> tuple[list[_Labeled], list[dict]]:
+    """Every label given to the batch's files (folders, review.csv, the Label Studio export)
+    and the report rows of the files left out. A label ingest would refuse stops the import
+    here, before any image is opened."""
+    found, problems, left_out = _from_folders(batch)
+    from_csv, csv_problems = _from_csv(batch)
+    found += from_csv
+    problems += csv_problems
+    if label_studio is not None:
+        from_ls, ls_problems = _from_label_studio(label_studio)
+        found += from_ls
+        problems += ls_problems
+    _refuse(problems, f"{batch}: labels ingest would refuse")
+    return found, left_out
+
+
+def _probe_labeled(batch: Path, found: list[_Labeled]) -> dict[str, Probe]:
+    """The probe of every labeled file. A file that has gone stops the import, unless another
+    file of the batch has its exported sha256: the reviewer moved it, the label still holds."""
+    probes = {item.file: probe((batch / item.file).as_posix(), None) for item in found}
+    present = {p.hash for p in probes.values() if p.hash}
+    gone = [
+        f"{batch / item.file} ({item.given_in})"
+        for item in found
+        if probes[item.file].reason == "file not found" and item.sha256 not in present
+    ]
+    _refuse(gone, f"{batch}: labeled files have gone; restore them or clear their label")
+    return probes
+
+
+def _verdict(items: list[_Labeled], there: dict[str, str]) -> dict:
+    """The status of one image (and why): added only if the batch gives it one label and the
+    data does not hold it under another; ``there`` is the data's label -> path of it."""
+    labels = sorted({i.label for i in items})
+    if len(labels) > 1:
+        given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
+        logger.warning("%s has two labels in this batch, not imported: %s", items[0].file, given)
+        return {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
+    if labels[0] in there:
+        return {"status": "already in data", "destination": there[labels[0]]}
+    if there:
+        other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
+        logger.warning("%s is already in the data under another label: %s", items[0].file, other)
+        return {"status": "conflict", "reason": f"already in the data as {other}"}
+    return {"status": "added"}
+
+
+def _plan(
+    found: list[_Labeled], probes: dict[str, Probe], in_data: dict[str, dict[str, str]]
+) -> tuple[dict[str, _Labeled], list[dict]]:
+    """What becomes of each labeled image, as ingest would see it (by sha256): the images to
+    copy (sha256 -> the labeled file to copy) and a report row per file, before any copy."""
+    present = {p.hash for p in probes.values() if p.hash}
+    rows: list[dict] = []
+    by_hash: dict[str, list[_Labeled]] = defaultdict(list)
+    for item in found:
+        digest = probes[item.file].hash or (item.sha256 if item.sha256 in present else None)
+        if digest is None:
+            reason = probes[item.file].reason
+            rows.append({"file": item.file, "status": "skipped", "reason": reason})
+        else:
+            by_hash[digest].append(item)
+    to_copy: dict[str, _Labeled] = {}
+    for digest, items in by_hash.items():
+        items.sort(key=lambda i: (probes[i.file].hash is None, i.file, i.given_in))  # a file first
+        row = {
+            "sha256": digest,
+            "label": min(i.label for i in items),
+            "given_in": items[0].given_in,
+        }
+        row |= _verdict(items, in_data.get(digest, {}))
+        if row["status"] == "added":
+            to_copy[digest] = items[0]
+        files = sorted({i.file for i in items if probes[i.file].hash})
+        rows += [{**row, "file": f} for f in files[:1]]
+        rows += [
+            {**row, "file": f, "status": "duplicate", "duplicate_of": files[0]} for f in files[1:]
+        ]
+    return to_copy, rows
+
+
+def _copy_into_data(batch: Path, data_root: Path, to_copy: dict[str, _Labeled]) -> dict[str, str]:
+    """Copy each image to its label's folder, never overwriting; sha256 -> where it went."""
+    return {
+        digest: copy_new(batch / item.file, _destination(data_root, item)).as_posix()
+        for digest, item in to_copy.items()
+    }
+
+
+def _write_report(
+    batch: Path,
+    data_root: Path,
+    rows: list[dict],
+    copied: dict[str, _Labeled],
+    placed: dict[str, str],
+    known_before: set[str],
+) -> dict:
+    """``<batch>/imported.json``: what became of every file, so the reviewer can see why an
+    image was not added; returns it."""
+    added = Counter(item.label for item in copied.values())
+    classes = sorted(known_before | {item.label for item in copied.values()} - {UNKNOWN_LABEL})
+    rows = [
+        {**row, "destination": placed[row["sha256"]]} if row.get("status") == "added" else row
+        for row in rows
+    ]
+    report = {
+        "batch": batch.as_posix(),
+        "data_root": data_root.as_posix(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added": dict(sorted(added.items())),
+        "classes": classes,
+        "new_classes": sorted(set(classes) - known_before),
+        "counts": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "files": sorted(rows, key=lambda r: r["file"]),
+    }
+    write_json(batch / IMPORTED, report)
+    logger.info(
+        "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
+        batch,
+        data_root,
+        sum(added.values()),
+        report["added"] or "",
+        report["new_classes"] or "none",
+        batch / IMPORTED,
+    )
+    return report
+
+
 def import_batch(
     batch: Path,
     data_root: Path,
@@ -359,95 +488,13 @@ def import_batch(
         raise FileNotFoundError(
             f"review batch {batch} does not exist: pass a folder that `opensig review export` made"
         )
-    found, problems, report_rows = _from_folders(batch)
-    from_csv, csv_problems = _from_csv(batch)
-    found += from_csv
-    problems += csv_problems
-    if label_studio is not None:
-        from_ls, ls_problems = _from_label_studio(label_studio)
-        found += from_ls
-        problems += ls_problems
-    _refuse(problems, f"{batch}: labels ingest would refuse")
-
-    probes = {item.file: probe((batch / item.file).as_posix(), None) for item in found}
-    present = {p.hash for p in probes.values() if p.hash}
-    gone = [
-        f"{batch / item.file} ({item.given_in})"
-        for item in found
-        if probes[item.file].reason == "file not found" and item.sha256 not in present
-    ]
-    _refuse(gone, f"{batch}: labeled files have gone; restore them or clear their label")
-
-    by_hash: dict[str, list[_Labeled]] = defaultdict(list)
-    for item in found:
-        digest = probes[item.file].hash or (item.sha256 if item.sha256 in present else None)
-        if digest is None:
-            reason = probes[item.file].reason
-            report_rows.append({"file": item.file, "status": "skipped", "reason": reason})
-        else:
-            by_hash[digest].append(item)
+    found, left_out = _read_labels(batch, label_studio)
+    probes = _probe_labeled(batch, found)
     in_data = data_hashes(data_root, cache)
+    to_copy, rows = _plan(found, probes, in_data)
+    placed = _copy_into_data(batch, data_root, to_copy)
     known_before = {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
-    to_copy: list[tuple[str, _Labeled]] = []
-    for digest, items in by_hash.items():
-        items.sort(key=lambda i: (probes[i.file].hash is None, i.file, i.given_in))  # a file first
-        labels = sorted({i.label for i in items})
-        row = {"sha256": digest, "label": labels[0], "given_in": items[0].given_in}
-        there = in_data.get(digest, {})
-        if len(labels) > 1:
-            given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
-            logger.warning(
-                "%s has two labels in this batch, not imported: %s", items[0].file, given
-            )
-            row |= {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
-        elif labels[0] in there:
-            row |= {"status": "already in data", "destination": there[labels[0]]}
-        elif there:
-            other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
-            logger.warning(
-                "%s is already in the data under another label: %s", items[0].file, other
-            )
-            row |= {"status": "conflict", "reason": f"already in the data as {other}"}
-        else:
-            to_copy.append((digest, items[0]))
-            row |= {"status": "added"}
-        files = sorted({i.file for i in items if probes[i.file].hash})
-        report_rows += [{**row, "file": f} for f in files[:1]]
-        report_rows += [
-            {**row, "file": f, "status": "duplicate", "duplicate_of": files[0]} for f in files[1:]
-        ]
-
-    added: Counter[str] = Counter()
-    placed: dict[str, str] = {}
-    for digest, item in to_copy:
-        dest = copy_new(batch / item.file, _destination(data_root, item))
-        placed[digest] = dest.as_posix()
-        added[item.label] += 1
-    for row in report_rows:
-        if row.get("status") == "added":
-            row["destination"] = placed[row["sha256"]]
-    classes = sorted(known_before | {item.label for _, item in to_copy} - {UNKNOWN_LABEL})
-    report = {
-        "batch": batch.as_posix(),
-        "data_root": data_root.as_posix(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "added": dict(sorted(added.items())),
-        "classes": classes,
-        "new_classes": sorted(set(classes) - known_before),
-        "counts": dict(sorted(Counter(r["status"] for r in report_rows).items())),
-        "files": sorted(report_rows, key=lambda r: r["file"]),
-    }
-    write_json(batch / IMPORTED, report)
-    logger.info(
-        "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
-        batch,
-        data_root,
-        sum(added.values()),
-        report["added"] or "",
-        report["new_classes"] or "none",
-        batch / IMPORTED,
-    )
-    return report
+    return _write_report(batch, data_root, left_out + rows, to_copy, placed, known_before)
 
 
 def announce(report: dict, project: Path) -> None:
