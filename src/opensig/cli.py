@@ -453,8 +453,7 @@ def review_export(
     """Copy the images predicted unknown, and the least certain ones, into a new batch
     (review/<batch>/inbox/<label>/ + review.csv); prints the batch folder."""
     from opensig.data.scan import scan_cache
-    from opensig.monitoring.log import read_log
-    from opensig.review import export_batch
+    from opensig.review import export_from_log
 
     cfg = load_config(params)
     log_dir = log_dir or cfg.monitor.log_dir
@@ -468,13 +467,16 @@ def review_export(
 
         bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu")
         by_class = dict(zip(bundle.spec.classes, bundle.thresholds.tolist(), strict=True))
-    batch = export_batch(
-        read_log(log_dir, since, until, model_version),
+    batch = export_from_log(
+        log_dir,
         out or cfg.monitor.review_dir,
         cfg.data.root,
         max_images or cfg.monitor.review_max,
         fmt is ReviewFormat.label_studio,
         thresholds=by_class,
+        since=since,
+        until=until,
+        model_version=model_version,
         cache=scan_cache(cfg.data.cache_dir),
     )
     typer.echo(batch)

@@ -35,6 +35,7 @@ from opensig.data.scan import (
 from opensig.io import atomic_write, copy_new, write_json
 from opensig.label_studio import read_annotations, write_label_studio
 from opensig.labels import UNKNOWN_LABEL
+from opensig.monitoring.log import read_log
 
 logger = logging.getLogger(__name__)  # `log` is the prediction log here
 
@@ -227,6 +228,28 @@ def export_batch(
         "" if len(listing) else ": nothing new to review",
     )
     return batch
+
+
+def export_from_log(
+    log_dir: str,
+    out: Path,
+    data_root: Path,
+    max_images: int,
+    label_studio: bool = False,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model_version: str | None = None,
+    cache: Path | None = None,
+) -> Path:
+    """``export_batch`` of the prediction log in ``log_dir`` (its rows logged in [since, until],
+    of ``model_version`` if given): the one export `opensig review export` and the monitor
+    flow run."""
+    log = read_log(log_dir, since, until, model_version)
+    return export_batch(
+        log, out, data_root, max_images, label_studio, thresholds=thresholds, cache=cache
+    )
 
 
 # -- import ------------------------------------------------------------------------------
