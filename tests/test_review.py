@@ -15,14 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from opensig.review import (
-    IMPORTED,
-    REVIEW_CSV,
-    import_batch,
-    label_config,
-    select_for_review,
-    write_label_studio,
-)
+from opensig.label_studio import label_config, write_label_studio
+from opensig.review import IMPORTED, REVIEW_CSV, import_batch, select_for_review
 
 
 def _sha(path: Path) -> str:

@@ -423,8 +423,8 @@ def review_export(
 ) -> None:
     """Copy the images predicted unknown, and the least certain ones, into a new batch
     (review/<batch>/inbox/<label>/ + review.csv); prints the batch folder."""
-    from opensig.monitoring.log import read_log
-    from opensig.review import export_batch
+    from opensig.data.scan import scan_cache
+    from opensig.review import export_from_log
 
     cfg = load_config(params)
     log_dir = log_dir or cfg.monitor.log_dir
@@ -438,14 +438,17 @@ def review_export(
 
         bundle = Bundle.load(_model_dir(model, tracking_uri), thresholds, device="cpu")
         by_class = dict(zip(bundle.spec.classes, bundle.thresholds.tolist(), strict=True))
-    batch = export_batch(
-        read_log(log_dir, since, until, model_version),
+    batch = export_from_log(
+        log_dir,
         out or cfg.monitor.review_dir,
         cfg.data.root,
         max_images or cfg.monitor.review_max,
         fmt is ReviewFormat.label_studio,
         thresholds=by_class,
-        cache=cfg.data.cache_dir / "scan.parquet",
+        since=since,
+        until=until,
+        model_version=model_version,
+        cache=scan_cache(cfg.data.cache_dir),
     )
     typer.echo(batch)
 
@@ -461,6 +464,7 @@ def review_import(
 ) -> None:
     """Copy the batch's labeled images into data/known/<class>/ and data/unknown/<source>/
     (never overwriting), write <batch>/imported.json, and announce the new data."""
+    from opensig.data.scan import scan_cache
     from opensig.review import announce, import_batch
 
     cfg = load_config(params)
@@ -473,7 +477,7 @@ def review_import(
         batch,
         data or cfg.data.root,
         label_studio=label_studio,
-        cache=cfg.data.cache_dir / "scan.parquet",
+        cache=scan_cache(cfg.data.cache_dir),
     )
     announce(report, params.resolve().parent)
 

@@ -43,14 +43,16 @@ def monitor_task(cfg: Config, root: Path) -> dict:
 
 @task(name="export review batch")
 def export_review(cfg: Config, root: Path, model_version: str) -> Path:
-    from opensig.review import export_batch
+    from opensig.data.scan import scan_cache
+    from opensig.review import export_from_log
 
-    return export_batch(
-        read_log(log_dir(cfg, root), model_version=model_version),
+    return export_from_log(
+        log_dir(cfg, root),
         Path(_under(root, cfg.monitor.review_dir)),
         Path(_under(root, cfg.data.root)),
         cfg.monitor.review_max,
-        cache=Path(_under(root, cfg.data.cache_dir)) / "scan.parquet",
+        model_version=model_version,
+        cache=scan_cache(Path(_under(root, cfg.data.cache_dir))),
     )
 
 

@@ -13,7 +13,6 @@ copy, so a refused import leaves ``data/`` as it was.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -21,12 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
-from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
 from opensig.data.scan import (
+    Probe,
     class_name_problem,
     display,
     like_unknown,
@@ -34,8 +32,10 @@ from opensig.data.scan import (
     scan_folder,
     walk_files,
 )
-from opensig.io import atomic_write, copy_new, inside, write_json
+from opensig.io import atomic_write, copy_new, write_json
+from opensig.label_studio import read_annotations, write_label_studio
 from opensig.labels import UNKNOWN_LABEL
+from opensig.monitoring.log import read_log
 
 logger = logging.getLogger(__name__)  # `log` is the prediction log here
 
@@ -43,7 +43,6 @@ REVIEW_CSV = "review.csv"
 IMPORTED = "imported.json"
 INBOX = "inbox"
 LABELED = "labeled"
-LABEL_STUDIO = "label-studio"  # tasks.json and config.xml, in the batch folder
 REVIEW_SOURCE = "review"  # the unknown source of a bare labeled/unknown/x.png
 COLUMNS = [
     "file",
@@ -231,96 +230,26 @@ def export_batch(
     return batch
 
 
-# -- Label Studio ------------------------------------------------------------------------
-
-
-def label_config(classes: list[str]) -> str:
-    """A Label Studio labeling config: one choice among the classes and ``unknown``, plus a
-    text field to name a new class (or ``unknown/<source>``)."""
-    choices = "\n".join(
-        f"    <Choice value={quoteattr(name)}/>" for name in [*classes, UNKNOWN_LABEL]
+def export_from_log(
+    log_dir: str,
+    out: Path,
+    data_root: Path,
+    max_images: int,
+    label_studio: bool = False,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model_version: str | None = None,
+    cache: Path | None = None,
+) -> Path:
+    """``export_batch`` of the prediction log in ``log_dir`` (its rows logged in [since, until],
+    of ``model_version`` if given): the one export `opensig review export` and the monitor
+    flow run."""
+    log = read_log(log_dir, since, until, model_version)
+    return export_batch(
+        log, out, data_root, max_images, label_studio, thresholds=thresholds, cache=cache
     )
-    return (
-        "<View>\n"
-        '  <Image name="image" value="$image"/>\n'
-        '  <Choices name="label" toName="image" choice="single" showInLine="true">\n'
-        f"{choices}\n"
-        "  </Choices>\n"
-        '  <Header value="A new class? Its name (it wins over the choice):"/>\n'
-        '  <TextArea name="new_class" toName="image" maxSubmissions="1" rows="1"/>\n'
-        "</View>\n"
-    )
-
-
-def write_label_studio(batch: Path, listing: pd.DataFrame, classes: list[str], root: Path) -> Path:
-    """``<batch>/label-studio/tasks.json`` (one task per copied image, pre-annotated with the
-    prediction) and ``config.xml``. Images are served by Label Studio's local-files serving,
-    with ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` set to ``root`` (the review folder)."""
-    folder = batch / LABEL_STUDIO
-    tasks = []
-    for rec in listing[listing["file"] != ""].to_dict("records"):
-        image = batch / rec["file"]
-        served = inside(image, root, follow_links=True)
-        if served is None:
-            raise ValueError(
-                f"{image} leads to {image.resolve()}, outside the review folder {root} that "
-                "Label Studio serves: keep the batch's files inside it (no links out), or "
-                "export the batch again"
-            )
-        tasks.append(
-            {
-                "data": {
-                    "image": f"/data/local-files/?d={quote(served.as_posix())}",
-                    "file": rec["file"],
-                    "sha256": rec["sha256"],
-                    "predicted_label": rec["predicted_label"],
-                },
-                "predictions": [
-                    {
-                        "model_version": "opensig",
-                        "score": rec["score"],
-                        "result": [
-                            {
-                                "from_name": "label",
-                                "to_name": "image",
-                                "type": "choices",
-                                "value": {"choices": [rec["predicted_label"]]},
-                            }
-                        ],
-                    }
-                ],
-            }
-        )
-    atomic_write(folder / "config.xml", lambda tmp: tmp.write_text(label_config(classes)))
-    write_json(folder / "tasks.json", tasks)
-    return folder / "tasks.json"
-
-
-def _label_studio_labels(export: Path) -> list[tuple[str, str, str | None]]:
-    """(batch file, label text, sha256) per annotation of a Label Studio JSON export."""
-    try:
-        tasks = json.loads(Path(export).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{export}: not a Label Studio JSON export ({err})") from None
-    if not isinstance(tasks, list):
-        raise ValueError(f"{export}: not a Label Studio JSON export (a list of tasks)")
-    found = []
-    for task in tasks:
-        data = task.get("data", {})
-        if "file" not in data:
-            raise ValueError(
-                f"{export}: task {task.get('id')} has no data.file: import the tasks.json "
-                "that `opensig review export --format label-studio` wrote"
-            )
-        for annotation in task.get("annotations", []):
-            if annotation.get("was_cancelled"):
-                continue
-            results = {r.get("from_name"): r.get("value", {}) for r in annotation["result"]}
-            text = " ".join(results.get("new_class", {}).get("text", [])).strip()
-            choices = results.get("label", {}).get("choices", [])
-            if text or choices:
-                found.append((data["file"], text or choices[0], data.get("sha256")))
-    return found
 
 
 # -- import ------------------------------------------------------------------------------
@@ -409,7 +338,7 @@ def _from_csv(batch: Path) -> tuple[list[_Labeled], list[str]]:
 
 def _from_label_studio(export: Path) -> tuple[list[_Labeled], list[str]]:
     found, problems = [], []
-    for file, text, digest in _label_studio_labels(export):
+    for file, text, digest in read_annotations(export):
         where = f"{export} (task of {file})"
         placed = _parse_label(text, where)
         if isinstance(placed, str):
@@ -433,6 +362,134 @@ def _destination(data_root: Path, item: _Labeled) -> Path:
     return data_root / "known" / item.label
 
 
+def _read_labels(batch: Path, label_studio: Path | None) -> tuple[list[_Labeled], list[dict]]:
+    """Every label given to the batch's files (folders, review.csv, the Label Studio export)
+    and the report rows of the files left out. A label ingest would refuse stops the import
+    here, before any image is opened."""
+    found, problems, left_out = _from_folders(batch)
+    from_csv, csv_problems = _from_csv(batch)
+    found += from_csv
+    problems += csv_problems
+    if label_studio is not None:
+        from_ls, ls_problems = _from_label_studio(label_studio)
+        found += from_ls
+        problems += ls_problems
+    _refuse(problems, f"{batch}: labels ingest would refuse")
+    return found, left_out
+
+
+def _probe_labeled(batch: Path, found: list[_Labeled]) -> dict[str, Probe]:
+    """The probe of every labeled file. A file that has gone stops the import, unless another
+    file of the batch has its exported sha256: the reviewer moved it, the label still holds."""
+    probes = {item.file: probe((batch / item.file).as_posix(), None) for item in found}
+    present = {p.hash for p in probes.values() if p.hash}
+    gone = [
+        f"{batch / item.file} ({item.given_in})"
+        for item in found
+        if probes[item.file].reason == "file not found" and item.sha256 not in present
+    ]
+    _refuse(gone, f"{batch}: labeled files have gone; restore them or clear their label")
+    return probes
+
+
+def _verdict(items: list[_Labeled], there: dict[str, str]) -> dict:
+    """The status of one image (and why): added only if the batch gives it one label and the
+    data does not hold it under another; ``there`` is the data's label -> path of it."""
+    labels = sorted({i.label for i in items})
+    if len(labels) > 1:
+        given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
+        logger.warning("%s has two labels in this batch, not imported: %s", items[0].file, given)
+        return {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
+    if labels[0] in there:
+        return {"status": "already in data", "destination": there[labels[0]]}
+    if there:
+        other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
+        logger.warning("%s is already in the data under another label: %s", items[0].file, other)
+        return {"status": "conflict", "reason": f"already in the data as {other}"}
+    return {"status": "added"}
+
+
+def _plan(
+    found: list[_Labeled], probes: dict[str, Probe], in_data: dict[str, dict[str, str]]
+) -> tuple[dict[str, _Labeled], list[dict]]:
+    """What becomes of each labeled image, as ingest would see it (by sha256): the images to
+    copy (sha256 -> the labeled file to copy) and a report row per file, before any copy."""
+    present = {p.hash for p in probes.values() if p.hash}
+    rows: list[dict] = []
+    by_hash: dict[str, list[_Labeled]] = defaultdict(list)
+    for item in found:
+        digest = probes[item.file].hash or (item.sha256 if item.sha256 in present else None)
+        if digest is None:
+            reason = probes[item.file].reason
+            rows.append({"file": item.file, "status": "skipped", "reason": reason})
+        else:
+            by_hash[digest].append(item)
+    to_copy: dict[str, _Labeled] = {}
+    for digest, items in by_hash.items():
+        items.sort(key=lambda i: (probes[i.file].hash is None, i.file, i.given_in))  # a file first
+        row = {
+            "sha256": digest,
+            "label": min(i.label for i in items),
+            "given_in": items[0].given_in,
+        }
+        row |= _verdict(items, in_data.get(digest, {}))
+        if row["status"] == "added":
+            to_copy[digest] = items[0]
+        files = sorted({i.file for i in items if probes[i.file].hash})
+        rows += [{**row, "file": f} for f in files[:1]]
+        rows += [
+            {**row, "file": f, "status": "duplicate", "duplicate_of": files[0]} for f in files[1:]
+        ]
+    return to_copy, rows
+
+
+def _copy_into_data(batch: Path, data_root: Path, to_copy: dict[str, _Labeled]) -> dict[str, str]:
+    """Copy each image to its label's folder, never overwriting; sha256 -> where it went."""
+    return {
+        digest: copy_new(batch / item.file, _destination(data_root, item)).as_posix()
+        for digest, item in to_copy.items()
+    }
+
+
+def _write_report(
+    batch: Path,
+    data_root: Path,
+    rows: list[dict],
+    copied: dict[str, _Labeled],
+    placed: dict[str, str],
+    known_before: set[str],
+) -> dict:
+    """``<batch>/imported.json``: what became of every file, so the reviewer can see why an
+    image was not added; returns it."""
+    added = Counter(item.label for item in copied.values())
+    classes = sorted(known_before | {item.label for item in copied.values()} - {UNKNOWN_LABEL})
+    rows = [
+        {**row, "destination": placed[row["sha256"]]} if row.get("status") == "added" else row
+        for row in rows
+    ]
+    report = {
+        "batch": batch.as_posix(),
+        "data_root": data_root.as_posix(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added": dict(sorted(added.items())),
+        "classes": classes,
+        "new_classes": sorted(set(classes) - known_before),
+        "counts": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "files": sorted(rows, key=lambda r: r["file"]),
+    }
+    write_json(batch / IMPORTED, report)
+    logger.info(
+        "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
+        batch,
+        data_root,
+        sum(added.values()),
+        report["added"] or "",
+        report["new_classes"] or "none",
+        batch / IMPORTED,
+    )
+    return report
+
+
 def import_batch(
     batch: Path,
     data_root: Path,
@@ -454,95 +511,13 @@ def import_batch(
         raise FileNotFoundError(
             f"review batch {batch} does not exist: pass a folder that `opensig review export` made"
         )
-    found, problems, report_rows = _from_folders(batch)
-    from_csv, csv_problems = _from_csv(batch)
-    found += from_csv
-    problems += csv_problems
-    if label_studio is not None:
-        from_ls, ls_problems = _from_label_studio(label_studio)
-        found += from_ls
-        problems += ls_problems
-    _refuse(problems, f"{batch}: labels ingest would refuse")
-
-    probes = {item.file: probe((batch / item.file).as_posix(), None) for item in found}
-    present = {p.hash for p in probes.values() if p.hash}
-    gone = [
-        f"{batch / item.file} ({item.given_in})"
-        for item in found
-        if probes[item.file].reason == "file not found" and item.sha256 not in present
-    ]
-    _refuse(gone, f"{batch}: labeled files have gone; restore them or clear their label")
-
-    by_hash: dict[str, list[_Labeled]] = defaultdict(list)
-    for item in found:
-        digest = probes[item.file].hash or (item.sha256 if item.sha256 in present else None)
-        if digest is None:
-            reason = probes[item.file].reason
-            report_rows.append({"file": item.file, "status": "skipped", "reason": reason})
-        else:
-            by_hash[digest].append(item)
+    found, left_out = _read_labels(batch, label_studio)
+    probes = _probe_labeled(batch, found)
     in_data = data_hashes(data_root, cache)
+    to_copy, rows = _plan(found, probes, in_data)
+    placed = _copy_into_data(batch, data_root, to_copy)
     known_before = {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
-    to_copy: list[tuple[str, _Labeled]] = []
-    for digest, items in by_hash.items():
-        items.sort(key=lambda i: (probes[i.file].hash is None, i.file, i.given_in))  # a file first
-        labels = sorted({i.label for i in items})
-        row = {"sha256": digest, "label": labels[0], "given_in": items[0].given_in}
-        there = in_data.get(digest, {})
-        if len(labels) > 1:
-            given = ", ".join(f"{i.label} ({i.given_in})" for i in items)
-            logger.warning(
-                "%s has two labels in this batch, not imported: %s", items[0].file, given
-            )
-            row |= {"status": "conflict", "reason": f"labeled differently in this batch: {given}"}
-        elif labels[0] in there:
-            row |= {"status": "already in data", "destination": there[labels[0]]}
-        elif there:
-            other = ", ".join(f"{label} ({path})" for label, path in sorted(there.items()))
-            logger.warning(
-                "%s is already in the data under another label: %s", items[0].file, other
-            )
-            row |= {"status": "conflict", "reason": f"already in the data as {other}"}
-        else:
-            to_copy.append((digest, items[0]))
-            row |= {"status": "added"}
-        files = sorted({i.file for i in items if probes[i.file].hash})
-        report_rows += [{**row, "file": f} for f in files[:1]]
-        report_rows += [
-            {**row, "file": f, "status": "duplicate", "duplicate_of": files[0]} for f in files[1:]
-        ]
-
-    added: Counter[str] = Counter()
-    placed: dict[str, str] = {}
-    for digest, item in to_copy:
-        dest = copy_new(batch / item.file, _destination(data_root, item))
-        placed[digest] = dest.as_posix()
-        added[item.label] += 1
-    for row in report_rows:
-        if row.get("status") == "added":
-            row["destination"] = placed[row["sha256"]]
-    classes = sorted(known_before | {item.label for _, item in to_copy} - {UNKNOWN_LABEL})
-    report = {
-        "batch": batch.as_posix(),
-        "data_root": data_root.as_posix(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "added": dict(sorted(added.items())),
-        "classes": classes,
-        "new_classes": sorted(set(classes) - known_before),
-        "counts": dict(sorted(Counter(r["status"] for r in report_rows).items())),
-        "files": sorted(report_rows, key=lambda r: r["file"]),
-    }
-    write_json(batch / IMPORTED, report)
-    logger.info(
-        "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
-        batch,
-        data_root,
-        sum(added.values()),
-        report["added"] or "",
-        report["new_classes"] or "none",
-        batch / IMPORTED,
-    )
-    return report
+    return _write_report(batch, data_root, left_out + rows, to_copy, placed, known_before)
 
 
 def announce(report: dict, project: Path) -> None:

@@ -19,7 +19,7 @@ from opensig.data.manifest import (
     split_rows,
     write_manifest,
 )
-from opensig.data.scan import scan_folder
+from opensig.data.scan import scan_cache, scan_folder
 from opensig.data.split import (
     assign_splits,
     check_trainable,
@@ -62,7 +62,7 @@ HERE = Layout()
 def ingest(cfg: Config, at: Layout = HERE) -> dict:
     """data/ -> manifest (path, hash, label, source, split, novel) + report of what was skipped."""
     options = {
-        "cache": cfg.data.cache_dir / "scan.parquet",
+        "cache": scan_cache(cfg.data.cache_dir),
         "max_pixels": cfg.data.max_image_pixels,
     }
     scan = (

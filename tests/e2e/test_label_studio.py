@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from opensig.review import LABEL_STUDIO, export_batch, import_batch
+from opensig.label_studio import LABEL_STUDIO
+from opensig.review import export_batch, import_batch
 from tests.conftest import background, free_port
 
 VENV = Path(

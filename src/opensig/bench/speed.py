@@ -38,7 +38,7 @@ from opensig.bench import budget_params, environment
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
-from opensig.data.scan import scan_folder
+from opensig.data.scan import scan_cache, scan_folder
 from opensig.data.split import assign_splits
 from opensig.decision import write_thresholds
 from opensig.io import atomic_write, read_json, write_json
@@ -340,7 +340,7 @@ def ingest_speed(opts: SpeedOptions) -> dict:
     tree = opts.work / "ingest"
     if not (tree / "known").is_dir():
         demo.write_fashion_mnist(tree, per_class=opts.ingest_images, parts=("train", "test"))
-    cache = opts.work / "scan.parquet"
+    cache = scan_cache(opts.work)
     cache.unlink(missing_ok=True)
     timings = []
     for _ in range(2):

@@ -25,6 +25,12 @@ from opensig.labels import LABEL_SEP, UNKNOWN_LABEL
 log = logging.getLogger(__name__)
 
 RECORD_COLUMNS = ["path", "hash", "label", "source", "width", "height"]
+SCAN_CACHE = "scan.parquet"  # the probe cache's file name, in data.cache_dir
+
+
+def scan_cache(cache_dir: Path) -> Path:
+    """The probe cache in ``cache_dir``: ingest and review share it, so each file is read once."""
+    return cache_dir / SCAN_CACHE
 
 
 @dataclass
