@@ -17,7 +17,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from opensig.config import Config, load_config
 from opensig.events import MONITOR_ALERT, emit, project_resource
-from opensig.monitoring.log import read_log
 from opensig.monitoring.monitor import ALERT, monitor_log
 
 FLOW_NAME = "opensig-monitor"
