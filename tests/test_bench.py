@@ -91,7 +91,12 @@ def test_bench_on_two_random_class_splits_of_digits(
         assert set(manifest[manifest["novel"]]["source"]) == set(split["novel"])
         assert set(manifest[manifest["label"] != "unknown"]["label"]) == set(split["known"])
         runs = [r for r in saved["runs"] if r["split"] == index]
-        assert all(r["novel.auroc"] is not None for r in runs)
+        assert sorted(r["feature_score"] for r in runs) == ["mahalanobis", "none"]
+        assert all(0.0 <= r["novel.auroc"] <= 1.0 for r in runs)
+    for row in saved["summary"]:  # each row: the mean over the splits of its runs
+        runs = [r for r in saved["runs"] if r["feature_score"] == row["feature_score"]]
+        mean = sum(r["novel.auroc"] for r in runs) / len(runs)
+        assert row["novel.auroc"] == pytest.approx(mean)
     table = Path("bench/results/openset_digits_splits.md").read_text()
     assert "| **sigmoid_bce** (opensig default) | mahalanobis |" in table
     assert f"| 0 | {', '.join(splits[0]['known'])} |" in table
@@ -130,7 +135,7 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(
     saved = json.loads(Path("bench/results/openset_fashion-mnist.json").read_text())
     rows = [(row["method"], row["feature_score"]) for row in saved["summary"]]
     assert rows == [(m, s) for m in METHODS for s in FEATURE_SCORES]
-    assert saved["runs"][0]["novel.auroc"] is not None
+    assert all(0.0 <= run["novel.auroc"] <= 1.0 for run in saved["runs"])
     assert saved["meta"]["per_class"] == 12
     assert "| softmax_eos | none |" in Path("bench/results/openset_fashion-mnist.md").read_text()
     runs = pd.read_parquet("bench/work/manifest.parquet")

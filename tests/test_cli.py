@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from opensig.cli import app
+from opensig.labels import UNKNOWN, UNKNOWN_LABEL
+from opensig.thresholds import decide
 from tests.conftest import write_params
 
 
@@ -75,20 +79,40 @@ def test_ingest_reports_skipped_files(project: Path) -> None:
 # --- Failures: one line, exit code 2, the traceback only with --debug ----------------------
 
 REGISTERED = "digits"  # the registered model of the `sources` fixture
+CLASSES = ["0", "1", "2"]  # the untrained bundle's
 
 
-@pytest.fixture(scope="module")
-def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What --model and --thresholds may wrongly name: a model folder without thresholds, a
-    model of the same classes at another image size, thresholds for other classes, and a
-    SQLite registry holding the untrained bundle as version 1, @champion (really registered)."""
+def register(model_dir: Path, thresholds: Path, root: Path, name: str) -> str:
+    """``model_dir`` with ``thresholds`` registered as version 1 of ``name`` (@champion) in a
+    SQLite store in ``root``, as the register stage logs it; the store's URI."""
     from mlflow import MlflowClient
 
     from opensig.config import Config
-    from opensig.decision import THRESHOLDS_FILE, write_thresholds
-    from opensig.model import build_spec, create_model, model_digest, save_model_dir
     from opensig.tracking.promotion import ModelRegistry, log_and_register
     from opensig.tracking.runs import RunSpec
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = Config.model_validate(
+        {"mlflow": {"tracking_uri": uri, "experiment": name, "registered_model": name}}
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
+        registry = ModelRegistry(uri, name, name)
+        _, version = log_and_register(registry, RunSpec.of(cfg), {}, model_dir, thresholds, [])
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, "champion", version)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def sources(
+    untrained_bundle: Path, digits_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """What --model and --thresholds may wrongly name: a model folder without thresholds, a
+    model of the same classes at another image size, thresholds for other classes, and a
+    SQLite registry holding the untrained bundle as version 1, @champion (really registered);
+    and an image to predict."""
+    from opensig.decision import THRESHOLDS_FILE, write_thresholds
+    from opensig.model import build_spec, create_model, model_digest, save_model_dir
 
     root = tmp_path_factory.mktemp("sources")
     bare = root / "no_thresholds"
@@ -101,17 +125,7 @@ def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     other_classes = root / "ab.json"
     write_thresholds(other_classes, ["a", "b"], [0.5, 0.5], "fixed", {}, model_sha256="0" * 64)
     (root / "empty").mkdir()
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = Config.model_validate(
-        {"mlflow": {"tracking_uri": uri, "experiment": REGISTERED, "registered_model": REGISTERED}}
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
-        registry = ModelRegistry(uri, REGISTERED, REGISTERED)
-        _, version = log_and_register(
-            registry, RunSpec.of(cfg), {}, untrained_bundle, untrained_bundle / THRESHOLDS_FILE, []
-        )
-    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(REGISTERED, "champion", version)
+    uri = register(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, root, REGISTERED)
     return {
         "bundle": str(untrained_bundle),
         "digest": model_digest(untrained_bundle),
@@ -121,6 +135,7 @@ def sources(untrained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "empty": str(root / "empty"),
         "uri": uri,
         "root": str(root),
+        "image": str(sorted((digits_data / "known" / "0").iterdir())[0]),
     }
 
 
@@ -156,9 +171,22 @@ FAILURES = {
 def command_line(command: str, model_args: list[str], sources: dict[str, str]) -> list[str]:
     """predict or export with --model and its options (placeholders filled from sources)."""
     out = Path(sources["root"]) / ("p.csv" if command == "predict" else "m.onnx")
-    inputs = [str(Path(sources["bundle"]) / "config.json")] if command == "predict" else []
+    inputs = [sources["image"]] if command == "predict" else []
     filled = [arg.format(**sources) for arg in model_args]
     return [command, *inputs, "--model", *filled, "--out", str(out)]
+
+
+def predicted(out: Path | str) -> list[dict]:
+    """The rows of a predictions file, labels as written."""
+    frame = pd.read_csv(out, dtype={"label": str}, keep_default_na=False)
+    return frame.to_dict("records")
+
+
+def decided(row: dict, thresholds: list[float]) -> str:
+    """The label that ``thresholds`` give a predictions row by its class scores."""
+    scores = np.array([[row[f"score_{c}"] for c in CLASSES]])
+    [k] = decide(scores, np.array(thresholds))
+    return UNKNOWN_LABEL if k == UNKNOWN else CLASSES[k]
 
 
 def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -195,6 +223,9 @@ def test_force_uses_thresholds_of_another_model_with_a_warning(
     result = invoke(*command_line("predict", model_args, sources), "--force")
     assert result.exit_code == 0, result.output
     assert "was tuned for another model" in caplog.text and "used anyway (--force)" in caplog.text
+    [row] = predicted(Path(sources["root"]) / "p.csv")
+    assert row["path"] == sources["image"] and row["error"] == ""
+    assert row["label"] == decided(row, [0.5] * 3)  # by the bundle's thresholds, all 0.5
 
 
 def test_thresholds_from_before_the_digest_load_with_a_warning(
@@ -207,12 +238,49 @@ def test_thresholds_from_before_the_digest_load_with_a_warning(
     result = invoke(*command_line("predict", args, sources))
     assert result.exit_code == 0, result.output  # no record of the model: cannot be refused
     assert "does not record the model it was tuned for" in caplog.text
+    [row] = predicted(Path(sources["root"]) / "p.csv")
+    assert row["error"] == "" and row["label"] == decided(row, [0.5] * 3)
 
 
-def test_a_registered_model_loads_with_its_own_thresholds(sources: dict[str, str]) -> None:
-    args = [f"models:/{REGISTERED}@champion", "--tracking-uri", "{uri}"]
-    result = invoke(*command_line("predict", args, sources))
+NEVER = 2.0  # a threshold above any score (scores lie in [0, 1]): the class is never named
+
+
+def test_a_registered_model_loads_with_its_own_thresholds(
+    untrained_bundle: Path, digits_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered with thresholds that make every image a '1', then tuned again locally to
+    thresholds that name no class: the registered model still says '1' (the local files
+    would say 'unknown'), so it decides with the thresholds registered with it."""
+    from opensig.decision import FEATURE_SCORE_FILE, THRESHOLDS_FILE, write_thresholds
+    from opensig.model import model_digest
+
+    monkeypatch.chdir(tmp_path)
+    model, thresholds = Path("artifacts/model"), Path("artifacts/thresholds.json")
+    shutil.copytree(  # a training output: weights and spec, its thresholds beside it
+        untrained_bundle, model, ignore=shutil.ignore_patterns(THRESHOLDS_FILE, FEATURE_SCORE_FILE)
+    )
+    digest = model_digest(model)
+    write_thresholds(thresholds, CLASSES, [NEVER, 0.0, NEVER], "fixed", {}, model_sha256=digest)
+    uri = register(model, thresholds, tmp_path, "retuned")
+    write_thresholds(thresholds, CLASSES, [NEVER] * 3, "fixed", {}, model_sha256=digest)
+    images = [str(p) for p in sorted((digits_data / "known" / "0").iterdir())[:3]]
+
+    by_uri = ["models:/retuned@champion", "--tracking-uri", uri]
+    result = invoke("predict", *images, "--model", *by_uri, "--out", "registered.csv")
     assert result.exit_code == 0, result.output
+    local = ["--model", str(model), "--thresholds", str(thresholds), "--out", "local.csv"]
+    result = invoke("predict", *images, *local)
+    assert result.exit_code == 0, result.output
+
+    registered = predicted("registered.csv")
+    assert [(r["path"], r["label"], r["error"]) for r in registered] == [
+        (image, "1", "") for image in images
+    ]
+    assert [r["label"] for r in predicted("local.csv")] == [UNKNOWN_LABEL] * 3
+    # the same model: the same scores, only the thresholds differ
+    for ours, theirs in zip(registered, predicted("local.csv"), strict=True):
+        for c in CLASSES:
+            assert ours[f"score_{c}"] == pytest.approx(theirs[f"score_{c}"], abs=1e-6)
 
 
 def test_the_failure_line_is_all_of_stderr(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from opensig.config import Config, ConfigError, load_config, parse_config
 
@@ -163,8 +164,10 @@ def test_parse_config_names_source() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = Config()
-    with pytest.raises(Exception):  # noqa: B017 - pydantic ValidationError on frozen models
-        cfg.train.epochs = 5  # type: ignore[misc]
+    epochs = cfg.train.epochs
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.epochs = epochs + 1  # type: ignore[misc]
+    assert cfg.train.epochs == epochs
 
 
 def test_mlflow_http_limits_default_and_bounds(tmp_path: Path) -> None:

@@ -73,9 +73,14 @@ def test_load_image_grayscale_to_three_and_one_channel() -> None:
 
 
 def test_load_image_rgba_and_rgb_to_one_channel() -> None:
-    rgba = np.dstack([_noise(), np.full((24, 20), 255, dtype=np.uint8)])
-    assert decode(_png_bytes(Image.fromarray(rgba, mode="RGBA")), 3).shape == (24, 20, 3)
-    assert decode(_png_bytes(Image.fromarray(_noise())), 1).shape == (24, 20, 1)
+    """An opaque RGBA image keeps its colours; RGB to one channel is Pillow's luminance."""
+    rgb = _noise()
+    rgba = np.dstack([rgb, np.full((24, 20), 255, dtype=np.uint8)])
+    from_rgba = decode(_png_bytes(Image.fromarray(rgba, mode="RGBA")), 3)
+    assert from_rgba.shape == (24, 20, 3) and np.array_equal(from_rgba, rgb)
+    grey = decode(_png_bytes(Image.fromarray(rgb)), 1)
+    assert grey.shape == (24, 20, 1)
+    assert np.array_equal(grey[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
@@ -104,6 +109,7 @@ def test_fit_to_resizes_to_the_square_input_and_keeps_an_image_at_that_size() ->
 
 
 def test_image_dataset_reads_files(tmp_path: Path) -> None:
+    """A path and raw bytes each give their own image's pixels, resized as fit_to does."""
     path = tmp_path / "ok.png"
     Image.fromarray(_noise()).save(path)
     data = _png_bytes(Image.fromarray(_noise(seed=1)))
@@ -113,6 +119,8 @@ def test_image_dataset_reads_files(tmp_path: Path) -> None:
     assert first["error"] == "" and second["error"] == ""
     assert first["label"] == 1 and second["label"] == -1
     assert first["image"].shape == (SIZE, SIZE, 3)
+    assert np.array_equal(first["image"].numpy(), fit_to(_noise(), SIZE))
+    assert np.array_equal(second["image"].numpy(), fit_to(_noise(seed=1), SIZE))
 
 
 def test_image_dataset_default_labels_unknown(tmp_path: Path) -> None:

@@ -40,10 +40,6 @@ def _np_bce(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0) - x * t + np.log1p(np.exp(-np.abs(x)))
 
 
-def test_unknown_is_minus_one() -> None:
-    assert UNKNOWN == -1
-
-
 def test_sigmoid_targets_one_hot_and_zero_row() -> None:
     targets = sigmoid_targets(_labels(), 3)
     expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -128,6 +124,19 @@ def test_weighted_bce_half_logits_and_grad() -> None:
     assert torch.isfinite(logits.grad.float()).all()
     # pushing the unknown image's logits down must lower its loss
     assert (logits.grad[2].float() > 0).all()
+
+
+@pytest.mark.parametrize("name", [name for name, m in METHODS.items() if m.uses_unknown])
+def test_unknown_minus_one_is_never_read_as_a_class_index(name: str) -> None:
+    """UNKNOWN is -1, which as an index picks the last class: each method that trains on
+    unknown images gives one a loss of its own, not the loss of any known class."""
+    assert UNKNOWN == -1
+    method = get_method(name)
+    logits = torch.tensor([[1.5, -0.5, 0.25, -1.0]])[:, : method.num_outputs(3)]
+    as_unknown = method.loss(logits, torch.tensor([UNKNOWN]))
+    for k in range(3):
+        as_class = method.loss(logits, torch.tensor([k]))
+        assert not torch.isclose(as_unknown, as_class, rtol=1e-3), (name, k)
 
 
 def test_get_method() -> None:

@@ -3,6 +3,7 @@ unknown rate, a review batch, the Markdown artifact and (without a Prefect API) 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,14 +53,24 @@ def logged(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) -
     return tmp_path
 
 
-def test_an_alert_exports_a_review_batch_and_reports(logged: Path, harness: None) -> None:
+def test_an_alert_exports_a_review_batch_and_reports(
+    logged: Path, digits_data: Path, harness: None
+) -> None:
     result = monitor(str(logged))
     assert result["status"] == "alert"
     assert any("unknown rate" in alert for alert in result["alerts"])
+    report = json.loads((logged / "reports/monitor.json").read_text())
+    assert (report["status"], report["alerts"]) == (result["status"], result["alerts"])
+    assert report["unknown_rate"]["current"] == pytest.approx(0.5)  # 60 of the 120
+    assert report["unknown_rate"]["reference"] == pytest.approx(0.05)  # 6 of the 120
     batch = Path(result["batch"])
-    assert batch.parent == logged / "review" and (batch / "review.csv").is_file()
-    assert any((batch / "inbox" / "unknown").iterdir())  # copies of the unknown images
-    assert (logged / "reports/monitor.json").is_file()
+    assert batch.parent == logged / "review"
+    images = sorted((digits_data / "known" / "0").iterdir())[:120]
+    listing = pd.read_csv(batch / "review.csv", dtype=str, keep_default_na=False)
+    assert sorted(listing["original_path"]) == sorted(map(str, images))  # each image once
+    # the images the current window calls unknown, copied into the inbox to be looked at
+    unknown = {p.name for p in (batch / "inbox" / "unknown").iterdir()}
+    assert unknown == {image.name for image in images[::2]}
     artifact = Artifact.get(ARTIFACT_KEY)
     assert artifact is not None and "version 1: alert" in artifact.data
     assert f"Review batch: `{batch}`" in artifact.data

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from opensig.model import ModelSpec
 from opensig.resume import STATE_FILE, Progress, load_state, save_state
@@ -45,6 +46,8 @@ def test_progress_round_trips_through_save_and_load(tmp_path: Path) -> None:
     scheduler.step()
     progress = Progress(epoch_log_id="run-1")
     for row in _rows(0.5, 0.3, 0.4):  # saved every epoch, as the loop does
+        with torch.no_grad():
+            net.bias.fill_(row["epoch"])  # each epoch's weights tell which epoch they are
         progress.record(row)
         save_state(tmp_path, net, SPEC, [tmp_path / "last"], optimizer, scheduler, None, progress)
 
@@ -53,9 +56,10 @@ def test_progress_round_trips_through_save_and_load(tmp_path: Path) -> None:
     loaded = load_state(tmp_path, other, other_optimizer, other_scheduler, None, SPEC, best)
     assert loaded == progress
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), other.parameters(), strict=True))
+    assert other.bias.tolist() == [3.0, 3.0]  # the last epoch's weights, to train on from
     assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
     assert other_scheduler.last_epoch == scheduler.last_epoch == 1
-    assert (best / "weights.safetensors").is_file()  # epoch 2's weights, the best
+    assert load_file(best / "weights.safetensors")["bias"].tolist() == [2.0, 2.0]  # the best
     assert sorted(p.name for p in tmp_path.glob("weights-*")) == [
         "weights-0002.safetensors",
         "weights-0003.safetensors",

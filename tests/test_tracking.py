@@ -90,8 +90,9 @@ def test_redact_masks_secret_env_values(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_uri_credentials() -> None:
-    assert uri_credentials("http://user:pw@host") is not None
+    assert "a password" in (uri_credentials("http://user:pw@host") or "")
     assert "api_key" in (uri_credentials("https://host/?api_key=1") or "")
+    assert uri_credentials("https://host/?page=1") is None  # not every parameter is a secret
     assert uri_credentials("http://user@host:5000") is None  # a name is not a secret
     assert uri_credentials("databricks://profile") is None
 

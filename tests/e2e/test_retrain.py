@@ -135,6 +135,7 @@ def test_rerun_without_change_does_nothing(repo: Path, first: dict) -> None:
 def test_new_images_trigger_a_retrain_and_a_new_version(repo: Path, first: dict) -> None:
     versions, data_md5 = n_versions(repo), (repo / "data.dvc").read_text()
     images = json.loads((repo / "reports/ingest.json").read_text())["images"]
+    before = champion(repo)
     incoming = repo.parent / "incoming"
     shutil.copytree(incoming, repo / "data", dirs_exist_ok=True)
     result = retrain(str(repo))
@@ -143,7 +144,8 @@ def test_new_images_trigger_a_retrain_and_a_new_version(repo: Path, first: dict)
     assert n_versions(repo) == versions + 1
     assert result["registration"]["version"] == str(versions + 1)
     comparison = result["registration"]["comparison"]
-    assert comparison["champion_version"] is not None  # compared against the champion
+    assert comparison["champion_version"] == before  # compared against the champion
+    assert 0.0 <= comparison["champion_value"] <= 1.0  # measured on today's test split
     assert result["action"] == comparison["decision"] in {"promoted", "kept champion"}
     assert json.loads((repo / "reports/ingest.json").read_text())["images"] > images
 

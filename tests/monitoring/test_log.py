@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -42,7 +43,8 @@ def test_append_writes_one_file_per_batch_with_the_columns(tmp_path: Path) -> No
     assert len(frame) == 3
     assert list(frame["model_version"]) == ["3"] * 3
     assert pd.isna(frame["sha256"].iloc[1])  # the file that was gone
-    assert frame["sha256"].iloc[0] is not None and len(frame["sha256"].iloc[0]) == 64
+    assert frame["sha256"].iloc[0] == hashlib.sha256(b"not really a png").hexdigest()
+    assert frame["sha256"].iloc[2] == hashlib.sha256(b"raw").hexdigest()  # bytes: their own
     assert str(frame["time"].dtype) == "datetime64[us, UTC]"
     assert len(pd.read_parquet(tmp_path / "log")) == 3  # plain pandas reads it too
 

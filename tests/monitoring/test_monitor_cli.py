@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -62,8 +63,13 @@ def test_monitor_writes_report_pictures_and_mlflow_metrics(logged: Path) -> None
     report = json.loads((logged / "reports" / "monitor.json").read_text())
     assert report["status"] == "ok"
     assert report["window"]["n"] == 39 and report["reference"]["n"] == 40
-    for key in ("current", "reference", "ci_low", "ci_high", "p_value"):
-        assert key in report["unknown_rate"]
+    rate = report["unknown_rate"]
+    shares = []  # the current window is the second predict run, the reference the first
+    for batch in ("batch1", "batch0"):
+        labels = pd.read_csv(logged / batch / "p.csv", dtype={"label": str})["label"]
+        shares.append(float((labels == "unknown").mean()))
+    assert [rate["current"], rate["reference"]] == pytest.approx(shares)
+    assert rate["ci_low"] <= rate["current"] <= rate["ci_high"] and 0 <= rate["p_value"] <= 1
     assert set(report["score_shift"]) == {"ks", "p_value", "psi"}
     assert sorted(p.name for p in (logged / "reports" / "monitor").iterdir()) == [
         "class_shares.png",
