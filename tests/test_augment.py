@@ -14,7 +14,7 @@ N = 4000  # draws per check: a probability of 1/2 lands in [0.45, 0.55] (6 sigma
 
 
 def _params(augment: AugmentConfig, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    theta, contrast, brightness = BatchAugment(augment, seed).params(N, 16, 16)
+    theta, contrast, brightness = BatchAugment(**augment.model_dump(), seed=seed).params(N, 16, 16)
     return theta.double(), contrast.double(), brightness.double()
 
 
@@ -64,7 +64,8 @@ def test_switched_off_transforms_draw_nothing() -> None:
 
 def test_the_same_seed_gives_the_same_batch_and_each_call_new_draws() -> None:
     images = torch.rand(8, 3, 16, 16) * 255
-    augment = BatchAugment(AugmentConfig(rotate=30.0, hflip=True, brightness_contrast=0.3), 7)
+    config = AugmentConfig(rotate=30.0, hflip=True, brightness_contrast=0.3)
+    augment = BatchAugment(**config.model_dump(), seed=7)
     first, second = augment(images), augment(images)
     assert first.shape == images.shape and first.dtype == torch.float32
     assert not torch.equal(first, second)
@@ -76,7 +77,8 @@ def test_the_same_seed_gives_the_same_batch_and_each_call_new_draws() -> None:
 
 def test_pixels_a_constant_image_keeps_its_value_up_to_brightness_and_contrast() -> None:
     """A crop inside the image samples no border: only the photometric change remains."""
-    augment = BatchAugment(AugmentConfig(rotate=0.0, brightness_contrast=0.3), seed=3)
+    config = AugmentConfig(rotate=0.0, brightness_contrast=0.3)
+    augment = BatchAugment(**config.model_dump(), seed=3)
     images = torch.full((64, 1, 16, 16), 100.0)
     out = augment(images)
     augment.seed(3)
@@ -87,7 +89,8 @@ def test_pixels_a_constant_image_keeps_its_value_up_to_brightness_and_contrast()
 
 def test_pixels_rotated_corners_are_black_and_flips_mirror() -> None:
     """Left half dark, right half bright: a flipped image has its bright half on the left."""
-    augment = BatchAugment(AugmentConfig(rotate=0.0, hflip=True, brightness_contrast=0.0), 5)
+    config = AugmentConfig(rotate=0.0, hflip=True, brightness_contrast=0.0)
+    augment = BatchAugment(**config.model_dump(), seed=5)
     images = torch.zeros(64, 1, 16, 16)
     images[..., 8:] = 255.0
     out = augment(images)
@@ -99,8 +102,8 @@ def test_pixels_rotated_corners_are_black_and_flips_mirror() -> None:
     assert torch.equal(left > right, flipped)
 
     config = AugmentConfig(scale_min=1.0, rotate=45.0, brightness_contrast=0.0)
-    out = BatchAugment(config, seed=0)(torch.full((64, 1, 16, 16), 200.0))
-    theta, _, _ = BatchAugment(config, seed=0).params(64, 16, 16)
+    out = BatchAugment(**config.model_dump(), seed=0)(torch.full((64, 1, 16, 16), 200.0))
+    theta, _, _ = BatchAugment(**config.model_dump(), seed=0).params(64, 16, 16)
     rotated = _crop(theta.double())[2].abs() > math.radians(20)
     assert rotated.any()
     assert torch.all(out[rotated][..., 0, 0] < 100.0)  # a corner from outside the image
@@ -111,6 +114,6 @@ def test_pixels_rotated_corners_are_black_and_flips_mirror() -> None:
 def test_the_draws_do_not_depend_on_the_device() -> None:
     images = torch.rand(8, 3, 16, 16) * 255
     config = AugmentConfig(rotate=30.0, hflip=True, brightness_contrast=0.3)
-    on_cpu = BatchAugment(config, 1)(images)
-    on_gpu = BatchAugment(config, 1)(images.cuda()).cpu()
+    on_cpu = BatchAugment(**config.model_dump(), seed=1)(images)
+    on_gpu = BatchAugment(**config.model_dump(), seed=1)(images.cuda()).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-2, rtol=0)

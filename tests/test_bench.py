@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from opensig.bench import speed
-from opensig.bench.openset import COLUMNS, BenchOptions, class_splits, summarise, to_markdown
+from opensig.bench.openset import COLUMNS, checked, class_splits, summarise, to_markdown
+from opensig.bench.options import BenchOptions, SpeedOptions
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
 from opensig.methods import METHODS
@@ -63,7 +64,7 @@ def test_bench_options_are_checked_before_anything_runs(tmp_path: Path) -> None:
         ({"splits": -1}, "--splits"),
     ]:
         with pytest.raises(ValueError, match=message):
-            BenchOptions(work=tmp_path, **bad).check()
+            checked(BenchOptions(work=tmp_path, **bad))
 
 
 def test_bench_on_two_random_class_splits_of_digits(
@@ -189,7 +190,7 @@ def test_speed_bench_refuses_a_bad_option_before_any_round(
         ({"backbone": "resnet1"}, "--backbone"),
     ]:
         with pytest.raises(ValueError, match=option):
-            speed.SpeedOptions(work=tmp_path, **bad).check()
+            speed.check(SpeedOptions(work=tmp_path, **bad))
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
     result = CliRunner().invoke(app, ["bench", "speed", "--ingest-images", "0"])

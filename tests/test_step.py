@@ -121,7 +121,8 @@ def test_a_batch_with_an_unreadable_image_stops_training() -> None:
 def test_the_augmentation_runs_in_training_mode_only() -> None:
     method = get_method("sigmoid_bce")
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE * CHANS, CLASSES))
-    augment = BatchAugment(AugmentConfig(rotate=30.0, brightness_contrast=0.3), seed=1)
+    settings = AugmentConfig(rotate=30.0, brightness_contrast=0.3).model_dump()
+    augment = BatchAugment(**settings, seed=1)
     spec = _spec(method.name, CLASSES)
     step = TrainingStep(net, method, spec, torch.device("cpu"), augment=augment)
     batch = _batch([0, 1, 2, 0])
@@ -134,5 +135,5 @@ def test_the_augmentation_runs_in_training_mode_only() -> None:
     assert not torch.equal(step.prepare(batch)[0], trained)  # new draws for every batch
     augment.seed(1)
     assert torch.equal(step.prepare(batch)[0], trained)  # the draws are the seeded generator's
-    again = BatchAugment(augment.augment, seed=1)
+    again = BatchAugment(**settings, seed=1)
     assert torch.equal(model_input(batch["image"], step.spec, step.device, augment=again), trained)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import signal
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
+from opensig.bench.options import BenchOptions, SpeedOptions, WarmStartOptions
 from opensig.config import DEFAULT_PARAMS, Config, MlflowConfig, load_config
 from opensig.redaction import redact
 
@@ -485,128 +488,66 @@ def review_import(
 bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+Options = TypeVar("Options")
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def _options_command(
+    options: type[Options],
+) -> Callable[[Callable[[Options, Config], None]], Callable[..., None]]:
+    """A command with one option per field of the dataclass ``options``, then --params, so
+    that each option is written once, as a field: its type, default, and in its metadata its
+    ``help`` and its ``option`` name where that is not the field's. The decorated function
+    gets the options built and the params loaded."""
+    hints = get_type_hints(options)
+    parameters = []
+    for f in dataclasses.fields(options):
+        decls = [f.metadata["option"]] if "option" in f.metadata else []
+        option = typer.Option(*decls, help=f.metadata.get("help"))
+        annotation = Annotated[hints[f.name], option]
+        parameters.append(
+            inspect.Parameter(f.name, KEYWORD, default=f.default, annotation=annotation)
+        )
+    parameters.append(
+        inspect.Parameter("params", KEYWORD, default=DEFAULT_PARAMS, annotation=ParamsOption)
+    )
+
+    def decorate(run: Callable[[Options, Config], None]) -> Callable[..., None]:
+        def command(params: Path, **values: Any) -> None:
+            opts = options(**values)
+            run(opts, load_config(params))
+
+        command.__signature__ = inspect.Signature(parameters)  # what typer reads
+        command.__doc__ = run.__doc__
+        return command
+
+    return decorate
+
 
 @bench_app.command("openset")
-def bench_openset(
-    dataset: Annotated[str, typer.Option(help="fashion-mnist or digits")] = "fashion-mnist",
-    seeds: Annotated[int, typer.Option(help="number of seeds (0..n-1): mean ± std")] = 1,
-    methods: Annotated[
-        list[str] | None, typer.Option("--method", help="repeat; default all")
-    ] = None,
-    feature_scores: Annotated[
-        list[str] | None,
-        typer.Option("--feature-score", help="repeat; default all (mahalanobis, knn, none)"),
-    ] = None,
-    splits: Annotated[
-        int,
-        typer.Option(help="0: the fixed class split; N: N random 6/2/2 splits of the classes"),
-    ] = 0,
-    epochs: int = 8,
-    backbone: str = "resnet18",
-    image_size: int = 28,
-    in_chans: int = 1,
-    batch_size: int = 128,
-    device: str = "auto",
-    per_class: Annotated[int, typer.Option(help="train images per class (cap)")] = 1000,
-    test_per_class: Annotated[int | None, typer.Option(help="test images per class cap")] = None,
-    params: ParamsOption = DEFAULT_PARAMS,
-    out: Path = Path("bench/results"),
-    work: Path = Path("bench/work"),
-) -> None:
+@_options_command(BenchOptions)
+def bench_openset(opts: BenchOptions, cfg: Config) -> None:
     """Every method (sigmoid_bce and the softmax baselines) with every feature score, on one
     data set (and class splits), same budget."""
-    from opensig.bench.openset import BenchOptions, run_openset
-    from opensig.methods import METHODS
-    from opensig.posthoc import FEATURE_SCORES
+    from opensig.bench.openset import run_openset
 
-    opts = BenchOptions(
-        dataset=dataset,
-        seeds=list(range(seeds)),
-        methods=methods or list(METHODS),
-        feature_scores=feature_scores or list(FEATURE_SCORES),
-        splits=splits,
-        epochs=epochs,
-        backbone=backbone,
-        image_size=image_size,
-        in_chans=in_chans,
-        batch_size=batch_size,
-        device=device,
-        per_class=per_class,
-        test_per_class=test_per_class,
-        work=work,
-        out=out,
-    )
-    _, table = run_openset(load_config(params), opts)
+    _, table = run_openset(cfg, opts)
     typer.echo(table)
 
 
 @bench_app.command("warm-start")
-def bench_warm_start(
-    added: Annotated[str, typer.Option(help="the class the champion never saw")] = "sandal",
-    epochs: Annotated[int, typer.Option(help="from-scratch epochs; warm runs try 1..this")] = 6,
-    backbone: str = "resnet18",
-    image_size: int = 28,
-    batch_size: int = 128,
-    device: str = "auto",
-    per_class: Annotated[int, typer.Option(help="train images per class (cap)")] = 500,
-    test_per_class: Annotated[int, typer.Option(help="test images per class cap")] = 100,
-    seed: int = 0,
-    params: ParamsOption = DEFAULT_PARAMS,
-    out: Path = Path("bench/results"),
-    work: Path = Path("bench/work/warm-start"),
-) -> None:
+@_options_command(WarmStartOptions)
+def bench_warm_start(opts: WarmStartOptions, cfg: Config) -> None:
     """Fashion-MNIST: epochs a warm-started retrain needs to reach from-scratch val macro-F1."""
-    from opensig.bench.warmstart import WarmStartOptions, run_warm_start, to_markdown
+    from opensig.bench.warmstart import run_warm_start, to_markdown
 
-    opts = WarmStartOptions(
-        added=added,
-        seeds=[seed],
-        epochs=epochs,
-        backbone=backbone,
-        image_size=image_size,
-        batch_size=batch_size,
-        device=device,
-        per_class=per_class,
-        test_per_class=test_per_class,
-        work=work,
-        out=out,
-    )
-    typer.echo(to_markdown(run_warm_start(load_config(params), opts)))
+    typer.echo(to_markdown(run_warm_start(cfg, opts)))
 
 
 @bench_app.command("speed")
-def bench_speed(
-    backbone: str = "resnet18",
-    image_size: int = 64,
-    in_chans: int = 1,
-    batch_size: int = 128,
-    device: str = "auto",
-    epochs: Annotated[int, typer.Option(help="train epochs; the last is measured")] = 2,
-    per_class: Annotated[int, typer.Option(help="Fashion-MNIST train images per class")] = 500,
-    rounds: Annotated[
-        int, typer.Option(help="interleaved repeats; medians and min-max reported")
-    ] = 3,
-    ingest_images: Annotated[
-        int | None, typer.Option(help="ingest test: images per class [default: all 70k]")
-    ] = None,
-    params: ParamsOption = DEFAULT_PARAMS,
-    out: Path = Path("bench/results"),
-    work: Path = Path("bench/work/speed"),
-) -> None:
+@_options_command(SpeedOptions)
+def bench_speed(opts: SpeedOptions, cfg: Config) -> None:
     """Train, predict and ingest throughput, each as a ratio to its own limit."""
-    from opensig.bench.speed import SpeedOptions, run_speed, to_markdown
+    from opensig.bench.speed import run_speed, to_markdown
 
-    opts = SpeedOptions(
-        backbone=backbone,
-        image_size=image_size,
-        in_chans=in_chans,
-        batch_size=batch_size,
-        device=device,
-        epochs=epochs,
-        per_class=per_class,
-        rounds=rounds,
-        ingest_images=ingest_images,
-        work=work,
-        out=out,
-    )
-    typer.echo(to_markdown(run_speed(load_config(params), opts)))
+    typer.echo(to_markdown(run_speed(cfg, opts)))

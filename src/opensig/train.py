@@ -73,7 +73,7 @@ from opensig.step import EpochLoss, StepOptions, TrainingStep, mean_loss
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     spec: ModelSpec
     best_epoch: int
@@ -352,7 +352,7 @@ def _train(
         device,
         StepOptions.of(train),
         _wrapper(dist, device, train.compile),
-        BatchAugment(train.augment),
+        BatchAugment(**train.augment.model_dump()),
     )
     check_input_size(net, spec.image_size, spec.in_chans)
 
@@ -377,38 +377,38 @@ def _train(
         train_dl.num_workers,
     )
     loop = _Loop(
-        step,
-        train.seed,
-        train_dl,
-        val_dl,
-        optimizer,
-        scheduler,
-        dist,
-        resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world),
-        model_dir,
-        last_dir,
-        train.epochs,
-        epoch_log,
-        start,
+        step=step,
+        seed=train.seed,
+        train_dl=train_dl,
+        val_dl=val_dl,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dist=dist,
+        folder=resume_dir(cfg, pd.concat([train_rows, val_rows]), dist.world),
+        model_dir=model_dir,
+        last_dir=last_dir,
+        epochs=train.epochs,
+        epoch_log=epoch_log,
+        start=start,
     )
     progress = loop.run()
     steady = progress.history[1:] or progress.history
     return TrainResult(
-        spec,
-        progress.best_epoch,
-        progress.best_loss,
-        time.perf_counter() - loop.start,
-        len(train_rows),
-        len(val_rows),
-        str(device),
-        dist.world,
-        decode_seconds,
-        float(np.mean([row["images_per_s"] for row in steady])),
-        progress.history,
+        spec=spec,
+        best_epoch=progress.best_epoch,
+        best_val_loss=progress.best_loss,
+        seconds=time.perf_counter() - loop.start,
+        n_train=len(train_rows),
+        n_val=len(val_rows),
+        device=str(device),
+        world_size=dist.world,
+        decode_seconds=decode_seconds,
+        images_per_s=float(np.mean([row["images_per_s"] for row in steady])),
+        history=progress.history,
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
     """The epochs of one training: each trains on this process's shard of the train set and
     measures the val loss over every shard; rank 0 then saves the state to resume from, the

@@ -1,59 +1,6 @@
-"""Benchmarks that print figures: `openset` (methods side by side), `speed` (throughput)."""
+"""Benchmarks that print figures: `openset` (methods side by side), `warm-start` (epochs a
+retrain needs) and `speed` (throughput).
 
-from __future__ import annotations
-
-import os
-import platform
-from datetime import datetime, timezone
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any
-
-import torch
-
-import opensig
-from opensig.config import Config
-
-
-def budget_params(base: Config, opts: Any) -> dict:
-    """The user's params (as a dict) with a benchmark's shared budget applied: the model
-    from scratch, epochs, batch, device, and a decode cache shared by every run in
-    ``opts.work``. ``opts`` is any options object with those fields."""
-    raw = base.model_dump(mode="json")
-    raw["model"].update(
-        backbone=opts.backbone,
-        image_size=opts.image_size,
-        in_chans=opts.in_chans,
-        pretrained=False,
-        pretrained_file=None,
-    )
-    raw["train"].update(epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device)
-    raw["data"]["cache_dir"] = str(opts.work / "cache")
-    return raw
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device | None = None) -> dict:
-    """Machine, accelerator and versions: what a figure needs beside it to mean anything."""
-    gpu = (
-        torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
-    )
-    return {
-        "machine": f"{_cpu_model()} ({platform.machine()}, {platform.system()})",
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu,
-        "opensig": opensig.__version__,
-        "torch": version("torch"),
-        "torchvision": version("torchvision"),
-        "timm": version("timm"),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+Empty on purpose: `opensig` imports `opensig.bench.options` at every start, which runs this
+file first, so that its code would count as every dvc stage's code dep.
+"""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from opensig.bench import budget_params, environment
+from opensig.bench.common import budget_params, environment
+from opensig.bench.options import BenchOptions, WarmStartOptions
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
@@ -78,39 +79,27 @@ def class_splits(classes: tuple[str, ...], count: int, seed: int = 0) -> list[Cl
     return splits
 
 
-@dataclass
-class BenchOptions:
-    dataset: str = "fashion-mnist"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    feature_scores: list[str] = field(default_factory=lambda: list(FEATURE_SCORES))
-    splits: int = 0  # 0: the fixed protocol; N: N random class splits
-    epochs: int = 8
-    backbone: str = "resnet18"
-    image_size: int = 28
-    in_chans: int = 1
-    batch_size: int = 128
-    device: str = "auto"
-    per_class: int | None = 1000
-    test_per_class: int | None = None
-    work: Path = Path("bench/work")
-    out: Path = Path("bench/results")
-
-    def check(self) -> None:
-        """Refuse a bad option before anything runs (a typo must not cost a training)."""
-        if self.dataset not in PROTOCOL:
-            raise ValueError(f"--dataset {self.dataset!r}: use one of {sorted(PROTOCOL)}")
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise ValueError(f"--method: unknown {unknown}; choose from {list(METHODS)}")
-        scores = sorted(set(self.feature_scores) - set(FEATURE_SCORES))
-        if scores or not self.feature_scores:
-            raise ValueError(f"--feature-score: {scores}; choose from {list(FEATURE_SCORES)}")
-        if self.splits < 0 or not self.seeds:
-            raise ValueError("--splits must be 0 or more and --seeds at least 1")
+def checked(opts: BenchOptions) -> BenchOptions:
+    """``opts`` with the methods and feature scores left at None (all) spelled out; a bad
+    option is refused before anything runs (a typo must not cost a training)."""
+    methods = list(METHODS) if opts.methods is None else opts.methods
+    scores = list(FEATURE_SCORES) if opts.feature_scores is None else opts.feature_scores
+    if opts.dataset not in PROTOCOL:
+        raise ValueError(f"--dataset {opts.dataset!r}: use one of {sorted(PROTOCOL)}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--method: unknown {unknown}; choose from {list(METHODS)}")
+    bad_scores = sorted(set(scores) - set(FEATURE_SCORES))
+    if bad_scores or not scores:
+        raise ValueError(f"--feature-score: {bad_scores}; choose from {list(FEATURE_SCORES)}")
+    if opts.splits < 0 or opts.seeds < 1:
+        raise ValueError("--splits must be 0 or more and --seeds at least 1")
+    return replace(opts, methods=methods, feature_scores=scores)
 
 
-def prepare_manifest(opts: BenchOptions, split: ClassSplit, work: Path) -> pd.DataFrame:
+def prepare_manifest(
+    opts: BenchOptions | WarmStartOptions, split: ClassSplit, work: Path
+) -> pd.DataFrame:
     """Write the data set under ``work/data`` and split it by the protocol."""
     data = work / "data"
     shutil.rmtree(data, ignore_errors=True)
@@ -136,7 +125,7 @@ def prepare_manifest(opts: BenchOptions, split: ClassSplit, work: Path) -> pd.Da
 
 def run_config(
     base: Config,
-    opts: BenchOptions,
+    opts: BenchOptions | WarmStartOptions,
     method: str,
     seed: int,
     work: Path,
@@ -242,18 +231,19 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
     """Every split x seed x method x feature score; writes ``openset_<dataset>.{json,md}``
     (``openset_<dataset>_splits.{json,md}`` with class splits) under ``opts.out``.
     Returns the summary and its Markdown."""
-    opts.check()
+    opts = checked(opts)
     splits = (
         class_splits(ALL_CLASSES[opts.dataset], opts.splits)
         if opts.splits
         else [PROTOCOL[opts.dataset]]
     )
+    seeds = list(range(opts.seeds))
     rows = []
     for index, split in enumerate(splits):
         work = opts.work / f"split{index}" if opts.splits else opts.work
         manifest = work / "manifest.parquet"
         write_manifest(prepare_manifest(opts, split, work), manifest)
-        for seed in opts.seeds:
+        for seed in seeds:
             for method in opts.methods:
                 log.info("bench %s split %d: %s, seed %d", opts.dataset, index, method, seed)
                 cfg = run_config(base, opts, method, seed, work)
@@ -270,7 +260,7 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
     summary = summarise(results)
     meta = {
         "dataset": opts.dataset,
-        "seeds": opts.seeds,
+        "seeds": seeds,
         "class_splits": [vars(s) for s in splits],
         "random_splits": opts.splits > 0,
         "feature_scores": opts.feature_scores,
@@ -296,7 +286,7 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
         },
     )
     default = (base.train.method, base.tune.feature_score)
-    table = to_markdown(summary, len(splits) * len(opts.seeds), default)
+    table = to_markdown(summary, len(splits) * len(seeds), default)
     if opts.splits:
         table += "\nClass splits:\n\n" + splits_markdown(splits)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))

@@ -14,8 +14,8 @@ device, and reported as a ratio to its limit:
 - ingest: files/s of the scan (open, fully decode, hash) over a PNG tree, first run and
   re-run on unchanged files.
 
-Every option is checked before anything runs (``SpeedOptions.check``). The tables give the
-median of the interleaved rounds with their spread (min-max), then every round.
+Every option is checked before anything runs (``check``). The tables give the median of
+the interleaved rounds with their spread (min-max), then every round.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ import torch
 
 from opensig.backbones import backbone_problem
 from opensig.batch import collect_images
-from opensig.bench import budget_params, environment
+from opensig.bench.common import budget_params, environment
+from opensig.bench.options import SpeedOptions
 from opensig.config import Config, parse_config
 from opensig.data import demo
 from opensig.data.manifest import write_manifest
@@ -56,48 +57,34 @@ from opensig.step import StepOptions, TrainingStep
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SpeedOptions:
-    backbone: str = "resnet18"
-    image_size: int = 64
-    in_chans: int = 1
-    batch_size: int = 128
-    device: str = "auto"
-    epochs: int = 2  # the last epoch is measured; the first pays for warm-up and decoding
-    per_class: int = 500  # Fashion-MNIST images per known class (6 classes)
-    rounds: int = 3  # stage, limit and reference interleaved; medians are reported
-    ingest_images: int | None = None  # per class, train then test files; None: all 70k
-    work: Path = Path("bench/work/speed")
-    out: Path = Path("bench/results")
-
-    def check(self) -> None:
-        """Refuse a bad option before anything runs (not after the train and predict rounds)."""
-        problem = backbone_problem(self.backbone)
-        if problem:
-            raise ValueError(f"--backbone: {problem}")
-        if self.image_size < 8:
-            raise ValueError(f"--image-size must be at least 8 (px), got {self.image_size}")
-        if self.in_chans not in (1, 3):
-            raise ValueError(f"--in-chans must be 1 or 3, got {self.in_chans}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
-        counts = {
-            "--batch-size": self.batch_size,
-            "--epochs": self.epochs,
-            "--per-class": self.per_class,
-            "--rounds": self.rounds,
-        }
-        if self.ingest_images is not None:
-            counts["--ingest-images"] = self.ingest_images
-        for option, value in counts.items():
-            if value < 1:
-                raise ValueError(f"{option} must be at least 1, got {value}")
-        if not (self.work / "data" / "known").is_dir() and not demo.FASHION_DIR.is_dir():
-            raise ValueError(
-                f"Fashion-MNIST is not in {demo.FASHION_DIR}: apt-get install dataset-fashion-mnist"
-            )
+def check(opts: SpeedOptions) -> None:
+    """Refuse a bad option before anything runs (not after the train and predict rounds)."""
+    problem = backbone_problem(opts.backbone)
+    if problem:
+        raise ValueError(f"--backbone: {problem}")
+    if opts.image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 (px), got {opts.image_size}")
+    if opts.in_chans not in (1, 3):
+        raise ValueError(f"--in-chans must be 1 or 3, got {opts.in_chans}")
+    if opts.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {opts.device!r}")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    counts = {
+        "--batch-size": opts.batch_size,
+        "--epochs": opts.epochs,
+        "--per-class": opts.per_class,
+        "--rounds": opts.rounds,
+    }
+    if opts.ingest_images is not None:
+        counts["--ingest-images"] = opts.ingest_images
+    for option, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    if not (opts.work / "data" / "known").is_dir() and not demo.FASHION_DIR.is_dir():
+        raise ValueError(
+            f"Fashion-MNIST is not in {demo.FASHION_DIR}: apt-get install dataset-fashion-mnist"
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -248,7 +235,7 @@ def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
 
 def run_speed(base: Config, opts: SpeedOptions) -> dict:
     """Every measurement; writes ``speed_<device>_<size>px.{json,md}`` under ``opts.out``."""
-    opts.check()
+    check(opts)
     data = opts.work / "data"
     if not (data / "known").is_dir():
         demo.write_fashion_mnist(

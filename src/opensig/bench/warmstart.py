@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from opensig.bench import environment
-from opensig.bench.openset import PROTOCOL, BenchOptions, prepare_manifest, run_config
+from opensig.bench.common import environment
+from opensig.bench.openset import PROTOCOL, prepare_manifest, run_config
+from opensig.bench.options import WarmStartOptions
 from opensig.config import Config, parse_config
 from opensig.data.manifest import read_manifest, split_rows, write_manifest
 from opensig.evaluation import evaluate_bundle
@@ -25,11 +25,6 @@ from opensig.predict import Bundle
 from opensig.stages import Layout, train, tune
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WarmStartOptions(BenchOptions):
-    added: str = "sandal"  # the class the champion never saw
 
 
 def val_macro_f1(cfg: Config, at: Layout) -> float:
@@ -58,7 +53,7 @@ def run_warm_start(base: Config, opts: WarmStartOptions) -> dict:
     before, after = opts.work / "before.parquet", opts.work / "after.parquet"
     write_manifest(rows[rows["label"] != opts.added], before)
     write_manifest(rows, after)
-    cfg = run_config(base, opts, "sigmoid_bce", opts.seeds[0], opts.work)
+    cfg = run_config(base, opts, "sigmoid_bce", opts.seed, opts.work)
     log.info("champion: %d epochs without %s", opts.epochs, opts.added)
     champion = run_training(cfg, before, opts.work / "champion")
     scratch = run_training(cfg, after, opts.work / "scratch")
@@ -85,7 +80,7 @@ def run_warm_start(base: Config, opts: WarmStartOptions) -> dict:
             "image_size": opts.image_size,
             "per_class": opts.per_class,
             "batch_size": opts.batch_size,
-            "seed": opts.seeds[0],
+            "seed": opts.seed,
             **environment(),
         },
     }

@@ -31,16 +31,26 @@ import math
 import torch
 import torch.nn.functional as F
 
-from opensig.config import AugmentConfig
-
 _RATIO = (0.9, 1.1)  # the crop's aspect ratio range (width / height)
 
 
 class BatchAugment:
-    """Random crop, rotation, flip and brightness/contrast of a float NCHW batch (0-255)."""
+    """Random crop, rotation, flip and brightness/contrast of a float NCHW batch (0-255).
 
-    def __init__(self, augment: AugmentConfig, seed: int = 0) -> None:
-        self.augment = augment
+    The settings are plain values (``train.augment``'s, passed by the caller), so that this
+    module does not depend on the config."""
+
+    def __init__(
+        self,
+        *,
+        scale_min: float,
+        rotate: float,
+        hflip: bool,
+        brightness_contrast: float,
+        seed: int = 0,
+    ) -> None:
+        self.scale_min, self.rotate, self.hflip = scale_min, rotate, hflip
+        self.brightness_contrast = brightness_contrast
         self.generator = torch.Generator().manual_seed(seed)
 
     def seed(self, value: int) -> None:
@@ -57,17 +67,16 @@ class BatchAugment:
         would blend in the black outside): the crop's centre stays within its range shrunk
         by half a pixel on each side.
         """
-        aug = self.augment
         u = torch.rand(n, 10, generator=self.generator, dtype=torch.float64)
-        area = aug.scale_min + (1.0 - aug.scale_min) * u[:, 0]
+        area = self.scale_min + (1.0 - self.scale_min) * u[:, 0]
         log_lo, log_hi = math.log(_RATIO[0]), math.log(_RATIO[1])
         ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
         width = torch.sqrt(area * ratio).clamp(max=1.0)  # fractions of the side
         height = torch.sqrt(area / ratio).clamp(max=1.0)
         centre_x = (1.0 - width) * (1.0 - 1.0 / width_px) * (2.0 * u[:, 2] - 1.0)
         centre_y = (1.0 - height) * (1.0 - 1.0 / height_px) * (2.0 * u[:, 3] - 1.0)
-        angle = torch.deg2rad(aug.rotate * (2.0 * u[:, 4] - 1.0)) * (u[:, 5] < 0.5)
-        flip = 1.0 - 2.0 * ((u[:, 6] < 0.5) & aug.hflip)
+        angle = torch.deg2rad(self.rotate * (2.0 * u[:, 4] - 1.0)) * (u[:, 5] < 0.5)
+        flip = 1.0 - 2.0 * ((u[:, 6] < 0.5) & self.hflip)
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack(
             [
@@ -76,7 +85,7 @@ class BatchAugment:
             ],
             dim=1,
         )
-        b = aug.brightness_contrast
+        b = self.brightness_contrast
         photometric = u[:, 7] < 0.5
         contrast = 1.0 + b * (2.0 * u[:, 9] - 1.0) * photometric
         brightness = b * (2.0 * u[:, 8] - 1.0) * photometric

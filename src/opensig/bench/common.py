@@ -1,0 +1,60 @@
+"""What the benchmarks share: the budget they apply to the user's params, and the machine and
+versions a figure is measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import opensig
+from opensig.config import Config
+
+
+def budget_params(base: Config, opts: Any) -> dict:
+    """The user's params (as a dict) with a benchmark's shared budget applied: the model
+    from scratch, epochs, batch, device, and a decode cache shared by every run in
+    ``opts.work``. ``opts`` is any options object with those fields."""
+    raw = base.model_dump(mode="json")
+    raw["model"].update(
+        backbone=opts.backbone,
+        image_size=opts.image_size,
+        in_chans=opts.in_chans,
+        pretrained=False,
+        pretrained_file=None,
+    )
+    raw["train"].update(epochs=opts.epochs, batch_size=opts.batch_size, device=opts.device)
+    raw["data"]["cache_dir"] = str(opts.work / "cache")
+    return raw
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Machine, accelerator and versions: what a figure needs beside it to mean anything."""
+    gpu = (
+        torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    )
+    return {
+        "machine": f"{_cpu_model()} ({platform.machine()}, {platform.system()})",
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "opensig": opensig.__version__,
+        "torch": version("torch"),
+        "torchvision": version("torchvision"),
+        "timm": version("timm"),
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,93 @@
+"""The options of the `opensig bench` commands, one dataclass per command.
+
+Each field is one command-line option, written once: its type, its default and, in the
+field's metadata, its ``help`` and (where it is not the field's name) its ``option`` name;
+`opensig.cli` builds each command from its dataclass. Plain data, importing nothing of
+opensig: `opensig` imports this module at every start (the commands need their options),
+so that whatever it imported would be every dvc stage's code dep. The benchmarks check the
+values (`openset.checked`, `speed.check`) before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+
+@dataclass
+class BenchOptions:
+    """`opensig bench openset`: every method with every feature score, same budget."""
+
+    dataset: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist or digits"})
+    seeds: int = field(default=1, metadata={"help": "number of seeds (0..n-1): mean ± std"})
+    methods: list[str] | None = field(  # None: every method
+        default=None, metadata={"option": "--method", "help": "repeat; default all"}
+    )
+    feature_scores: list[str] | None = field(  # None: every feature score
+        default=None,
+        metadata={
+            "option": "--feature-score",
+            "help": "repeat; default all (mahalanobis, knn, none)",
+        },
+    )
+    splits: int = field(
+        default=0,
+        metadata={"help": "0: the fixed class split; N: N random 6/2/2 splits of the classes"},
+    )
+    epochs: int = 8
+    backbone: str = "resnet18"
+    image_size: int = 28
+    in_chans: int = 1
+    batch_size: int = 128
+    device: str = "auto"
+    per_class: int | None = field(default=1000, metadata={"help": "train images per class (cap)"})
+    test_per_class: int | None = field(default=None, metadata={"help": "test images per class cap"})
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work")
+
+
+@dataclass
+class WarmStartOptions:
+    """`opensig bench warm-start`: the open-set protocol's Fashion-MNIST split, one seed."""
+
+    # Not options: fixed for this benchmark, read by `prepare_manifest` and `run_config`.
+    dataset: ClassVar[str] = "fashion-mnist"
+    in_chans: ClassVar[int] = 1
+
+    added: str = field(default="sandal", metadata={"help": "the class the champion never saw"})
+    epochs: int = field(default=6, metadata={"help": "from-scratch epochs; warm runs try 1..this"})
+    backbone: str = "resnet18"
+    image_size: int = 28
+    batch_size: int = 128
+    device: str = "auto"
+    per_class: int = field(default=500, metadata={"help": "train images per class (cap)"})
+    test_per_class: int = field(default=100, metadata={"help": "test images per class cap"})
+    seed: int = 0
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work/warm-start")
+
+
+@dataclass
+class SpeedOptions:
+    """`opensig bench speed`: train, predict and ingest throughput against their limits."""
+
+    backbone: str = "resnet18"
+    image_size: int = 64
+    in_chans: int = 1
+    batch_size: int = 128
+    device: str = "auto"
+    epochs: int = field(  # the first epoch pays for warm-up and decoding
+        default=2, metadata={"help": "train epochs; the last is measured"}
+    )
+    per_class: int = field(  # of the 6 known classes
+        default=500, metadata={"help": "Fashion-MNIST train images per class"}
+    )
+    rounds: int = field(  # stage, limit and reference interleaved
+        default=3, metadata={"help": "interleaved repeats; medians and min-max reported"}
+    )
+    ingest_images: int | None = field(  # train then test files; None: all 70k
+        default=None, metadata={"help": "ingest test: images per class [default: all 70k]"}
+    )
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work/speed")
