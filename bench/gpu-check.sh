@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 bin=$repo/.venv/bin
+export PATH="$bin:$PATH"  # dvc repro runs the stages as plain `opensig ...`
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 DVC_NO_ANALYTICS=1 MLFLOW_TRACKING_URI=
 unset MLFLOW_TRACKING_URI
 started=$SECONDS
@@ -68,10 +69,11 @@ EOF
 "$bin/dvc" add -q data
 timeout 240 "$bin/dvc" repro
 "$bin/python" - <<'EOF'
-import json
+import csv, json
 train, metrics = json.load(open("reports/train.json")), json.load(open("reports/metrics.json"))
+epochs = len(list(csv.DictReader(open("reports/train/train_history.csv"))))
 assert train["device"].startswith("cuda"), train["device"]
-print(f"device {train['device']}: {train['seconds']:.1f} s for {len(train['history'])} epochs, "
+print(f"device {train['device']}: {train['seconds']:.1f} s for {epochs} epochs, "
       f"{train['images_per_s']:.0f} images/s; macro_f1 {metrics['macro_f1']:.3f}, "
       f"novel AUROC {metrics['novel']['auroc']:.3f}")
 EOF
