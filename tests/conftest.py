@@ -119,6 +119,27 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def register_bundle(model_dir: Path, thresholds: Path, root: Path, name: str) -> str:
+    """``model_dir`` with ``thresholds`` registered as version 1 of ``name`` (@champion) in a
+    SQLite store in ``root``, as the register stage logs it; the store's URI."""
+    from mlflow import MlflowClient
+
+    from opensig.config import Config
+    from opensig.tracking.promotion import ModelRegistry, log_and_register
+    from opensig.tracking.runs import RunSpec
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = Config.model_validate(
+        {"mlflow": {"tracking_uri": uri, "experiment": name, "registered_model": name}}
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
+        registry = ModelRegistry(uri, name, name)
+        _, version = log_and_register(registry, RunSpec.of(cfg), {}, model_dir, thresholds, [])
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, "champion", version)
+    return uri
+
+
 def free_port() -> int:
     """A loopback port free right now (bound, then released)."""
     with socket.socket() as s:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from opensig.cli import app
 from opensig.labels import UNKNOWN, UNKNOWN_LABEL
 from opensig.thresholds import decide
-from tests.conftest import write_params
+from tests.conftest import register_bundle, write_params
 
 
 def invoke(*args: str):
@@ -82,27 +82,6 @@ REGISTERED = "digits"  # the registered model of the `sources` fixture
 CLASSES = ["0", "1", "2"]  # the untrained bundle's
 
 
-def register(model_dir: Path, thresholds: Path, root: Path, name: str) -> str:
-    """``model_dir`` with ``thresholds`` registered as version 1 of ``name`` (@champion) in a
-    SQLite store in ``root``, as the register stage logs it; the store's URI."""
-    from mlflow import MlflowClient
-
-    from opensig.config import Config
-    from opensig.tracking.promotion import ModelRegistry, log_and_register
-    from opensig.tracking.runs import RunSpec
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = Config.model_validate(
-        {"mlflow": {"tracking_uri": uri, "experiment": name, "registered_model": name}}
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # MLflow's SQLite store puts its artifacts below the working directory
-        registry = ModelRegistry(uri, name, name)
-        _, version = log_and_register(registry, RunSpec.of(cfg), {}, model_dir, thresholds, [])
-    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(name, "champion", version)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def sources(
     untrained_bundle: Path, digits_data: Path, tmp_path_factory: pytest.TempPathFactory
@@ -125,7 +104,7 @@ def sources(
     other_classes = root / "ab.json"
     write_thresholds(other_classes, ["a", "b"], [0.5, 0.5], "fixed", {}, model_sha256="0" * 64)
     (root / "empty").mkdir()
-    uri = register(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, root, REGISTERED)
+    uri = register_bundle(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, root, REGISTERED)
     return {
         "bundle": str(untrained_bundle),
         "digest": model_digest(untrained_bundle),
@@ -261,7 +240,7 @@ def test_a_registered_model_loads_with_its_own_thresholds(
     )
     digest = model_digest(model)
     write_thresholds(thresholds, CLASSES, [NEVER, 0.0, NEVER], "fixed", {}, model_sha256=digest)
-    uri = register(model, thresholds, tmp_path, "retuned")
+    uri = register_bundle(model, thresholds, tmp_path, "retuned")
     write_thresholds(thresholds, CLASSES, [NEVER] * 3, "fixed", {}, model_sha256=digest)
     images = [str(p) for p in sorted((digits_data / "known" / "0").iterdir())[:3]]
 

@@ -175,11 +175,57 @@ def register(params: ParamsOption = DEFAULT_PARAMS) -> None:
     _run_stage("register", params)
 
 
+class Engine(str, Enum):
+    local = "local"
+    spark = "spark"
+
+
+def _predict_spark(
+    inputs: list[str],
+    out: Path,
+    model: str,
+    tracking_uri: str | None,
+    master: str | None,
+    multi_label: bool,
+    log_dir: str | None,
+    batch: int,
+) -> None:
+    """predict --engine spark: the rows as a Parquet dataset; exit 1 when an input is missing."""
+    from opensig.batch import OUTPUT_SUFFIXES, NoInputs
+    from opensig.spark import predict_spark
+
+    if out.suffix in OUTPUT_SUFFIXES:
+        raise typer.BadParameter(
+            f"{out}: --engine spark writes a Parquet dataset (a folder), e.g. --out preds.parquet",
+            param_hint="--out",
+        )
+    try:
+        job = predict_spark(
+            inputs,
+            str(out),
+            model=model,
+            store=_store(tracking_uri),
+            master=master,
+            multi_label=multi_label,
+            log_dir=log_dir,
+            arrow_batch=batch,
+        )
+    except NoInputs as err:
+        raise typer.BadParameter(str(err), param_hint="INPUTS") from None
+    if job.missing:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="image files and/or folders (with --engine spark also globs, URLs)"),
+    ],
     model: ModelOption,
-    out: Annotated[Path, typer.Option(help="output .csv or .jsonl")] = Path("predictions.csv"),
+    out: Annotated[
+        Path, typer.Option(help="output .csv or .jsonl; with --engine spark a Parquet folder")
+    ] = Path("predictions.csv"),
     thresholds: ThresholdsOption = None,
     tracking_uri: TrackingUriOption = None,
     batch_size: int = 256,
@@ -204,6 +250,16 @@ def predict(
         str | None,
         typer.Option("--log", help="also append the rows to the prediction log DIR (or URL)"),
     ] = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this process; spark: a Spark cluster (or local[*])")
+    ] = Engine.local,
+    spark_master: Annotated[
+        str | None,
+        typer.Option(help=r"with --engine spark \[default: spark-submit's, else local\[*]]"),
+    ] = None,
+    spark_batch: Annotated[
+        int, typer.Option(min=1, help="with --engine spark: images per Arrow batch")
+    ] = 64,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
@@ -211,6 +267,26 @@ def predict(
     from opensig.batch import OUTPUT_SUFFIXES, NoInputs, Sorting, predict_job
     from opensig.sorting import check_destination, parse_buckets
 
+    if engine is Engine.spark:
+        local_only = {
+            "--thresholds": thresholds is not None,
+            "--sort-into": sort_into is not None,
+            "--force": force,
+            "--workers": workers is not None,
+            "--device": device != "auto",
+            "--batch-size": batch_size != 256,
+        }
+        if given := [name for name, used in local_only.items() if used]:
+            raise typer.BadParameter(
+                f"{', '.join(given)}: --engine local only (Spark scores the registered model "
+                "as it is, on the executors' devices)"
+            )
+        _predict_spark(
+            inputs, out, model, tracking_uri, spark_master, multi_label, log_dir, spark_batch
+        )
+        return
+    if spark_master is not None:
+        raise typer.BadParameter("--spark-master goes with --engine spark")
     if out.suffix not in OUTPUT_SUFFIXES:
         raise typer.BadParameter(f"{out}: use a .csv or .jsonl file", param_hint="--out")
     if (link or buckets) and sort_into is None:
@@ -218,12 +294,12 @@ def predict(
     try:
         cuts = parse_buckets(buckets)
         if sort_into is not None:
-            check_destination(sort_into, inputs)
+            check_destination(sort_into, [Path(i) for i in inputs])
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     try:
         result = predict_job(
-            inputs,
+            [Path(i) for i in inputs],
             out,
             model=model,
             store=_store(tracking_uri),

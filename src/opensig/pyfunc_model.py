@@ -24,10 +24,12 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import torch
 
 from opensig.model import confine
 from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
 from opensig.predict import Bundle
+from opensig.spark import task_cpus, worker_bundle
 from opensig.tracking.model_uri import BUNDLE_DIR
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,15 @@ log = logging.getLogger(__name__)
 class OpensigModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         bundle_dir = confine(Path(context.artifacts[BUNDLE_DIR]))
+        self.log = None
+        cores = task_cpus()
+        if cores is not None:  # a Spark task: its cores, the bundle its Python worker loaded
+            torch.set_num_threads(cores)  # before, and no log (`--log` writes it, per partition)
+            self.bundle = worker_bundle(bundle_dir)
+            return
         self.bundle = Bundle.load(bundle_dir)
-        log_dir = served_log_dir(bundle_dir)
-        self.log = PredictionLog(log_dir, *served_identity(bundle_dir)) if log_dir else None
+        if log_dir := served_log_dir(bundle_dir):
+            self.log = PredictionLog(log_dir, *served_identity(bundle_dir))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         if "image" in model_input.columns:
