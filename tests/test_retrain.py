@@ -147,6 +147,23 @@ def test_prefect_yaml_deploys_this_flow_on_the_params_schedule() -> None:
     assert deployment["schedules"] == [{"cron": settings.cron, "timezone": settings.timezone}]
 
 
+@pytest.mark.parametrize(
+    ("entrypoint", "flow_name", "section"),
+    [
+        ("pipelines/monitor.py:monitor", "opensig-monitor", "monitor"),
+        ("pipelines/score.py:batch_score", "opensig-batch-score", "score"),
+    ],
+)
+def test_prefect_yaml_deploys_the_other_flows_on_their_params_schedule(
+    entrypoint: str, flow_name: str, section: str
+) -> None:
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    (deployment,) = [d for d in deployments if d["entrypoint"] == entrypoint]
+    assert load_flow_from_entrypoint(str(REPO / entrypoint)).name == flow_name
+    settings = getattr(load_config(REPO / "params.yaml"), section)
+    assert deployment["schedules"] == [{"cron": settings.cron, "timezone": "UTC"}]
+
+
 def test_commit_records_only_the_project_files_given(tmp_path: Path) -> None:
     """data.dvc of a data.root outside the project is not the project's to commit, and a file
     the user staged stays out of the commit."""

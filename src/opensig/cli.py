@@ -188,11 +188,11 @@ def _predict_spark(
     master: str | None,
     multi_label: bool,
     log_dir: str | None,
-    batch: int,
+    batch: int | None,
 ) -> None:
     """predict --engine spark: the rows as a Parquet dataset; exit 1 when an input is missing."""
     from opensig.batch import OUTPUT_SUFFIXES, NoInputs
-    from opensig.spark import predict_spark
+    from opensig.spark import ARROW_BATCH, predict_spark
 
     if out.suffix in OUTPUT_SUFFIXES:
         raise typer.BadParameter(
@@ -208,7 +208,7 @@ def _predict_spark(
             master=master,
             multi_label=multi_label,
             log_dir=log_dir,
-            arrow_batch=batch,
+            arrow_batch=batch or ARROW_BATCH,
         )
     except NoInputs as err:
         raise typer.BadParameter(str(err), param_hint="INPUTS") from None
@@ -258,8 +258,9 @@ def predict(
         typer.Option(help=r"with --engine spark \[default: spark-submit's, else local\[*]]"),
     ] = None,
     spark_batch: Annotated[
-        int, typer.Option(min=1, help="with --engine spark: images per Arrow batch")
-    ] = 64,
+        int | None,
+        typer.Option(min=1, help=r"with --engine spark: images per Arrow batch \[default: 64]"),
+    ] = None,
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
@@ -441,6 +442,30 @@ def monitor_flow(
         flows.serve(str(project), *schedule)
     else:
         typer.echo(json.dumps(flows.monitor(str(project)), indent=2))
+
+
+@app.command("score-flow")
+def score_flow(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help=r"folders, files, globs, URLs \[default: score.inputs]"),
+    ] = None,
+    project: Annotated[Path, typer.Option(help="folder with params.yaml")] = Path("."),
+    serve: ServeOption = False,
+    cron: Annotated[str | None, typer.Option(help="schedule [default: score.cron]")] = None,
+    timezone: TimezoneOption = None,
+) -> None:
+    """Prefect flow: the champion labels images on Spark, into the prediction log; then the
+    monitor."""
+    from opensig import score_flow as flows
+
+    params = project / "params.yaml"
+    cfg = load_config(params)
+    if serve:
+        schedule = _schedule(params, cron or cfg.score.cron, timezone, cfg, "score.cron")
+        flows.serve(str(project), *schedule)
+    else:
+        typer.echo(json.dumps(flows.batch_score(str(project), inputs or None), indent=2))
 
 
 class DemoSource(str, Enum):

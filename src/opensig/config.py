@@ -255,6 +255,25 @@ def five_field_cron(value: str) -> str:
     return value
 
 
+class ScoreConfig(_Section):
+    """The batch-scoring flow opensig-batch-score (pipelines/score.py): the champion scores
+    a folder or URL on Spark; no stage depends on it."""
+
+    inputs: list[str] = Field(
+        default_factory=list, description="folders, files, globs or URLs Spark reads"
+    )
+    out: str = Field("predictions/batch", description="each run writes a Parquet folder below")
+    model: str | None = Field(None, description="null: models:/<mlflow.registered_model>@champion")
+    spark_master: str | None = Field(None, description="null: spark-submit's, else local[*]")
+    spark_batch: int = Field(64, ge=1, description="images per Arrow batch")
+    cron: str = "0 2 * * *"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        return five_field_cron(value)
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -265,6 +284,7 @@ class Config(_Section):
     promote: PromoteConfig = PromoteConfig()
     retrain: RetrainConfig = RetrainConfig()
     monitor: MonitorConfig = MonitorConfig()
+    score: ScoreConfig = ScoreConfig()
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

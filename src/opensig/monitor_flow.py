@@ -23,7 +23,7 @@ FLOW_NAME = "opensig-monitor"
 ARTIFACT_KEY = "opensig-monitor"
 
 
-def _under(root: Path, path: str | Path) -> str:
+def under(root: Path, path: str | Path) -> str:
     """A params path as the flow reads it: relative to the project (URLs as they are)."""
     return str(path) if "://" in str(path) or Path(path).is_absolute() else str(root / path)
 
@@ -31,7 +31,7 @@ def _under(root: Path, path: str | Path) -> str:
 def log_dir(cfg: Config, root: Path) -> str:
     if cfg.monitor.log_dir is None:
         raise ValueError(f"{root / 'params.yaml'}: monitor.log_dir is null: set the log folder")
-    return _under(root, cfg.monitor.log_dir)
+    return under(root, cfg.monitor.log_dir)
 
 
 @task(name="monitor")
@@ -47,11 +47,11 @@ def export_review(cfg: Config, root: Path, model_version: str) -> Path:
 
     return export_from_log(
         log_dir(cfg, root),
-        Path(_under(root, cfg.monitor.review_dir)),
-        Path(_under(root, cfg.data.root)),
+        Path(under(root, cfg.monitor.review_dir)),
+        Path(under(root, cfg.data.root)),
         cfg.monitor.review_max,
         model_version=model_version,
-        cache=scan_cache(Path(_under(root, cfg.data.cache_dir))),
+        cache=scan_cache(Path(under(root, cfg.data.cache_dir))),
     )
 
 

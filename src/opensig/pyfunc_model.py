@@ -29,7 +29,7 @@ import torch
 from opensig.model import confine
 from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
 from opensig.predict import Bundle
-from opensig.spark import task_cpus, worker_bundle
+from opensig.spark_worker import task_cpus, worker_bundle
 from opensig.tracking.model_uri import BUNDLE_DIR
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ What users of ``spark_udf`` with images run into, handled here:
   default 10,000 rows, is gigabytes of photos): :data:`ARROW_BATCH`, settable;
 - partitions are coarse (``spark.sql.files.maxPartitionBytes`` raised for the read), so the
   model loads once per task and core, not once per 32 files;
-- torch in a task uses the task's cores (``spark.task.cpus``), not every core of the machine
-  (:func:`task_cpus`, read by the pyfunc model);
+- torch in a task uses the task's cores (``spark.task.cpus``), not every core of the machine,
+  and a Python worker loads the model once (:mod:`opensig.spark_worker`, which the pyfunc
+  model reads);
 - the model's own prediction logging (a ``monitor.json`` naming the registering machine's
   folder) is off; ``log_dir`` writes the log, one file per partition, through Spark's commit
   protocol, so a retried task replaces its file instead of adding its rows twice.
@@ -42,7 +43,6 @@ import pandas as pd
 from opensig.batch import NoInputs
 from opensig.config import MlflowConfig
 from opensig.labels import UNKNOWN_LABEL
-from opensig.predict import Bundle
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -69,29 +69,6 @@ def require_spark() -> None:
             "--engine spark needs Java 17 or later (Spark runs on the JVM): install it (e.g. "
             "apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
         )
-
-
-def task_cpus() -> int | None:
-    """The cores of the Spark task this Python worker runs, None outside a task: how many
-    threads torch may use there without oversubscribing the executor."""
-    if "pyspark" not in sys.modules:  # only a Spark worker has it loaded
-        return None
-    from pyspark import TaskContext
-
-    context = TaskContext.get()
-    return context.cpus() if context is not None else None
-
-
-_WORKER_BUNDLES: dict[Path, Bundle] = {}
-
-
-def worker_bundle(bundle_dir: Path) -> Bundle:
-    """The bundle, loaded once per Python worker: in local mode ``spark_udf`` loads the model
-    in every task, and Spark reuses its Python workers from task to task."""
-    key = bundle_dir.resolve()
-    if key not in _WORKER_BUNDLES:
-        _WORKER_BUNDLES[key] = Bundle.load(bundle_dir)
-    return _WORKER_BUNDLES[key]
 
 
 @contextmanager

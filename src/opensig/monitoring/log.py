@@ -148,10 +148,11 @@ def _log_files(fs: fsspec.AbstractFileSystem, base: str, root: str) -> list[str]
             f"{root}: no prediction log there; predict with `opensig predict ... --log {root}` "
             "or set monitor.log_dir to the folder the served model logs into"
         )
-    files = sorted(
+    files = sorted(  # not below a hidden or _temporary folder (Spark's, mid-write)
         p
         for p in fs.find(base)
-        if p.endswith(".parquet") and not Path(p).name.startswith((".", "_"))
+        if p.endswith(".parquet")
+        and not any(part.startswith((".", "_")) for part in Path(p[len(base) :]).parts)
     )
     if not files:
         raise FileNotFoundError(
