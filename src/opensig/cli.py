@@ -20,7 +20,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from opensig.bench.options import BenchOptions, SpeedOptions, WarmStartOptions
+from opensig.bench.options import BenchOptions, ScaleOptions, SpeedOptions, WarmStartOptions
 from opensig.config import DEFAULT_PARAMS, Config, MlflowConfig, load_config
 from opensig.redaction import redact
 
@@ -652,3 +652,12 @@ def bench_speed(opts: SpeedOptions, cfg: Config) -> None:
     from opensig.bench.speed import run_speed, to_markdown
 
     typer.echo(to_markdown(run_speed(cfg, opts)))
+
+
+@bench_app.command("scale")
+@_options_command(ScaleOptions)
+def bench_scale(opts: ScaleOptions, cfg: Config) -> None:
+    """predict on one process vs --engine spark on local[1] and local[2]: images/s."""
+    from opensig.bench.scale import run_scale, to_markdown
+
+    typer.echo(to_markdown(run_scale(opts)))

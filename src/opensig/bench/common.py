@@ -1,5 +1,6 @@
-"""What the benchmarks share: the budget they apply to the user's params, and the machine and
-versions a figure is measured on."""
+"""What the benchmarks share: the budget they apply to the user's params, the machine and
+versions a figure is measured on, and how rounds are summed up (median and spread) and
+tabled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import opensig
@@ -58,3 +60,20 @@ def environment(device: torch.device | None = None) -> dict:
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def summary(rounds: list[dict]) -> dict:
+    """The median of every figure over the rounds, and its spread: ``spread[key]`` = [min, max]."""
+    keys = [key for key, value in rounds[0].items() if not isinstance(value, str)]
+    values = {key: [r[key] for r in rounds] for key in keys}
+    medians = {key: float(np.median(v)) for key, v in values.items()}
+    return {**medians, "spread": {key: [float(min(v)), float(max(v))] for key, v in values.items()}}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, its first column left-aligned and the figures right-aligned."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(header), line(["---"] + ["---:"] * (len(header) - 1)), *map(line, rows)]

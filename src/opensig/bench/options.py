@@ -91,3 +91,20 @@ class SpeedOptions:
     )
     out: Path = Path("bench/results")
     work: Path = Path("bench/work/speed")
+
+
+@dataclass
+class ScaleOptions:
+    """`opensig bench scale`: images/s of predict on one process and on Spark local[1], local[2]."""
+
+    backbone: str = "resnet18"
+    image_size: int = field(  # large enough that one configuration runs 30 s or more
+        default=128, metadata={"help": "model input size: scoring, not reading, should dominate"}
+    )
+    images: int = field(default=4000, metadata={"help": "Fashion-MNIST PNGs scored per run"})
+    threads: int = field(default=2, metadata={"help": "torch threads of the one-process predict"})
+    rounds: int = field(
+        default=3, metadata={"help": "interleaved repeats; medians and min-max reported"}
+    )
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work/scale")

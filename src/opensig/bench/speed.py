@@ -28,13 +28,12 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from opensig.backbones import backbone_problem
 from opensig.batch import collect_images
-from opensig.bench.common import budget_params, environment
+from opensig.bench.common import budget_params, environment, markdown_table, summary
 from opensig.bench.options import SpeedOptions
 from opensig.config import Config, parse_config
 from opensig.data import demo
@@ -276,7 +275,7 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
                 "reference_layout": reference_layout,
             }
         )
-    results: dict = {"train": {**_summary(rounds), "rounds": rounds, "epochs": opts.epochs}}
+    results: dict = {"train": {**summary(rounds), "rounds": rounds, "epochs": opts.epochs}}
 
     # Predict: the trained model on every PNG of the folder, interleaved with its forward.
     write_thresholds(
@@ -303,7 +302,7 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
                 "ratio_to_limit": rate / forward,
             }
         )
-    results["predict"] = {**_summary(rounds), "rounds": rounds, "images": len(files)}
+    results["predict"] = {**summary(rounds), "rounds": rounds, "images": len(files)}
     results["ingest"] = ingest_speed(opts)
     options = {k: str(v) for k, v in asdict(opts).items()}
     results["meta"] = {**environment(device), "options": options}
@@ -312,14 +311,6 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     table = to_markdown(results)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     return results
-
-
-def _summary(rounds: list[dict]) -> dict:
-    """The median of every figure over the rounds, and its spread: ``spread[key]`` = [min, max]."""
-    keys = [key for key, value in rounds[0].items() if not isinstance(value, str)]
-    values = {key: [r[key] for r in rounds] for key in keys}
-    medians = {key: float(np.median(v)) for key, v in values.items()}
-    return {**medians, "spread": {key: [float(min(v)), float(max(v))] for key, v in values.items()}}
 
 
 def ingest_speed(opts: SpeedOptions) -> dict:
@@ -354,13 +345,6 @@ def _spread_row(name: str, figures: dict, rate: str, limit: str, ratio: str) -> 
     return cells
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
-
-    return [line(header), line(["---"] + ["---:"] * (len(header) - 1)), *map(line, rows)]
-
-
 TRAIN_ROUND = {  # column: (figure, format)
     "train stage": ("stage_images_per_s", "{:.0f}"),
     "stage layout": ("stage_layout", "{}"),
@@ -378,12 +362,12 @@ PREDICT_ROUND = {
 }
 
 
-def _rounds_table(rounds: list[dict], columns: dict[str, tuple[str, str]]) -> list[str]:
+def _roundsmarkdown_table(rounds: list[dict], columns: dict[str, tuple[str, str]]) -> list[str]:
     rows = [
         [str(n), *(form.format(r[key]) for key, form in columns.values())]
         for n, r in enumerate(rounds, 1)
     ]
-    return _table(["round", *columns], rows)
+    return markdown_table(["round", *columns], rows)
 
 
 def to_markdown(results: dict) -> str:
@@ -410,14 +394,14 @@ def to_markdown(results: dict) -> str:
         f"Medians of {len(t['rounds'])} interleaved rounds with their spread (min-max); the "
         "train limit is the in-memory training step in the faster memory layout.",
         "",
-        *_table(header, rows),
+        *markdown_table(header, rows),
         "",
         "Train, every round:",
         "",
-        *_rounds_table(t["rounds"], TRAIN_ROUND),
+        *_roundsmarkdown_table(t["rounds"], TRAIN_ROUND),
         "",
         "Predict, every round:",
         "",
-        *_rounds_table(p["rounds"], PREDICT_ROUND),
+        *_roundsmarkdown_table(p["rounds"], PREDICT_ROUND),
     ]
     return "\n".join(lines) + "\n"
