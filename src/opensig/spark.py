@@ -55,6 +55,9 @@ ARROW_BATCH = 64  # images per Arrow batch handed to the model (photos: MBs each
 WHOLE_INPUT = str(1 << 40)  # spark.sql.files.maxPartitionBytes: about one split per core
 DEFAULT_MASTER = "local[*]"
 GLOB = set("*?[{")
+# pyspark 4 warns at every pandas conversion that it does not fully support pandas >= 3;
+# opensig's Spark path is tested with the pandas it installs, so in its processes it is noise.
+warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas")
 
 
 def require_spark() -> None:
@@ -69,15 +72,6 @@ def require_spark() -> None:
             "--engine spark needs Java 17 or later (Spark runs on the JVM): install it (e.g. "
             "apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
         )
-
-
-@contextmanager
-def _quiet_pandas_warning() -> Iterator[None]:
-    """pyspark 4 warns on every pandas call that it does not fully support pandas >= 3;
-    opensig's Spark path is tested with the pandas it installs, so the warning is noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas")
-        yield
 
 
 @contextmanager
@@ -263,7 +257,7 @@ def score(
         paths = [row.path for row in images.select("path").distinct().collect()]
         images = read_images(spark, paths)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch))
-    with _quiet_pandas_warning(), _quiet_mlflow():
+    with _quiet_mlflow():
         predict = spark_udf(
             spark,
             str(model.folder),
@@ -366,31 +360,30 @@ def predict_spark(
     images = read_images(spark, present) if present else _empty(spark)
     if not missing and not images.inputFiles():
         raise NoInputs("no files found in the given inputs")
-    with _quiet_pandas_warning():
-        rows = score(
-            images,
-            fetched,
-            multi_label=multi_label,
-            arrow_batch=arrow_batch,
-            sha256=log_dir is not None,
-        )
-        if missing:
-            schema = output_schema(fetched.classes, multi_label, log_dir is not None)
-            rows = rows.unionByName(unreadable_rows(spark, missing, missing, schema))
-        rows = rows.persist()  # scored once, written twice: the output and the log
-        try:
-            columns = [c for c in rows.columns if c != "sha256"]
-            rows.select(*columns).write.mode("overwrite").parquet(_spark_path(out))
-            if log_dir is not None:
-                name, version = model_identity(model, fetched.bundle, tracking_uri(store))
-                write_log(rows, log_dir, name, version)
-            counts = rows.agg(
-                F.count("*").alias("written"),
-                F.sum((F.col("error") != "").cast("int")).alias("failed"),
-                F.sum((F.col("label") == UNKNOWN_LABEL).cast("int")).alias("unknown"),
-            ).first()
-        finally:
-            rows.unpersist()
+    rows = score(
+        images,
+        fetched,
+        multi_label=multi_label,
+        arrow_batch=arrow_batch,
+        sha256=log_dir is not None,
+    )
+    if missing:
+        schema = output_schema(fetched.classes, multi_label, log_dir is not None)
+        rows = rows.unionByName(unreadable_rows(spark, missing, missing, schema))
+    rows = rows.persist()  # scored once, written twice: the output and the log
+    try:
+        columns = [c for c in rows.columns if c != "sha256"]
+        rows.select(*columns).write.mode("overwrite").parquet(_spark_path(out))
+        if log_dir is not None:
+            name, version = model_identity(model, fetched.bundle, tracking_uri(store))
+            write_log(rows, log_dir, name, version)
+        counts = rows.agg(
+            F.count("*").alias("written"),
+            F.sum((F.col("error") != "").cast("int")).alias("failed"),
+            F.sum((F.col("label") == UNKNOWN_LABEL).cast("int")).alias("unknown"),
+        ).first()
+    finally:
+        rows.unpersist()
     job = SparkJob(counts.written, counts.failed or 0, counts.unknown or 0, missing)
     log.info(
         "wrote %d rows to %s: %d predicted (%d unknown), %d not predicted (see the error column)",
