@@ -38,14 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-import pandas as pd
-
 from opensig.batch import NoInputs
 from opensig.config import MlflowConfig
 from opensig.labels import UNKNOWN_LABEL
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
 log = logging.getLogger(__name__)
@@ -178,8 +176,15 @@ def local_path(path: str) -> str:
     return unquote(parsed.path) if parsed.scheme == "file" else path
 
 
-def _local_paths(paths: pd.Series) -> pd.Series:
-    return paths.map(local_path)
+def local_path_column(path: Column) -> Column:
+    """:func:`local_path` as a Spark expression, run in the JVM (no Python worker): '+' is
+    escaped before ``url_decode``, which would read it as a space."""
+    from pyspark.sql import functions as F
+
+    decoded = F.url_decode(
+        F.regexp_replace(F.regexp_replace(path, r"\+", "%2B"), "^file:(//)?", "")
+    )
+    return F.when(path.startswith("file:"), decoded).otherwise(path)
 
 
 def output_schema(classes: Sequence[str], multi_label: bool, sha256: bool) -> StructType:
@@ -215,18 +220,17 @@ def unreadable_rows(
 def empty_files(images: DataFrame) -> list[str]:
     """Files Spark listed for ``images`` but reads no row of, as local paths: empty files
     (Spark reads a file as byte ranges, and an empty one has none), which predict reports,
-    so Spark must too. The listing and the rows spell paths differently (``file:///`` and
-    ``file:/``, encoded or not): both are compared as :func:`local_path` gives them."""
-    from pyspark.sql.functions import pandas_udf
-
-    spark = images.sparkSession
+    so Spark must too. Compared on the driver as paths only (a scan of the path column, which
+    opens no file): the listing and the rows spell paths differently (``file:///``,
+    ``file:/``, encoded or not), so both as :func:`local_path` gives them."""
     try:
-        listed = images.inputFiles()
+        listed = {local_path(p) for p in images.inputFiles()}
     except Exception:  # not a plain file scan (a join, a union): nothing to compare with
         return []
-    names = spark.createDataFrame([(local_path(p),) for p in listed], "path string")
-    read = images.select(pandas_udf(_local_paths, "string")("path").alias("path"))
-    return [row.path for row in names.join(read, "path", "left_anti").collect()]
+    if not listed:
+        return []
+    read = images.select(local_path_column(images["path"]).alias("path"))
+    return sorted(listed - {row.path for row in read.toLocalIterator()})
 
 
 def score(
@@ -248,7 +252,6 @@ def score(
     """
     from mlflow.pyfunc import spark_udf
     from pyspark.sql import functions as F
-    from pyspark.sql.functions import pandas_udf
 
     spark = images.sparkSession
     if not isinstance(model, SparkModel):
@@ -265,11 +268,10 @@ def score(
             env_manager="local",
             params={"multi_label": multi_label},
         )
-        to_local = pandas_udf(_local_paths, "string")
     answer = predict(F.struct(F.col("content").alias("image")))
     columns = result_type(model.classes, multi_label).fieldNames()[1:]
     scored = images.select(
-        to_local("path").alias("path"),
+        local_path_column(F.col("path")).alias("path"),
         *([F.sha2("content", 256).alias("sha256")] if sha256 else []),
         answer.alias("answer"),
     ).select("path", *(["sha256"] if sha256 else []), *[f"answer.{c}" for c in columns])

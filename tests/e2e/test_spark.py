@@ -155,3 +155,18 @@ def test_the_batch_score_flow_scores_logs_monitors_and_reports(
     assert summary["status"] == json.loads(Path("reports/monitor.json").read_text())["status"]
     assert f"{PER_CLASS} images scored" in artifact.data
     assert f"monitor, model version 1: {summary['status']}" in artifact.data
+
+
+def test_the_jvm_path_expression_agrees_with_local_path(lake: dict) -> None:
+    from opensig.spark import local_path, local_path_column, session
+
+    paths = ["file:/d/a%20b.png", "file:///d/a+b%2Bc.png", "s3a://b/k%20x.jpg", "file:/d/%25.png"]
+    frame = session().createDataFrame([(p,) for p in paths], "path string")
+    got = [
+        row.path for row in frame.select(local_path_column(frame["path"]).alias("path")).collect()
+    ]
+    assert (
+        got
+        == [local_path(p) for p in paths]
+        == ["/d/a b.png", "/d/a+b+c.png", "s3a://b/k%20x.jpg", "/d/%.png"]
+    )
