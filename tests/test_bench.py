@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from opensig.bench import speed
+from opensig.bench.common import summary
 from opensig.bench.openset import COLUMNS, checked, class_splits, summarise, to_markdown
 from opensig.bench.options import BenchOptions, SpeedOptions
 from opensig.cli import app
@@ -223,8 +224,8 @@ def test_speed_table_shows_the_spread_and_every_round() -> None:
     ]
     ingest = {"files": 100, "first_files_per_s": 1000.0, "rerun_files_per_s": 5000.0}
     results = {
-        "train": {**speed._summary(train), "rounds": train},
-        "predict": {**speed._summary(predict), "rounds": predict},
+        "train": {**summary(train), "rounds": train},
+        "predict": {**summary(predict), "rounds": predict},
         "ingest": ingest,
     }
     table = speed.to_markdown(results)

@@ -128,15 +128,23 @@ def predict_job(
     failed = frame[frame["error"] != ""]
     for row in failed.itertuples():
         log.warning("not predicted: %s: %s", row.path, row.error)
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    unknown = int((frame["label"] == UNKNOWN_LABEL).sum())
+    report_job(str(out), len(frame), len(failed), unknown, missing)
+    return JobResult(frame, missing)
+
+
+def report_job(out: str, written: int, failed: int, unknown: int, missing: list[str]) -> None:
+    """The job's closing lines, the same for every engine: what was written, and the inputs
+    that do not exist (their error rows are in ``out``)."""
     log.info(
         "wrote %d rows to %s: %d predicted (%d unknown), %d not predicted (see the error column)",
-        len(frame),
+        written,
         out,
-        len(frame) - len(failed),
-        int((frame["label"] == UNKNOWN_LABEL).sum()),
-        len(failed),
+        written - failed,
+        unknown,
+        failed,
     )
-    missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         log.error(
             "predict: %d input(s) do not exist: %s (the other inputs are predicted in %s)",
@@ -144,4 +152,3 @@ def predict_job(
             ", ".join(missing),
             out,
         )
-    return JobResult(frame, missing)

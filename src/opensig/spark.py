@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from opensig.batch import NoInputs
+from opensig.batch import NoInputs, report_job
 from opensig.config import MlflowConfig
 from opensig.labels import UNKNOWN_LABEL
 
@@ -387,21 +387,7 @@ def predict_spark(
     finally:
         rows.unpersist()
     job = SparkJob(counts.written, counts.failed or 0, counts.unknown or 0, missing)
-    log.info(
-        "wrote %d rows to %s: %d predicted (%d unknown), %d not predicted (see the error column)",
-        job.written,
-        out,
-        job.written - job.failed,
-        job.unknown,
-        job.failed,
-    )
-    if missing:
-        log.error(
-            "predict: %d input(s) do not exist: %s (the other inputs are predicted in %s)",
-            len(missing),
-            ", ".join(missing),
-            out,
-        )
+    report_job(out, job.written, job.failed, job.unknown, missing)
     return job
 
 
