@@ -5,9 +5,10 @@ spec with classes and preprocessing, thresholds) travels as a plain artifact fol
 the opensig package as the model's code, so `mlflow.pyfunc.load_model` works anywhere
 torch and timm are installed.
 
-Input: a DataFrame with a ``path`` column (image files) or an ``image`` column (raw bytes;
-base64 strings in a JSON request to ``mlflow models serve``, which decodes the signature's
-``binary`` column). Output: one row per image with ``label`` (a class or ``unknown``),
+Input: a DataFrame with an ``image`` column (raw bytes; base64 strings in a JSON request
+to ``mlflow models serve``, which decodes the signature's ``binary`` column) or a ``path``
+column (image files, read only below ``$OPENSIG_SERVE_ROOT``: :mod:`opensig.serving`).
+Output: one row per image with ``label`` (a class or ``unknown``),
 ``score``, one ``score_<class>`` column per class and ``error`` (empty when the image was
 read); with the param ``multi_label`` true, also ``labels``: every class past its
 threshold. With ``$OPENSIG_PREDICTION_LOG`` set, or a ``monitor.json`` naming a log_dir in
@@ -29,6 +30,7 @@ import torch
 from opensig.model import confine
 from opensig.monitoring.log import PredictionLog, served_identity, served_log_dir
 from opensig.predict import Bundle
+from opensig.serving import refused_paths, serve_roots
 from opensig.spark_worker import task_cpus, worker_bundle
 from opensig.tracking.model_uri import BUNDLE_DIR
 
@@ -39,6 +41,7 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         bundle_dir = confine(Path(context.artifacts[BUNDLE_DIR]))
         self.log = None
+        self.roots = serve_roots()  # read once, at start: what path rows may read
         cores = task_cpus()
         if cores is not None:  # a Spark task: its cores, the bundle its Python worker loaded
             torch.set_num_threads(cores)  # before, and no log (`--log` writes it, per partition)
@@ -54,6 +57,8 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             names = [f"image[{i}]" for i in range(len(sources))]
         elif "path" in model_input.columns:
             sources = names = [str(p) for p in model_input["path"]]
+            if reason := refused_paths(sources, self.roots):  # the HTTP 400, as below
+                raise mlflow.exceptions.MlflowException.invalid_parameter_value(reason)
         else:  # MLflow's invalid-parameter error: the server answers 400 with this message
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 "input needs a 'path' column (image files) or an 'image' column (bytes), "

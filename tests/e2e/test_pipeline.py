@@ -180,7 +180,10 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     assert [r["label"] for r in rows] == [None if pd.isna(x) else x for x in preds["label"]]
 
 
-def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
+def test_pyfunc_model_answers_from_paths_and_bytes(
+    in_pipeline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENSIG_SERVE_ROOT", str(Path("data").resolve()))  # path rows allowed
     model = mlflow.pyfunc.load_model("models:/opensig@champion")
     image = next(Path("data/known/3").iterdir())
     by_path = model.predict(pd.DataFrame({"path": [str(image)]}))
@@ -189,7 +192,9 @@ def test_pyfunc_model_answers_from_paths_and_bytes(in_pipeline: Path) -> None:
     assert by_path["score_3"].iloc[0] == pytest.approx(by_bytes["score_3"].iloc[0])
 
 
-def test_served_model_decides_the_test_split_exactly_as_evaluate_did(in_pipeline: Path) -> None:
+def test_served_model_decides_the_test_split_exactly_as_evaluate_did(
+    in_pipeline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The feature score fitted in tune travels with the model: the bundle reloaded from
     disk and the registered pyfunc give evaluate's decisions, image for image."""
     from opensig.data.manifest import read_manifest, split_rows
@@ -206,6 +211,7 @@ def test_served_model_decides_the_test_split_exactly_as_evaluate_did(in_pipeline
     metrics = json.loads(Path("reports/metrics.json").read_text())
     assert evaluation.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
     expected = [evaluation.classes[k] if k >= 0 else "unknown" for k in evaluation.preds]
+    monkeypatch.setenv("OPENSIG_SERVE_ROOT", str(Path("data").resolve()))
     served = mlflow.pyfunc.load_model("models:/opensig@champion")
     answers = served.predict(pd.DataFrame({"path": [str(p) for p in rows["path"]]}))
     assert answers["label"].tolist() == expected

@@ -61,6 +61,7 @@ def server(registered: tuple[Path, str]) -> Iterator[str]:
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OPENSIG_SERVE_ROOT": str(root / "data"),  # path rows below the project's data only
     }
     command = [
         *(str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI),
@@ -193,3 +194,31 @@ def test_served_answers_land_in_the_prediction_log(
     assert set(mine["model_version"]) == {"1"}
     assert set(mine["label"]) == {"3", "unknown"}
     assert all(f.name.split("-")[1].isdigit() for f in (root / "logs").rglob("*.parquet"))
+
+
+def test_path_rows_outside_the_serve_root_are_a_400_that_tells_nothing(
+    server: str, registered: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Only files below OPENSIG_SERVE_ROOT (the project's data/) are read: `../`, absolute
+    paths and links leading out are refused alike, whether or not the file exists."""
+    root, _ = registered
+    (root / "data" / "out").symlink_to(tmp_path)  # a link inside the root, leading out
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG")
+    outside = {
+        "dot-dot": str(root / "data" / ".." / "mlflow.db"),
+        "absolute": str(tmp_path / "secret.png"),
+        "absent": str(tmp_path / "absent.png"),
+        "link": str(root / "data" / "out" / "secret.png"),
+    }
+    messages = {}
+    for case, path in outside.items():
+        response = httpx.post(
+            f"{server}/invocations", json={"dataframe_records": [{"path": path}]}, timeout=60
+        )
+        assert response.status_code == 400, (case, response.text)
+        messages[case] = response.json()["message"].replace(repr(path), "PATH")
+    assert len(set(messages.values())) == 1, messages  # the same words: no existence oracle
+    assert "is not below OPENSIG_SERVE_ROOT" in messages["absent"]
+    (root / "data" / "notes.txt").write_text("not an image")  # inside: read, an error row
+    rows = invoke(server, {"dataframe_records": [{"path": str(root / "data" / "notes.txt")}]})
+    assert rows[0]["label"] is None and rows[0]["error"].startswith("UnidentifiedImageError")

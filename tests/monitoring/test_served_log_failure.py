@@ -24,6 +24,7 @@ def test_unwritable_log_still_answers_and_logs_an_error(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the log folder should be")
     monkeypatch.setenv("OPENSIG_PREDICTION_LOG", str(blocker / "logs"))
+    monkeypatch.setenv("OPENSIG_SERVE_ROOT", str(tmp_path))
     bundle = shutil.copytree(untrained_bundle, tmp_path / BUNDLE_DIR)
     image = tmp_path / "a.png"
     Image.new("RGB", (16, 16), "white").save(image)
