@@ -88,7 +88,8 @@ def copy_new(source: Path, folder: Path) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{source.name}.", suffix=".tmp")
+    # the pid in the name tells a later run whether the copy's owner is still alive
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{source.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
@@ -102,6 +103,29 @@ def copy_new(source: Path, folder: Path) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     raise RuntimeError(f"{folder}: 10000 files named like {source.name} already exist")
+
+
+def remove_dead_copies(folder: Path) -> int:
+    """Delete the temp files of :func:`copy_new` calls whose process died (a SIGKILL skips
+    their cleanup), so that a killed copy leaves no partial file behind once its folder is
+    written again; a live process's copy in progress is left alone. Returns how many."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
+        parts = tmp.name.rsplit(".", 3)  # .<name>.<pid>.<random>.tmp
+        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from opensig.data.scan import (
     scan_folder,
     walk_files,
 )
-from opensig.io import atomic_write, copy_new, write_json
+from opensig.io import atomic_write, copy_new, remove_dead_copies, write_json
 from opensig.label_studio import read_annotations, write_label_studio
 from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.log import read_log
@@ -444,7 +444,11 @@ def _plan(
 
 
 def _copy_into_data(batch: Path, data_root: Path, to_copy: dict[str, _Labeled]) -> dict[str, str]:
-    """Copy each image to its label's folder, never overwriting; sha256 -> where it went."""
+    """Copy each image to its label's folder, never overwriting; sha256 -> where it went.
+    A copy an earlier, killed import left half-written is removed first."""
+    for folder in {_destination(data_root, item) for item in to_copy.values()}:
+        if removed := remove_dead_copies(folder):
+            logger.warning("%s: removed %d partial copies of a killed import", folder, removed)
     return {
         digest: copy_new(batch / item.file, _destination(data_root, item)).as_posix()
         for digest, item in to_copy.items()
