@@ -444,11 +444,7 @@ def _plan(
 
 
 def _copy_into_data(batch: Path, data_root: Path, to_copy: dict[str, _Labeled]) -> dict[str, str]:
-    """Copy each image to its label's folder, never overwriting; sha256 -> where it went.
-    A copy an earlier, killed import left half-written is removed first."""
-    for folder in {_destination(data_root, item) for item in to_copy.values()}:
-        if removed := remove_dead_copies(folder):
-            logger.warning("%s: removed %d partial copies of a killed import", folder, removed)
+    """Copy each image to its label's folder, never overwriting; sha256 -> where it went."""
     return {
         digest: copy_new(batch / item.file, _destination(data_root, item)).as_posix()
         for digest, item in to_copy.items()
@@ -494,6 +490,17 @@ def _write_report(
     return report
 
 
+def _remove_killed_copies(data_root: Path) -> None:
+    """The half-written copies an import killed mid-copy left in data/'s label folders (see
+    :func:`opensig.io.remove_dead_copies`), and a folder it had just made that holds nothing
+    else: a class folder without images would stop the next ingest."""
+    for folder in sorted(data_root.glob("known/*")) + sorted(data_root.glob("unknown/*")):
+        if folder.is_dir() and (removed := remove_dead_copies(folder)):
+            logger.warning("%s: removed %d partial copies of a killed import", folder, removed)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
 def import_batch(
     batch: Path,
     data_root: Path,
@@ -517,6 +524,7 @@ def import_batch(
         )
     found, left_out = _read_labels(batch, label_studio)
     probes = _probe_labeled(batch, found)
+    _remove_killed_copies(data_root)  # before the data is read: a killed import's leftovers
     in_data = data_hashes(data_root, cache)
     to_copy, rows = _plan(found, probes, in_data)
     placed = _copy_into_data(batch, data_root, to_copy)
