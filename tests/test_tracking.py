@@ -14,7 +14,12 @@ from opensig.tracking.model_uri import RegisteredModelUri
 from opensig.tracking.packaging import bundle_digest
 from opensig.tracking.promotion import class_sets, compare, metric_value
 from opensig.tracking.runs import flatten, mlflow_metric_name, run_name, split_counts
-from opensig.tracking.store import DEFAULT_TRACKING_URI, http_limits, tracking_uri
+from opensig.tracking.store import (
+    DEFAULT_TRACKING_URI,
+    http_limits,
+    project_store,
+    tracking_uri,
+)
 from tests.conftest import write_params
 
 
@@ -63,6 +68,31 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         f"sqlite:///{tmp_path.resolve() / 'x.db'}"
     )
     assert tracking_uri(MlflowConfig(tracking_uri="sqlite:////srv/m.db")) == "sqlite:////srv/m.db"
+
+
+def test_a_flows_store_is_read_from_its_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """params' (or the default) relative SQLite path against the project, not the folder the
+    flow runs in; $MLFLOW_TRACKING_URI as every command reads it; an override wins."""
+    project, here = tmp_path / "project", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def uri(cfg: MlflowConfig, override: str | None = None) -> str:
+        return tracking_uri(project_store(cfg, project, override))
+
+    assert uri(MlflowConfig()) == f"sqlite:///{project / 'mlflow.db'}"
+    assert uri(MlflowConfig(tracking_uri="sqlite:///db/m.db")) == f"sqlite:///{project}/db/m.db"
+    assert uri(MlflowConfig(tracking_uri="http://h:5000"), "sqlite:///o.db") == (
+        f"sqlite:///{project / 'o.db'}"
+    )
+    assert project_store(MlflowConfig(retries=1), project).retries == 1
+    with pytest.raises(ValueError, match="holds a password"):
+        project_store(MlflowConfig(), project, "http://u:secret@h:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert uri(MlflowConfig()) == f"sqlite:///{here / 'env.db'}"
 
 
 @pytest.mark.parametrize(
