@@ -79,6 +79,22 @@ def test_an_alert_exports_a_review_batch_and_reports(
     assert f"Review batch: `{batch}`" in artifact.data
 
 
+def test_an_alert_on_a_multi_label_log_goes_out_without_a_batch(
+    logged: Path, digits_data: Path, harness: None
+) -> None:
+    """Review cannot take label sets yet: the alert and the report, but no review batch."""
+    images = sorted((digits_data / "known" / "0").iterdir())[:120]
+    frame = predictions(images, 2)
+    frame.insert(2, "labels", frame["label"])
+    PredictionLog(str(logged / "logs/predictions"), "opensig", "1").append(frame, images)
+    result = monitor(str(logged))
+    assert result["status"] == "alert" and result["batch"] is None
+    assert not (logged / "review").exists()
+    artifact = Artifact.get(ARTIFACT_KEY)
+    assert artifact is not None and "version 1: alert" in artifact.data
+    assert "Review batch" not in artifact.data
+
+
 def monitored_versions(uri: str) -> list[str]:
     """The model versions the opensig-monitor runs of the store at ``uri`` watch."""
     from mlflow import MlflowClient

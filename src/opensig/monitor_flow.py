@@ -5,8 +5,9 @@ model sees, compared with its reference, and on an alert a review batch and an e
    reports/monitor.json, its pictures, the opensig-monitor MLflow run (in the project's store:
    a relative SQLite path of params read from the project, wherever the flow runs);
 2. report: the status and alerts as a Markdown artifact (`opensig-monitor`, Prefect UI);
-3. on `alert`: a review batch (`review export` into `monitor.review_dir`) and the event
-   `opensig.monitor.alert` (status, alerts, the batch), which automations can act on.
+3. on `alert`: a review batch (`review export` into `monitor.review_dir`; none for a
+   multi-label log, which review cannot take yet) and the event `opensig.monitor.alert`
+   (status, alerts, the batch), which automations can act on.
 """
 
 from __future__ import annotations
@@ -43,18 +44,24 @@ def monitor_task(cfg: Config, root: Path, store: MlflowConfig) -> dict:
 
 
 @task(name="export review batch")
-def export_review(cfg: Config, root: Path, model_version: str) -> Path:
+def export_review(cfg: Config, root: Path, model_version: str) -> Path | None:
+    """The review batch of the alert; none for a multi-label log, which review cannot take
+    yet: the alert still goes out, without a batch."""
     from opensig.data.scan import scan_cache
-    from opensig.review import export_from_log
+    from opensig.review import MultiLabelLog, export_from_log
 
-    return export_from_log(
-        log_dir(cfg, root),
-        Path(under(root, cfg.monitor.review_dir)),
-        Path(under(root, cfg.data.root)),
-        cfg.monitor.review_max,
-        model_version=model_version,
-        cache=scan_cache(Path(under(root, cfg.data.cache_dir))),
-    )
+    try:
+        return export_from_log(
+            log_dir(cfg, root),
+            Path(under(root, cfg.monitor.review_dir)),
+            Path(under(root, cfg.data.root)),
+            cfg.monitor.review_max,
+            model_version=model_version,
+            cache=scan_cache(Path(under(root, cfg.data.cache_dir))),
+        )
+    except MultiLabelLog as err:
+        get_run_logger().warning("no review batch: %s", err)
+        return None
 
 
 def summary_markdown(report: dict, batch: Path | None) -> str:
@@ -94,7 +101,7 @@ def monitor(project: str = ".", tracking_uri: str | None = None) -> dict:
             "model": report["model"],
             "model_version": report["model_version"],
             "alerts": report["alerts"],
-            "batch": str(batch),
+            "batch": batch and str(batch),
         }
         if not emit(MONITOR_ALERT, payload, project_resource(root)):
             logger.info("no Prefect API (PREFECT_API_URL unset): %s not sent", MONITOR_ALERT)
