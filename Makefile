@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PREFECT_PORT ?= 4200
 TEST_WORKERS ?= 2  # e2e tests train real models: about 2 GB of memory each
 
-.PHONY: install demo test lint clean retrain prefect-server offline-plots
+.PHONY: install demo test lint clean retrain prefect-server offline-plots check-model-env
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ prefect-server: install  ## a local Prefect server for scheduled runs (then: exp
 
 test: install  ## whole test files spread over TEST_WORKERS processes (pytest-xdist); lists the 15 slowest
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations 15
+
+# Opt-in, not part of `make test` (which skips it): a fresh venv gets only a registered
+# model's requirements.txt (about 4 GB from PyPI: torch and its CUDA libraries), then loads
+# the model and predicts an image, so a missing or broken pin shows before a deployment does.
+check-model-env: install
+	OPENSIG_CHECK_MODEL_ENV=1 $(BIN)/python -m pytest -q -p no:xdist tests/e2e/test_model_env.py
 
 lint: install
 	$(BIN)/ruff check src tests pipelines

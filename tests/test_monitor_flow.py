@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
+from opensig.cli import app
 from opensig.monitor_flow import ARTIFACT_KEY, monitor, summary_markdown
 from opensig.monitoring.log import PredictionLog
+from opensig.monitoring.monitor import MONITOR_EXPERIMENT, VERSION_TAG
 from tests.conftest import write_params
 
 
@@ -74,6 +77,60 @@ def test_an_alert_exports_a_review_batch_and_reports(
     artifact = Artifact.get(ARTIFACT_KEY)
     assert artifact is not None and "version 1: alert" in artifact.data
     assert f"Review batch: `{batch}`" in artifact.data
+
+
+def test_an_alert_on_a_multi_label_log_goes_out_without_a_batch(
+    logged: Path, digits_data: Path, harness: None
+) -> None:
+    """Review cannot take label sets yet: the alert and the report, but no review batch."""
+    images = sorted((digits_data / "known" / "0").iterdir())[:120]
+    frame = predictions(images, 2)
+    frame.insert(2, "labels", frame["label"])
+    PredictionLog(str(logged / "logs/predictions"), "opensig", "1").append(frame, images)
+    result = monitor(str(logged))
+    assert result["status"] == "alert" and result["batch"] is None
+    assert not (logged / "review").exists()
+    artifact = Artifact.get(ARTIFACT_KEY)
+    assert artifact is not None and "version 1: alert" in artifact.data
+    assert "Review batch" not in artifact.data
+
+
+def monitored_versions(uri: str) -> list[str]:
+    """The model versions the opensig-monitor runs of the store at ``uri`` watch."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(uri).get_experiment_by_name(MONITOR_EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = MlflowClient(uri).search_runs([experiment.experiment_id])
+    return [run.data.tags[VERSION_TAG] for run in runs]
+
+
+def test_the_store_of_params_is_read_from_the_project_not_from_here(
+    logged: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    harness: None,
+) -> None:
+    """A relative sqlite:///mlflow.db in params is the project's, wherever the flow runs;
+    --tracking-uri wins over params."""
+    write_params(
+        logged,
+        {
+            "mlflow": {"tracking_uri": "sqlite:///mlflow.db"},
+            "monitor": {"window": 120, "reference_size": 120, "min_rows": 50},
+        },
+    )
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    assert monitor(str(logged))["status"] == "alert"
+    assert monitored_versions(f"sqlite:///{logged / 'mlflow.db'}") == ["opensig:1"]
+    assert not (elsewhere / "mlflow.db").exists()
+
+    # a relative path given on the command line is relative to where it was typed
+    args = ["monitor-flow", "--project", str(logged), "--tracking-uri", "sqlite:///other.db"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert monitored_versions(f"sqlite:///{elsewhere / 'other.db'}") == ["opensig:1"]
 
 
 def test_summary_markdown_of_too_few_rows() -> None:

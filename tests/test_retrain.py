@@ -6,6 +6,7 @@ The flow itself runs end to end in tests/e2e/test_retrain.py.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from opensig.retrain import (
     check_schedule,
     commit,
     describe_changes,
+    outputs_in_git,
     promotion_markdown,
 )
 from tests.conftest import REPO, write_params
@@ -164,21 +166,27 @@ def test_prefect_yaml_deploys_the_other_flows_on_their_params_schedule(
     assert deployment["schedules"] == [{"cron": settings.cron, "timezone": "UTC"}]
 
 
-def test_commit_records_only_the_project_files_given(tmp_path: Path) -> None:
-    """data.dvc of a data.root outside the project is not the project's to commit, and a file
-    the user staged stays out of the commit."""
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    project.mkdir(), elsewhere.mkdir()
+def git_repo(folder: Path) -> Callable[..., str]:
+    """A git repository with one empty commit in ``folder``, and git run there."""
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=project, check=True, capture_output=True, text=True
+            ["git", *args], cwd=folder, check=True, capture_output=True, text=True
         ).stdout
 
     git("init", "-q")
     git("config", "user.email", "ci@example.com")
     git("config", "user.name", "ci")
     git("commit", "-q", "--allow-empty", "-m", "the project")
+    return git
+
+
+def test_commit_records_only_the_project_files_given(tmp_path: Path) -> None:
+    """data.dvc of a data.root outside the project is not the project's to commit, and a file
+    the user staged stays out of the commit."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    git = git_repo(project)
     for path in (project / "dvc.lock", elsewhere / "data.dvc", project / "staged.txt"):
         path.write_text("x\n")
     git("add", "staged.txt")
@@ -187,3 +195,57 @@ def test_commit_records_only_the_project_files_given(tmp_path: Path) -> None:
         commit.fn(project, files, "opensig retrain: promoted")
     assert git("show", "--name-only", "--format=", "HEAD").split() == ["dvc.lock"]
     assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]
+
+
+LOCK = """\
+schema: '2.0'
+stages:
+  evaluate:
+    cmd: opensig evaluate
+    outs:
+    - path: reports/metrics.json
+    - path: reports/plots
+  train:
+    cmd: opensig train
+    outs:
+    - path: artifacts/model
+    - path: reports/train.json
+"""
+
+
+def test_commit_takes_the_reports_dvc_repro_changed(tmp_path: Path) -> None:
+    """The outputs git keeps (not DVC-cached) that changed go into the commit with dvc.lock;
+    the cached ones (git-ignored), unchanged reports, other files and a staged one do not."""
+    git = git_repo(tmp_path)
+    for name, text in {
+        "reports/metrics.json": "{}\n",
+        "reports/train.json": "{}\n",
+        "reports/plots/roc.csv": "fpr,tpr\n",
+        "notes.txt": "mine\n",
+        "artifacts/.gitignore": "/model\n",
+        "reports/plots/.gitignore": "/roc.png\n",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git("add", ".")
+    git("commit", "-q", "-m", "the reports")
+    # what `dvc repro` writes: a changed metric, a new plot CSV, the cached outputs
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    (tmp_path / "reports/metrics.json").write_text('{"macro_f1": 0.9}\n')
+    (tmp_path / "reports/plots/oscr.csv").write_text("fpr,ccr\n")
+    (tmp_path / "reports/plots/roc.png").write_bytes(b"png")
+    (tmp_path / "artifacts/model").mkdir()
+    (tmp_path / "artifacts/model/weights.safetensors").write_bytes(b"w")
+    (tmp_path / "notes.txt").write_text("mine, edited\n")  # the user's, not an output
+    (tmp_path / "staged.txt").write_text("staged\n")
+    git("add", "staged.txt")
+
+    with disable_run_logger():
+        files = [tmp_path / "dvc.lock", *outputs_in_git(tmp_path)]
+        commit.fn(tmp_path, files, "opensig retrain: promoted")
+    stat = git("show", "HEAD", "--stat", "--format=")
+    committed = git("show", "--name-only", "--format=", "HEAD").split()
+    assert sorted(committed) == ["dvc.lock", "reports/metrics.json", "reports/plots/oscr.csv"]
+    assert "reports/metrics.json" in stat and "staged.txt" not in stat
+    assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]
+    assert git("status", "--porcelain", "--", "notes.txt").startswith(" M")

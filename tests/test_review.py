@@ -311,3 +311,28 @@ def test_import_tells_a_prefect_server_that_data_was_added(
     assert event["payload"]["added"] == {"mirrored": 1}
     assert event["payload"]["new_classes"] == ["mirrored"]
     assert "mirrored" in event["payload"]["classes"]
+
+
+def test_export_of_a_multi_label_log_is_refused_in_one_line(
+    project: Path, untrained_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch carries one label per image: a log of label sets is refused at export, before
+    a person sorts anything, naming the log and what to do instead."""
+    from typer.testing import CliRunner
+
+    from opensig.cli import app
+    from opensig.monitoring.log import PredictionLog
+    from opensig.predict import Bundle
+
+    sources = sorted((project / "data/known/4").iterdir())[:3]
+    frame = Bundle.load(untrained_bundle, device="cpu").predict(
+        sources, progress=False, num_workers=0, multi_label=True
+    )
+    PredictionLog(str(project / "log"), "opensig", "1").append(frame, sources)
+
+    result = CliRunner().invoke(app, ["review", "export", "--log", "log", "--out", "review"])
+    assert result.exit_code == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith("review failed: log: multi-label predictions (a labels column)")
+    assert "multi-label review is not supported yet" in line and "without --multi-label" in line
+    assert not (project / "review").exists()

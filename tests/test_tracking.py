@@ -1,21 +1,31 @@
 """The pure parts of the MLflow wing: promotion rule, metric lookup, tracking URI precedence,
-HTTP limits, the models:/ parser, bundle digest and redaction."""
+HTTP limits, the models:/ parser, bundle digest and redaction; and the pinned requirements,
+down to a registered model's requirements.txt in a real SQLite store."""
 
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from opensig.config import MlflowConfig, load_config
+from opensig.decision import THRESHOLDS_FILE
 from opensig.redaction import redact, uri_credentials
 from opensig.tracking.model_uri import RegisteredModelUri
-from opensig.tracking.packaging import bundle_digest
+from opensig.tracking.packaging import MODEL_PACKAGES, bundle_digest, model_requirements
 from opensig.tracking.promotion import class_sets, compare, metric_value
 from opensig.tracking.runs import flatten, mlflow_metric_name, run_name, split_counts
-from opensig.tracking.store import DEFAULT_TRACKING_URI, http_limits, tracking_uri
-from tests.conftest import write_params
+from opensig.tracking.store import (
+    DEFAULT_TRACKING_URI,
+    global_store,
+    http_limits,
+    project_store,
+    tracking_uri,
+)
+from tests.conftest import register_bundle, write_params
 
 
 @pytest.mark.parametrize(
@@ -63,6 +73,31 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         f"sqlite:///{tmp_path.resolve() / 'x.db'}"
     )
     assert tracking_uri(MlflowConfig(tracking_uri="sqlite:////srv/m.db")) == "sqlite:////srv/m.db"
+
+
+def test_a_flows_store_is_read_from_its_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """params' (or the default) relative SQLite path against the project, not the folder the
+    flow runs in; $MLFLOW_TRACKING_URI as every command reads it; an override wins."""
+    project, here = tmp_path / "project", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def uri(cfg: MlflowConfig, override: str | None = None) -> str:
+        return tracking_uri(project_store(cfg, project, override))
+
+    assert uri(MlflowConfig()) == f"sqlite:///{project / 'mlflow.db'}"
+    assert uri(MlflowConfig(tracking_uri="sqlite:///db/m.db")) == f"sqlite:///{project}/db/m.db"
+    assert uri(MlflowConfig(tracking_uri="http://h:5000"), "sqlite:///o.db") == (
+        f"sqlite:///{project / 'o.db'}"
+    )
+    assert project_store(MlflowConfig(retries=1), project).retries == 1
+    with pytest.raises(ValueError, match="holds a password"):
+        project_store(MlflowConfig(), project, "http://u:secret@h:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert uri(MlflowConfig()) == f"sqlite:///{here / 'env.db'}"
 
 
 @pytest.mark.parametrize(
@@ -194,3 +229,24 @@ def test_run_names_are_readable_and_follow_params_data_and_dvc_experiment(
 )
 def test_the_models_uri_parser(uri: str, parsed: RegisteredModelUri | None) -> None:
     assert RegisteredModelUri.parse(uri) == parsed
+
+
+def test_model_requirements_pin_the_installed_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    pins = dict(line.split("==") for line in model_requirements())
+    assert list(pins) == list(MODEL_PACKAGES)
+    assert pins == {name: version(name).partition("+")[0] for name in MODEL_PACKAGES}
+    # a local build label (PyTorch's own index) is left out: pip finds the version on PyPI
+    monkeypatch.setattr("opensig.tracking.packaging.version", lambda name: "2.14.1+cu130")
+    assert model_requirements()[0] == "torch==2.14.1"
+
+
+def test_a_registered_model_requires_the_pinned_versions(
+    untrained_bundle: Path, tmp_path: Path
+) -> None:
+    uri = register_bundle(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, tmp_path, "pins")
+    with global_store(uri):  # models:/ resolves in the global store's registry
+        listed = mlflow.artifacts.download_artifacts(
+            "models:/pins/1/requirements.txt", dst_path=str(tmp_path / "got")
+        )
+    lines = Path(listed).read_text().split()
+    assert lines == [f"mlflow=={version('mlflow')}", *model_requirements()]

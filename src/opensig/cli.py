@@ -431,17 +431,24 @@ def monitor_flow(
     serve: ServeOption = False,
     cron: Annotated[str | None, typer.Option(help="schedule [default: monitor.cron]")] = None,
     timezone: TimezoneOption = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help=r"MLflow store \[default: mlflow.tracking_uri, read from --project]"),
+    ] = None,
 ) -> None:
     """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
     from opensig import monitor_flow as flows
+    from opensig.tracking.store import resolve_sqlite
 
     params = project / "params.yaml"
     cfg = load_config(params)
+    if tracking_uri is not None:  # a path typed here is relative to here, as for every command
+        tracking_uri = resolve_sqlite(_store(tracking_uri).tracking_uri, Path.cwd())
     if serve:
         schedule = _schedule(params, cron or cfg.monitor.cron, timezone, cfg, "monitor.cron")
-        flows.serve(str(project), *schedule)
+        flows.serve(str(project), *schedule, tracking_uri)
     else:
-        typer.echo(json.dumps(flows.monitor(str(project)), indent=2))
+        typer.echo(json.dumps(flows.monitor(str(project), tracking_uri), indent=2))
 
 
 @app.command("score-flow")

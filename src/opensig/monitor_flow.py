@@ -2,10 +2,12 @@
 model sees, compared with its reference, and on an alert a review batch and an event.
 
 1. monitor: `opensig monitor`'s work on the project's prediction log (`monitor.log_dir`):
-   reports/monitor.json, its pictures, the opensig-monitor MLflow run;
+   reports/monitor.json, its pictures, the opensig-monitor MLflow run (in the project's store:
+   a relative SQLite path of params read from the project, wherever the flow runs);
 2. report: the status and alerts as a Markdown artifact (`opensig-monitor`, Prefect UI);
-3. on `alert`: a review batch (`review export` into `monitor.review_dir`) and the event
-   `opensig.monitor.alert` (status, alerts, the batch), which automations can act on.
+3. on `alert`: a review batch (`review export` into `monitor.review_dir`; none for a
+   multi-label log, which review cannot take yet) and the event `opensig.monitor.alert`
+   (status, alerts, the batch), which automations can act on.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from opensig.config import Config, load_config
+from opensig.config import Config, MlflowConfig, load_config
 from opensig.events import MONITOR_ALERT, emit, project_resource
 from opensig.monitoring.monitor import ALERT, monitor_log
+from opensig.tracking.store import project_store
 
 FLOW_NAME = "opensig-monitor"
 ARTIFACT_KEY = "opensig-monitor"
@@ -35,24 +38,30 @@ def log_dir(cfg: Config, root: Path) -> str:
 
 
 @task(name="monitor")
-def monitor_task(cfg: Config, root: Path) -> dict:
+def monitor_task(cfg: Config, root: Path, store: MlflowConfig) -> dict:
     """The monitor report of the latest model version; reports/monitor.json and pictures."""
-    return monitor_log(log_dir(cfg, root), cfg.monitor, cfg.mlflow, root / "reports/monitor.json")
+    return monitor_log(log_dir(cfg, root), cfg.monitor, store, root / "reports/monitor.json")
 
 
 @task(name="export review batch")
-def export_review(cfg: Config, root: Path, model_version: str) -> Path:
+def export_review(cfg: Config, root: Path, model_version: str) -> Path | None:
+    """The review batch of the alert; none for a multi-label log, which review cannot take
+    yet: the alert still goes out, without a batch."""
     from opensig.data.scan import scan_cache
-    from opensig.review import export_from_log
+    from opensig.review import MultiLabelLog, export_from_log
 
-    return export_from_log(
-        log_dir(cfg, root),
-        Path(under(root, cfg.monitor.review_dir)),
-        Path(under(root, cfg.data.root)),
-        cfg.monitor.review_max,
-        model_version=model_version,
-        cache=scan_cache(Path(under(root, cfg.data.cache_dir))),
-    )
+    try:
+        return export_from_log(
+            log_dir(cfg, root),
+            Path(under(root, cfg.monitor.review_dir)),
+            Path(under(root, cfg.data.root)),
+            cfg.monitor.review_max,
+            model_version=model_version,
+            cache=scan_cache(Path(under(root, cfg.data.cache_dir))),
+        )
+    except MultiLabelLog as err:
+        get_run_logger().warning("no review batch: %s", err)
+        return None
 
 
 def summary_markdown(report: dict, batch: Path | None) -> str:
@@ -78,12 +87,13 @@ def summary_markdown(report: dict, batch: Path | None) -> str:
 
 
 @flow(name=FLOW_NAME)
-def monitor(project: str = ".") -> dict:
-    """Monitor the project's prediction log; on an alert, a review batch and an event."""
+def monitor(project: str = ".", tracking_uri: str | None = None) -> dict:
+    """Monitor the project's prediction log; on an alert, a review batch and an event.
+    ``tracking_uri`` overrides mlflow.tracking_uri, as the commands' --tracking-uri does."""
     logger = get_run_logger()
     root = Path(project).resolve()
     cfg = load_config(root / "params.yaml")
-    report = monitor_task(cfg, root)
+    report = monitor_task(cfg, root, project_store(cfg.mlflow, root, tracking_uri))
     batch = None
     if report["status"] == ALERT:
         batch = export_review(cfg, root, report["model_version"])
@@ -91,7 +101,7 @@ def monitor(project: str = ".") -> dict:
             "model": report["model"],
             "model_version": report["model_version"],
             "alerts": report["alerts"],
-            "batch": str(batch),
+            "batch": batch and str(batch),
         }
         if not emit(MONITOR_ALERT, payload, project_resource(root)):
             logger.info("no Prefect API (PREFECT_API_URL unset): %s not sent", MONITOR_ALERT)
@@ -105,13 +115,13 @@ def monitor(project: str = ".") -> dict:
     return {"status": report["status"], "alerts": report["alerts"], "batch": batch and str(batch)}
 
 
-def serve(project: str, cron: str, timezone: str) -> None:
+def serve(project: str, cron: str, timezone: str, tracking_uri: str | None = None) -> None:
     """Serve the flow on monitor.cron (needs a Prefect server, as the retrain flow does)."""
     from prefect.schedules import Cron
 
     monitor.serve(
         name="local-schedule",  # shows as opensig-monitor/local-schedule
         schedules=[Cron(cron, timezone=timezone)],
-        parameters={"project": str(Path(project).resolve())},
+        parameters={"project": str(Path(project).resolve()), "tracking_uri": tracking_uri},
         limit=1,
     )

@@ -10,7 +10,9 @@ params.yaml), so a plain `dvc repro` and a scheduled run decide exactly alike. S
 3. reproduce: `dvc repro`, its output streamed into the Prefect log;
 4. report the register stage's decision as a Markdown artifact (shown in the Prefect UI);
    the decision, both metrics and the reason are already tags on the model version;
-5. optionally `dvc push` and `git commit data.dvc dvc.lock` (`retrain:` in params.yaml).
+5. optionally `dvc push`, and a git commit of data.dvc, dvc.lock and the outputs git keeps
+   (the reports DVC does not cache), so a commit's reports agree with its dvc.lock
+   (`retrain:` in params.yaml).
 
 A failing step fails the flow with that step's message. The champion alias moves only at
 the very end of the register stage, so a failure anywhere leaves it where it was.
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import DeploymentEventTrigger
@@ -153,9 +156,28 @@ def push(project: Path) -> None:
     run_command(["dvc", "push"], project)
 
 
+def outputs_in_git(project: Path) -> list[Path]:
+    """The stage outputs dvc.lock records that git keeps: those DVC does not cache (reports,
+    plot CSVs), tracked or new. DVC git-ignores the outputs it caches, so git leaves them out.
+    """
+    lock = project / "dvc.lock"
+    if not lock.is_file():
+        return []
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    outs = [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
+    if not outs:
+        return []
+    listed = run_command(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *outs],
+        project,
+        log_lines=False,
+    )
+    return [project / name for name in dict.fromkeys(listed.split("\0")) if name]
+
+
 @task(name="commit")
 def commit(project: Path, files: list[Path], message: str) -> None:
-    """Record the new data and pipeline versions in git, and nothing else the user staged.
+    """Record the given files that changed in git, and nothing else the user staged.
     Files outside the project (data.root elsewhere) are not the project's to commit."""
     below = [inside(f, project) for f in files if f.is_file()]
     paths = [str(path) for path in below if path is not None]
@@ -266,7 +288,7 @@ def retrain(project: str = ".", force: bool = False) -> dict | State:
     if cfg.retrain.push:
         push(root)
     if cfg.retrain.commit:
-        files = [data.with_name(f"{data.name}.dvc"), root / "dvc.lock"]
+        files = [data.with_name(f"{data.name}.dvc"), root / "dvc.lock", *outputs_in_git(root)]
         message = f"opensig retrain: {action}" + (
             f" ({after['name']} version {after['version']})" if after else ""
         )

@@ -230,6 +230,11 @@ def export_batch(
     return batch
 
 
+class MultiLabelLog(ValueError):
+    """A review batch has one label per image: a log of label sets would be refused at
+    import after a person had sorted it, so export refuses it first."""
+
+
 def export_from_log(
     log_dir: str,
     out: Path,
@@ -247,6 +252,12 @@ def export_from_log(
     of ``model_version`` if given): the one export `opensig review export` and the monitor
     flow run."""
     log = read_log(log_dir, since, until, model_version)
+    if "labels" in log.columns and log["labels"].notna().any():
+        raise MultiLabelLog(
+            f"{log_dir}: multi-label predictions (a labels column): review export takes "
+            "single-label logs, multi-label review is not supported yet; label these images "
+            "in Label Studio by hand, or log predictions without --multi-label"
+        )
     return export_batch(
         log, out, data_root, max_images, label_studio, thresholds=thresholds, cache=cache
     )

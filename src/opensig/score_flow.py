@@ -19,8 +19,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from opensig.config import Config, load_config
+from opensig.config import Config, MlflowConfig, load_config
 from opensig.monitor_flow import log_dir, monitor_task, under
+from opensig.tracking.store import project_store
 
 FLOW_NAME = "opensig-batch-score"
 ARTIFACT_KEY = "opensig-batch-score"
@@ -31,7 +32,7 @@ def champion(cfg: Config) -> str:
 
 
 @task(name="score on Spark")
-def score_task(cfg: Config, root: Path, inputs: list[str]) -> dict:
+def score_task(cfg: Config, root: Path, inputs: list[str], store: MlflowConfig) -> dict:
     """The rows of ``inputs`` in a new Parquet folder below score.out, and in the log."""
     from opensig.spark import predict_spark
 
@@ -44,7 +45,7 @@ def score_task(cfg: Config, root: Path, inputs: list[str]) -> dict:
         [under(root, i) for i in inputs],
         str(out),
         model=champion(cfg),
-        store=cfg.mlflow,
+        store=store,
         master=cfg.score.spark_master,
         log_dir=log_dir(cfg, root),
         arrow_batch=cfg.score.spark_batch,
@@ -74,8 +75,9 @@ def batch_score(project: str = ".", inputs: list[str] | None = None) -> dict:
     logger = get_run_logger()
     root = Path(project).resolve()
     cfg = load_config(root / "params.yaml")
-    job = score_task(cfg, root, inputs or cfg.score.inputs)
-    report = monitor_task(cfg, root)
+    store = project_store(cfg.mlflow, root)  # the champion and the monitor's run
+    job = score_task(cfg, root, inputs or cfg.score.inputs, store)
+    report = monitor_task(cfg, root, store)
     create_markdown_artifact(
         summary_markdown(champion(cfg), job, report),
         key=ARTIFACT_KEY,

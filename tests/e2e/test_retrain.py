@@ -111,7 +111,9 @@ def test_first_run_versions_data_and_registers_a_champion(repo: Path, first: dic
     assert champion(repo) == first["registration"]["version"] == "1"
     assert (repo / "data.dvc").is_file()  # the flow versioned the data itself
     assert "opensig retrain: promoted" in sh("git", "log", "--oneline", "-1", cwd=repo)
-    assert sh("git", "status", "--porcelain", "data.dvc", "dvc.lock", cwd=repo) == ""
+    assert sh("git", "status", "--porcelain", "data.dvc", "dvc.lock", "reports", cwd=repo) == ""
+    committed = sh("git", "show", "--name-only", "--format=", "HEAD", cwd=repo).split()
+    assert {"reports/metrics.json", "reports/plots/roc_seen_unknown.csv"} <= set(committed)
     assert any((repo.parent / "remote").rglob("*")), "dvc push sent nothing to the remote"
     assert json.loads((repo / "reports/metrics.json").read_text())["known_accuracy"] > 0.5
     artifact = Artifact.get(ARTIFACT_KEY)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -23,13 +24,16 @@ from opensig.tracking.model_uri import BUNDLE_DIR
 BUNDLE_FILES = ("weights.safetensors", "config.json")  # + decision_files(thresholds)
 # The served model (MLflow runs it at load time): beside this package, in opensig/
 PYFUNC_FILE = Path(__file__).parent.with_name("pyfunc_model.py")
-MODEL_REQUIREMENTS = [
+# What the served model imports (the opensig package itself is logged as its code)
+MODEL_PACKAGES = (
     "torch",
     "torchvision",
     "timm",
     "safetensors",
     "albumentations",
     "pandas",
+    "pyarrow",
+    "fsspec",
     "pillow",
     "numpy",
     "scikit-learn",
@@ -37,7 +41,19 @@ MODEL_REQUIREMENTS = [
     "pyyaml",
     "tqdm",
     "matplotlib",
-]
+)
+
+
+def model_requirements() -> list[str]:
+    """``name==version`` of each of MODEL_PACKAGES as installed now, as MLflow's own inference
+    pins them: the served model gets the versions it was registered (and tested) with.
+
+    The public version only: a local label (torch's ``+cu130``, ``+cpu``) names a build on
+    PyTorch's own index, so ``torch==2.14.1+cpu`` fails where pip has only PyPI, while
+    ``torch==2.14.1`` installs from PyPI and still matches a ``+cpu`` build when PyTorch's
+    index is given (PEP 440 ignores local labels for a pin without one).
+    """
+    return [f"{name}=={version(name).partition('+')[0]}" for name in MODEL_PACKAGES]
 
 
 def bundle_digest(model_dir: Path, thresholds: Path) -> str:
@@ -102,7 +118,7 @@ def log_model(model_dir: Path, thresholds: Path, registered_model: str, log_dir:
             python_model=str(PYFUNC_FILE),
             artifacts={BUNDLE_DIR: str(bundle)},
             code_paths=[str(Path(opensig.__file__).parent)],
-            pip_requirements=MODEL_REQUIREMENTS,
+            pip_requirements=model_requirements(),
             signature=model_signature(read_spec(model_dir).classes),
             registered_model_name=registered_model,
         )

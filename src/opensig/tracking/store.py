@@ -41,10 +41,27 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     suite) would otherwise keep reading the first folder's database.
     """
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return resolve_sqlite(uri, Path.cwd())
+
+
+def resolve_sqlite(uri: str, folder: Path) -> str:
+    """A relative SQLite path made absolute against ``folder``; any other URI as it is."""
     path = uri.removeprefix(SQLITE_PREFIX)
     if uri.startswith(SQLITE_PREFIX) and not path.startswith(("/", ":memory:")):
-        return f"{SQLITE_PREFIX}{Path(path).resolve()}"
+        return f"{SQLITE_PREFIX}{(folder / path).resolve()}"
     return uri
+
+
+def project_store(cfg: MlflowConfig, project: Path, uri: str | None = None) -> MlflowConfig:
+    """The store of a flow on ``project``: ``uri`` if given, else params'; a relative SQLite
+    path of either (or the default) against the project, as its commands read it when DVC
+    runs them there, since a flow's worker may run in any folder. $MLFLOW_TRACKING_URI is
+    the process's own setting: read as every command reads it."""
+    chosen = uri or cfg.tracking_uri
+    if chosen is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        return cfg
+    chosen = resolve_sqlite(chosen or DEFAULT_TRACKING_URI, project)
+    return MlflowConfig.model_validate({**cfg.model_dump(), "tracking_uri": chosen})
 
 
 def _uri_source(cfg: MlflowConfig) -> str:
