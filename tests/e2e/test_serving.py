@@ -9,6 +9,8 @@ Its answers must be strict JSON and give the labels and scores ``opensig predict
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -223,3 +225,81 @@ def test_path_rows_outside_the_serve_root_are_a_400_that_tells_nothing(
     (root / "data" / "notes.txt").write_text("not an image")  # inside: read, an error row
     rows = invoke(server, {"dataframe_records": [{"path": str(root / "data" / "notes.txt")}]})
     assert rows[0]["label"] is None and rows[0]["error"].startswith("UnidentifiedImageError")
+
+
+def test_a_worker_killed_mid_burst_leaves_every_answer_logged(
+    registered: tuple[Path, str], tmp_path: Path
+) -> None:
+    """As deployed: `mlflow models serve --workers 2` with the prediction log on, a burst of
+    requests at concurrency 8, one uvicorn worker SIGKILLed mid-burst. Every answered request
+    has its row in the log; what is lost is at most the killed worker's requests in flight;
+    `opensig monitor` reads the log."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import psutil
+    from PIL import Image
+
+    from opensig.monitoring.log import read_log
+
+    root, uri = registered
+    log_dir, port, total, concurrency = tmp_path / "log", free_port(), 240, 8
+    bodies, digests = [], []
+    for i in range(total):  # distinct images: each request's row is found by its sha256
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        digests.append(hashlib.sha256(buffer.getvalue()).hexdigest())
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        bodies.append({"dataframe_split": {"columns": ["image"], "data": [[encoded]]}})
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OPENSIG_PREDICTION_LOG": str(log_dir),
+    }
+    command = [
+        *(str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI, "--workers", "2"),
+        *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with background(
+        command, tmp_path / "serve.log", answers(f"{url}/ping"), START_TIMEOUT, cwd=root, env=env
+    ) as proc:
+        with httpx.Client(timeout=120) as client:
+            for _ in range(2 * concurrency):  # both workers up and loaded before the burst
+                assert client.post(f"{url}/invocations", json=bodies[0]).status_code == 200
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+
+        def send(index: int) -> bool:
+            if index == total // 3:
+                workers[0].send_signal(signal.SIGKILL)  # mid-burst
+            try:
+                with httpx.Client(timeout=120) as client:
+                    response = client.post(f"{url}/invocations", json=bodies[index])
+                return response.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            answered = list(pool.map(send, range(total)))
+        killed = workers[0]
+        assert not killed.is_running() or killed.status() == psutil.STATUS_ZOMBIE
+    logged = set(read_log(str(log_dir))["sha256"])
+    missing = [i for i, ok in enumerate(answered) if ok and digests[i] not in logged]
+    assert not missing, f"answered but not logged: {missing}"
+    assert answered.count(False) <= concurrency  # at most the killed worker's in flight
+    assert sum(answered) >= total - concurrency
+    report = tmp_path / "monitor.json"
+    result = CliRunner().invoke(
+        app,
+        ["monitor", "--log", str(log_dir), "--out", str(report), "-p", str(root / "params.yaml")],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["model_version"] == "1"
