@@ -65,7 +65,10 @@ def test_the_requirements_alone_load_the_model_and_predict(
 
     image = sorted((digits_data / "known" / "0").iterdir())[0]
     run = [str(venv / "bin/python"), "-c", PREDICT, str(model), str(image)]
-    done = subprocess.run(run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    served = {**env, "OPENSIG_SERVE_ROOT": str(image.parent)}  # path rows below it only
+    done = subprocess.run(
+        run, capture_output=True, text=True, env=served, cwd=tmp_path, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(done.stdout.splitlines()[-1])
     assert Path(row["opensig"]).is_relative_to(model)  # the model's own copy of the code
