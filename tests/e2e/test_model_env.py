@@ -44,7 +44,11 @@ def test_the_requirements_alone_load_the_model_and_predict(
 ) -> None:
     uri = register_bundle(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, tmp_path, "alone")
     with global_store(uri):  # models:/ resolves in the global store's registry
-        model = Path(mlflow.artifacts.download_artifacts("models:/alone/1", str(tmp_path / "m")))
+        model = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri="models:/alone/1", dst_path=str(tmp_path / "m")
+            )
+        )
     venv = tmp_path / "venv"
     base = getattr(sys, "_base_executable", sys.executable)  # not the project's venv
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
