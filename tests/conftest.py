@@ -140,6 +140,42 @@ def register_bundle(model_dir: Path, thresholds: Path, root: Path, name: str) ->
     return uri
 
 
+TOOLS_ENV = {  # the venv's tools (dvc, opensig) first on PATH, DVC quiet
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def tool(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A command (dvc, git, opensig) in ``cwd``, its output captured."""
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, env=TOOLS_ENV, timeout=timeout
+    )
+
+
+def dvc_project(root: Path, data: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repository at ``root``: the repo's pipeline and code, shrunk params and
+    ``data`` tracked by DVC, committed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root)
+    shutil.copytree(REPO / "src", root / "src")
+    write_params(root, overrides)
+    if data != root / "data":
+        shutil.copytree(data, root / "data")
+    for args in (
+        ("git", "init", "-q"),
+        ("dvc", "init", "-q"),
+        ("dvc", "add", "-q", "data"),
+        ("git", "add", "-A"),
+        ("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "x"),
+    ):
+        done = tool(*args, cwd=root)
+        assert done.returncode == 0, (args, done.stderr)
+    return root
+
+
 def free_port() -> int:
     """A loopback port free right now (bound, then released)."""
     with socket.socket() as s:

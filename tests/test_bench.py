@@ -167,6 +167,14 @@ def test_speed_bench_measures_every_figure_against_its_limit(
     assert predict["images"] == 6 * 30 and predict["ratio_to_limit"] > 0
     assert ingest["files"] == 10 * 10 and ingest["rerun_reused"] == ingest["files"]
     assert figures["meta"]["torch"] and "| train stage |" in result.output
+    cached = figures["cached"]
+    assert [cached[f"cached_{pct}"] for pct in (0, 50, 100)] == [
+        0.0,
+        pytest.approx(0.5, abs=0.02),
+        1.0,
+    ]
+    assert min(cached[f"images_per_s_{pct}"] for pct in (0, 50, 100)) > 0
+    assert "| train stage, 50% of its images in the decode cache |" in result.output
     assert {r["limit_layout"] for r in train["rounds"]} <= set(speed.LAYOUTS)
     assert {r["reference_layout"] for r in train["rounds"]} == {"contiguous"}  # 1 channel
     low, high = train["spread"]["ratio_to_limit"]
@@ -223,8 +231,13 @@ def test_speed_table_shows_the_spread_and_every_round() -> None:
         for r in (70.0, 90.0, 80.0)
     ]
     ingest = {"files": 100, "first_files_per_s": 1000.0, "rerun_files_per_s": 5000.0}
+    cached = [
+        {"cached_0": 0.0, "cached_50": 0.5, "cached_100": 1.0}
+        | {"images_per_s_0": 60.0, "images_per_s_50": 80.0, "images_per_s_100": 100.0}
+    ]
     results = {
         "train": {**summary(train), "rounds": train},
+        "cached": {**summary(cached), "rounds": cached},
         "predict": {**summary(predict), "rounds": predict},
         "ingest": ingest,
     }
@@ -234,3 +247,5 @@ def test_speed_table_shows_the_spread_and_every_round() -> None:
     assert "| predict (folder of PNGs) | 80 | 70-90 | 100 | 100-100 | 0.80 | 0.70-0.90 |" in table
     assert "| 2 | 96 | channels_last | 100 | contiguous | 0.96 | 80 | contiguous | 0.80 |" in table
     assert "| 3 | 80 | 100 | 0.80 |" in table
+    assert "| train stage, 50% of its images in the decode cache | 80 | 80-80 | 100 (all" in table
+    assert "| train stage, 0% of its images in the decode cache | 60 | 60-60 |" in table

@@ -475,6 +475,50 @@ def score_flow(
         typer.echo(json.dumps(flows.batch_score(str(project), inputs or None), indent=2))
 
 
+@app.command("cache")
+def cache_command(
+    params: ParamsOption = DEFAULT_PARAMS,
+    manifest: Annotated[
+        list[Path] | None,
+        typer.Option(help="manifests whose images to keep (repeat) [default: ingest's]"),
+    ] = None,
+    prune: Annotated[
+        bool, typer.Option(help="remove the entries no manifest uses, then compact the shards")
+    ] = False,
+) -> None:
+    """The decode cache in data.cache_dir: its size, and what the manifests use of it."""
+    from opensig.data import cache
+    from opensig.data.manifest import read_manifest
+    from opensig.stages import HERE
+
+    cfg = load_config(params)
+    manifests = manifest or [HERE.manifest]
+    hashes = sorted({h for m in manifests for h in read_manifest(m, cfg.data.root)["hash"]})
+    if prune:
+        removed, freed = cache.prune(cfg.data.cache_dir, hashes)
+        log.info("decode cache: removed %d entries, freed %.3f GB", removed, freed / 1e9)
+    folders = cache.usage(cfg.data.cache_dir, hashes)
+    if not folders:
+        log.info("decode cache %s: empty", cache.decoded_root(cfg.data.cache_dir))
+    for row in folders:
+        log.info(
+            "%s: %d images in %d shards, %.3f GB; %d used by %s",
+            row.folder,
+            row.entries,
+            row.shards,
+            row.bytes / 1e9,
+            row.used,
+            ", ".join(map(str, manifests)),
+        )
+    cap = cfg.train.decode_cache_max_gb
+    total = sum(row.bytes for row in folders) / 1e9
+    log.info(
+        "decode cache total %.3f GB; cap %s",
+        total,
+        f"{cap} GB (train.decode_cache_max_gb)" if cap is not None else "unset",
+    )
+
+
 class DemoSource(str, Enum):
     digits = "digits"
     digit_pairs = "digit-pairs"  # multi-label: two digits per image, labels in labels.csv

@@ -25,6 +25,7 @@ from pydantic import (
 from opensig.backbones import backbone_problem  # imports timm only for a name it has not seen
 from opensig.data.images import MAX_IMAGE_PIXELS
 from opensig.redaction import redact, uri_credentials
+from opensig.workspace import shared_path
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -58,6 +59,13 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(
         MAX_IMAGE_PIXELS, ge=1, le=178_956_970, description="larger images are refused (bombs)"
     )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _the_projects_cache(cls, value: Path) -> Path:
+        """A DVC experiment run in a temporary copy (`--temp`, `--queue`) shares the
+        project's cache instead of filling one in its copy (``opensig.workspace``)."""
+        return shared_path(value)
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> DataConfig:
@@ -123,6 +131,12 @@ class TrainConfig(_Section):
         "auto", description="DataLoader processes; auto: 0 on CPU (they would steal its cores)"
     )
     decode_cache: bool = Field(True, description="decode + resize each image once, not per epoch")
+    decode_cache_max_gb: float | None = Field(
+        None,
+        ge=0.0,
+        description="decode cache size cap (GB, every image size); images beyond it are "
+        "decoded every epoch; null: half the disk space the cache could use",
+    )
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steps)")
     seed: int = 0

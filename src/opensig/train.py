@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm.auto import tqdm
 
 from opensig.config import Config, ModelConfig, TrainConfig
+from opensig.data import cache
 from opensig.data.augment import BatchAugment
-from opensig.data.cache import cached_images
 from opensig.data.dataset import ImageDataset, loader_workers
 from opensig.data.manifest import is_multi_label, known_classes, label_targets, split_rows
 from opensig.data.prefetch import overlapped
@@ -231,12 +231,13 @@ def _split_rows(
 class _Images:
     """How rows become a dataset: labels over ``classes``, images decoded as ingest checked
     them (up to ``max_pixels``), read from the decode-once cache in ``cache_dir`` when there
-    is one (rank 0 fills it, the others wait)."""
+    is one and it holds them (rank 0 fills it up to ``cache_max_bytes``, the others wait)."""
 
     classes: list[str]
     multi_label: bool
     spec: ModelSpec
     cache_dir: Path | None
+    cache_max_bytes: int
     max_pixels: int
     dist: Distributed
 
@@ -244,13 +245,22 @@ class _Images:
         decoded = None
         spec, dist = self.spec, self.dist
         if self.cache_dir is not None and not rows.empty:
-            args = (rows["path"].tolist(), rows["hash"].tolist(), spec.image_size, spec.in_chans)
+            paths, hashes = rows["path"].tolist(), rows["hash"].tolist()
             if dist.main:
-                decoded = cached_images(*args, self.cache_dir, self.max_pixels)
+                decoded = cache.prepare(
+                    paths,
+                    hashes,
+                    spec.image_size,
+                    spec.in_chans,
+                    self.cache_dir,
+                    self.cache_max_bytes,
+                    self.max_pixels,
+                )
             if dist.world > 1:
                 torch_dist.barrier()
                 if not dist.main:
-                    decoded = cached_images(*args, self.cache_dir, self.max_pixels)
+                    folder = cache.CacheFolder.of(self.cache_dir, spec.image_size, spec.in_chans)
+                    decoded = folder.lookup(hashes)
         return ImageDataset(
             rows["path"].tolist(),
             label_targets(rows["label"], self.classes, self.multi_label),
@@ -360,7 +370,8 @@ def _train(
     train_rows, val_rows = _split_rows(method, manifest, from_weights or init_from is not None)
     start = time.perf_counter()
     cache_dir = cfg.data.cache_dir if train.decode_cache else None
-    images = _Images(classes, multi, spec, cache_dir, cfg.data.max_image_pixels, dist)
+    cache_cap = cache.max_bytes(cache_dir, train.decode_cache_max_gb) if cache_dir else 0
+    images = _Images(classes, multi, spec, cache_dir, cache_cap, cfg.data.max_image_pixels, dist)
     train_dl = _loader(images.dataset(train_rows), train, True, device, dist)
     val_dl = _loader(images.dataset(val_rows), train, False, device, dist)
     decode_seconds = time.perf_counter() - start

@@ -12,9 +12,11 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,12 @@ def wait_for_a_saved_epoch(root: Path, proc: subprocess.Popen, log: Path) -> Non
         time.sleep(0.05)
 
 
+def _index_rows(path: Path) -> None:
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        db.execute("SELECT COUNT(*) FROM entries").fetchone()
+
+
 def load_any(path: Path) -> None:
     """Read a file the way its consumer does; raises if it is truncated or corrupt."""
     readers = {
@@ -83,6 +91,7 @@ def load_any(path: Path) -> None:
         ".parquet": pd.read_parquet,
         ".npy": np.load,
         ".lock": Path.read_bytes,  # the state folder's lock: no content, nothing to check
+        ".sqlite": _index_rows,  # the decode cache's index
     }
     readers[path.suffix](path)
 

@@ -11,6 +11,8 @@ device, and reported as a ratio to its limit:
   ``DataLoader``, no tricks, in the layout it gets by default) on the same PNG folder;
 - predict: images/s of ``Bundle.predict`` on a folder of PNGs against the same model's
   batched forward pass on random tensors;
+- the decode cache's cap: the train stage's images/s with 0%, 50% and 100% of its images
+  in the decode cache (the rest decoded from their files every epoch);
 - ingest: files/s of the scan (open, fully decode, hash) over a PNG tree, first run and
   re-run on unchanged files.
 
@@ -37,6 +39,7 @@ from opensig.bench.common import budget_params, environment, markdown_table, sum
 from opensig.bench.options import SpeedOptions
 from opensig.config import Config, parse_config
 from opensig.data import demo
+from opensig.data.cache import usage
 from opensig.data.manifest import write_manifest
 from opensig.data.scan import scan_cache, scan_folder
 from opensig.data.split import assign_splits
@@ -225,9 +228,18 @@ def forward_limit(
     return batch / _timed_steps(step, math.ceil(n_images / batch), 2, device)
 
 
-def _config(base: Config, opts: SpeedOptions, data: Path) -> Config:
+def _config(
+    base: Config,
+    opts: SpeedOptions,
+    data: Path,
+    cache_dir: Path | None = None,
+    cache_max_gb: float | None = None,
+) -> Config:
     raw = budget_params(base, opts)
     raw["data"].update(root=str(data), holdout_unknown=[])
+    if cache_dir is not None:
+        raw["data"]["cache_dir"] = str(cache_dir)
+    raw["train"]["decode_cache_max_gb"] = cache_max_gb
     raw["mlflow"]["experiment"] = "opensig-bench-speed"  # not among the user's model runs
     return parse_config(raw)
 
@@ -276,6 +288,7 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
             }
         )
     results: dict = {"train": {**summary(rounds), "rounds": rounds, "epochs": opts.epochs}}
+    results["cached"] = cache_speed(base, opts, data, manifest)
 
     # Predict: the trained model on every PNG of the folder, interleaved with its forward.
     write_thresholds(
@@ -311,6 +324,37 @@ def run_speed(base: Config, opts: SpeedOptions) -> dict:
     table = to_markdown(results)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     return results
+
+
+CACHED_SHARES = (0.0, 0.5, 1.0)  # of the train images held by the decode cache
+
+
+def cache_speed(base: Config, opts: SpeedOptions, data: Path, manifest: pd.DataFrame) -> dict:
+    """The train stage's images/s (last epoch) with none, half and all of the train images
+    in the decode cache (``train.decode_cache_max_gb`` sized to that share; the rest are
+    decoded from their files every epoch): the cost of a cap below the data. Each run
+    starts from an empty cache of its own; the shares are interleaved round by round."""
+    image_bytes = opts.image_size * opts.image_size * opts.in_chans
+    n_train = int((manifest["split"] == "train").sum())
+    rounds = []
+    for round_ in range(opts.rounds):
+        row: dict = {}
+        for share in CACHED_SHARES:
+            cache_dir = opts.work / f"cache-{share * 100:.0f}"
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            # the train rows fill the cache first; a shard's header is 128 bytes
+            cap = None if share == 1.0 else (share * n_train * image_bytes + 128) / 1e9
+            cfg = _config(base, opts, data, cache_dir, cap)
+            at = Layout.under(opts.work / f"run-cache-{share * 100:.0f}")
+            write_manifest(manifest, at.manifest)
+            log.info("cache round %d: train stage, %.0f%% cached", round_ + 1, share * 100)
+            train(cfg, at)
+            history = pd.read_csv(at.train_plots / "train_history.csv")
+            held = sum(folder.entries for folder in usage(cache_dir))
+            row[f"cached_{share * 100:.0f}"] = min(held, n_train) / n_train
+            row[f"images_per_s_{share * 100:.0f}"] = history["images_per_s"].iloc[-1]
+        rounds.append(row)
+    return {**summary(rounds), "rounds": rounds}
 
 
 def ingest_speed(opts: SpeedOptions) -> dict:
@@ -370,6 +414,27 @@ def _roundsmarkdown_table(rounds: list[dict], columns: dict[str, tuple[str, str]
     return markdown_table(["round", *columns], rows)
 
 
+def _cached_rows(cached: dict) -> list[list[str]]:
+    """The train stage with a share of its images cached: images/s, against all cached."""
+    rows = []
+    for share in CACHED_SHARES:
+        pct = f"{share * 100:.0f}"
+        low, high = cached["spread"][f"images_per_s_{pct}"]
+        rate, full = cached[f"images_per_s_{pct}"], cached["images_per_s_100"]
+        rows.append(
+            [
+                f"train stage, {cached[f'cached_{pct}']:.0%} of its images in the decode cache",
+                f"{rate:.0f}",
+                f"{low:.0f}-{high:.0f}",
+                f"{full:.0f} (all cached)",
+                "",
+                f"{rate / full:.2f}",
+                "",
+            ]
+        )
+    return rows
+
+
 def to_markdown(results: dict) -> str:
     """Medians with their spread (min-max) over the rounds, then every round."""
     t, p, i = results["train"], results["predict"], results["ingest"]
@@ -386,6 +451,7 @@ def to_markdown(results: dict) -> str:
             "forward_images_per_s",
             "ratio_to_limit",
         ),
+        *_cached_rows(results["cached"]),
         [f"ingest, first scan ({i['files']} files)", f"{i['first_files_per_s']:.0f}", *[""] * 5],
         ["ingest, re-run (unchanged)", f"{i['rerun_files_per_s']:.0f}", *[""] * 5],
     ]

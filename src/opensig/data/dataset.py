@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Protocol
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import time
 
@@ -73,13 +74,21 @@ def model_input(
     return x.contiguous(memory_format=layout)
 
 
+class DecodedRows(Protocol):
+    """Pixels decoded ahead of time (``opensig.data.cache.Decoded``): row ``index``'s, or
+    None where they were not (the file is decoded then)."""
+
+    def get(self, index: int) -> np.ndarray | None: ...
+
+
 class ImageDataset(Dataset):
     """Images at the model's size (``fit_to``) with labels: a class index (-1 for unknown),
     or a multi-hot row (all-zero for unknown) for multi-label data.
 
     A file that cannot be read yields a zero image and its error text instead of raising,
     so one bad file in a folder of thousands costs one row in predict, not the whole run.
-    ``decoded`` (from ``opensig.data.cache``) replaces decoding the files, row for row.
+    ``decoded`` (from ``opensig.data.cache``) replaces decoding the files, row for row,
+    where it holds a row.
     ``max_pixels`` is passed to :func:`opensig.data.images.decode`, with ``size`` as the
     smallest side a JPEG may be decoded at.
     """
@@ -90,7 +99,7 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | None,
         size: int,
         in_chans: int,
-        decoded: np.ndarray | None = None,
+        decoded: DecodedRows | None = None,
         max_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.sources = list(sources)
@@ -106,11 +115,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         label = torch.as_tensor(self.labels[index])  # a class index, or a multi-hot row
         try:
-            pixels = (
-                np.array(self.decoded[index])  # a writable copy of the read-only map
-                if self.decoded is not None
-                else decode(self.sources[index], self.in_chans, self.max_pixels, self.size)
-            )
+            pixels = self.decoded.get(index) if self.decoded is not None else None
+            if pixels is None:
+                pixels = decode(self.sources[index], self.in_chans, self.max_pixels, self.size)
             image = torch.from_numpy(np.ascontiguousarray(fit_to(pixels, self.size)))
             error = ""
         except UnidentifiedImageError:  # its message names a BytesIO object for raw bytes
