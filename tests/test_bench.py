@@ -249,3 +249,21 @@ def test_speed_table_shows_the_spread_and_every_round() -> None:
     assert "| 3 | 80 | 100 | 0.80 |" in table
     assert "| train stage, 50% of its images in the decode cache | 80 | 80-80 | 100 (all" in table
     assert "| train stage, 0% of its images in the decode cache | 60 | 60-60 |" in table
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_cache_bench_fills_grows_and_reads_within_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    args = ["bench", "cache", "--images", "40", "--added", "4", "--image-size", "32"]
+    result = CliRunner().invoke(app, [*args, "--memory-limit-gb", "2"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "bench/results/cache_32px.json").read_text())
+    fill, grown, read = (figures["phases"][p] for p in ("fill", "incremental", "read"))
+    assert (fill["images"], grown["images"], read["images"]) == (40, 4, 44)  # only the new 4
+    image = 32 * 32 * 3
+    assert 4 * image <= grown["cache_bytes"] - fill["cache_bytes"] < 4 * image + 4096
+    assert 0 < fill["rss_after_imports_bytes"] <= fill["peak_rss_bytes"]
+    assert "| incremental | 4 |" in result.output

@@ -20,7 +20,13 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from opensig.bench.options import BenchOptions, ScaleOptions, SpeedOptions, WarmStartOptions
+from opensig.bench.options import (
+    BenchOptions,
+    CacheOptions,
+    ScaleOptions,
+    SpeedOptions,
+    WarmStartOptions,
+)
 from opensig.config import DEFAULT_PARAMS, Config, MlflowConfig, load_config
 from opensig.redaction import redact
 
@@ -694,6 +700,15 @@ def bench_warm_start(opts: WarmStartOptions, cfg: Config) -> None:
     from opensig.bench.warmstart import run_warm_start, to_markdown
 
     typer.echo(to_markdown(run_warm_start(cfg, opts)))
+
+
+@bench_app.command("cache")
+@_options_command(CacheOptions)
+def bench_cache(opts: CacheOptions, cfg: Config) -> None:
+    """The decode cache: filled under a memory limit smaller than its data, then grown."""
+    from opensig.bench.cache import run_cache, to_markdown
+
+    typer.echo(to_markdown(run_cache(opts)))
 
 
 @bench_app.command("speed")

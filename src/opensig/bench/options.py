@@ -108,3 +108,20 @@ class ScaleOptions:
     )
     out: Path = Path("bench/results")
     work: Path = Path("bench/work/scale")
+
+
+@dataclass
+class CacheOptions:
+    """`opensig bench cache`: the decode cache filled under a memory limit, then grown."""
+
+    images: int = field(default=12_000, metadata={"help": "Fashion-MNIST images to cache"})
+    image_size: int = field(  # 224 px x 3 channels: 150 kB an image, 1.8 GB for 12k
+        default=224, metadata={"help": "model input size the images are cached at"}
+    )
+    in_chans: int = 3
+    memory_limit_gb: float = field(
+        default=1.0, metadata={"help": "cgroup memory limit of the filling process (root only)"}
+    )
+    added: int = field(default=120, metadata={"help": "images added for the incremental fill"})
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work/cache")

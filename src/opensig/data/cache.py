@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import shutil
 import sqlite3
@@ -171,7 +172,10 @@ class Decoded:
         if shard < 0:
             return None
         if shard not in self._maps:
-            self._maps[shard] = np.load(self.folder / self.shards[shard], mmap_mode="r")
+            pixels = np.load(self.folder / self.shards[shard], mmap_mode="r")
+            # an epoch reads rows in a shuffled order: read-ahead would fetch pages no one asks for
+            pixels._mmap.madvise(mmap.MADV_RANDOM)
+            self._maps[shard] = pixels
         return np.array(self._maps[shard][self.row_of[index]])  # a writable copy
 
     def __getstate__(self) -> dict:
