@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,10 @@ def test_ingest_scale_measures_every_step_per_file(
     assert disk["dvc_cache"]["files"] == disk["remote"]["files"] == 308 + 2  # + 2 .dir files
     assert disk["data"]["disk_bytes"] >= disk["data"]["bytes"] > 0
     assert disk["log"]["files"] == 20
+    assert disk["dvc_dir_object"]["bytes"] > 308 * 50  # one entry per file
+    for name in ("dvc_site_cache", "dvc_site_cache_clone"):  # outside tmp_path: DVC's state
+        assert disk[name]["bytes"] > 0
+        shutil.rmtree(disk[name]["path"])
     assert steps["prediction log: read_log"]["rows"] == 2000
     assert steps["opensig monitor (monitor_log)"]["status"] in {"ok", "alert"}
     assert steps["opensig review export (export_from_log)"]["copied"] == 5

@@ -187,6 +187,16 @@ def _dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def site_cache(repo: Path) -> Path:
+    """DVC's own state for ``repo`` (file hashes, its index), kept outside the repository
+    (``/var/tmp/dvc/repo/<hash of the path>`` on Linux): it grows with the files tracked."""
+    code = "import sys; from dvc.repo import Repo; print(Repo(sys.argv[1]).site_cache_dir)"
+    found = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise RuntimeError(f"cannot find DVC's site cache of {repo}: {found.stderr[-2000:]}")
+    return Path(found.stdout.strip())
+
+
 # -- the steps (each in a fresh process) -------------------------------------------------
 
 
@@ -320,11 +330,35 @@ def _step(results: dict, name: str, figures: dict, items: int) -> dict:
     return figures
 
 
+def dvc_disk(repo: Path, clone: Path, remote: Path) -> dict:
+    """What DVC keeps for the tree: its cache, the remote, the clone's cache, its state outside
+    the repository (site cache), and the size of the one object listing every file (.dir)."""
+    import yaml
+
+    md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    listing = (repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).stat()
+    disk = {
+        "dvc_cache": footprint(repo / ".dvc" / "cache"),
+        "remote": footprint(remote),
+        "clone_dvc_cache": footprint(clone / ".dvc" / "cache"),
+        "dvc_dir_object": {
+            "files": 1,
+            "bytes": listing.st_size,
+            "disk_bytes": listing.st_blocks * 512,
+        },
+    }
+    for name, where in (("dvc_site_cache", repo), ("dvc_site_cache_clone", clone)):
+        folder = site_cache(where)
+        disk[name] = footprint(folder) | {"path": str(folder)}
+    return disk
+
+
 def _dvc_steps(results: dict, repo: Path, remote: Path, logs: Path, files: int) -> None:
     """The first ``dvc add``, ``status`` and ``push`` of the tree, committed to git."""
     _git("init", "-q", cwd=repo)
     for args in (("init", "-q"), ("remote", "add", "-d", "bench", str(remote.resolve()))):
         run_command(_dvc(*args), repo, logs)
+    shutil.rmtree(site_cache(repo), ignore_errors=True)  # an earlier run's, at the same path
     _step(results, "dvc add data", run_command(_dvc("add", "-q", "data"), repo, logs), files)
     _step(results, "dvc status (unchanged)", run_command(_dvc("status", "-q"), repo, logs), files)
     _step(results, "dvc push", run_command(_dvc("push", "-q"), repo, logs), files)
@@ -389,13 +423,10 @@ def run_ingest_scale(base_cfg: Config, opts: IngestScaleOptions) -> dict:
         _dvc_update(results, repo, logs, opts.files + added, added)
         clone = work / "clone"
         subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+        shutil.rmtree(site_cache(clone), ignore_errors=True)
         pull = run_command(_dvc("pull", "-q"), clone, logs)
         _step(results, "dvc pull (fresh clone)", pull, opts.files + added)
-        results["disk"] = {
-            "dvc_cache": footprint(repo / ".dvc" / "cache"),
-            "remote": footprint(work / "remote"),
-            "dvc_tmp": footprint(repo / ".dvc" / "tmp"),
-        }
+        results["disk"] = dvc_disk(repo, clone, work / "remote")
     results.setdefault("disk", {})["data"] = footprint(data)
 
     _log_steps(results, cfg, opts, work, base)
