@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from opensig.bench.options import (
     BenchOptions,
     CacheOptions,
+    IngestScaleOptions,
     ScaleOptions,
     SpeedOptions,
     WarmStartOptions,
@@ -727,3 +728,13 @@ def bench_scale(opts: ScaleOptions, cfg: Config) -> None:
     from opensig.bench.scale import run_scale, to_markdown
 
     typer.echo(to_markdown(run_scale(opts)))
+
+
+@bench_app.command("ingest-scale")
+@_options_command(IngestScaleOptions)
+def bench_ingest_scale(opts: IngestScaleOptions, cfg: Config) -> None:
+    """Per-file costs of ingest, dvc add/status/push/pull and the prediction log (monitor,
+    review export) on a synthetic tree of small PNGs: the figures of docs/scale.md."""
+    from opensig.bench.ingest_scale import run_ingest_scale, to_markdown
+
+    typer.echo(to_markdown(run_ingest_scale(cfg, opts)))

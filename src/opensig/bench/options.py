@@ -125,3 +125,23 @@ class CacheOptions:
     added: int = field(default=120, metadata={"help": "images added for the incremental fill"})
     out: Path = Path("bench/results")
     work: Path = Path("bench/work/cache")
+
+
+@dataclass
+class IngestScaleOptions:
+    """`opensig bench ingest-scale`: per-file costs of ingest, DVC and the prediction log."""
+
+    files: int = field(  # at least 200k for the per-file figure (issue: docs/scale.md)
+        default=200_000, metadata={"help": "small PNG files in the synthetic data tree"}
+    )
+    added: int | None = field(  # the next retrain's new images: the incremental re-run
+        default=None, metadata={"help": "files added before the incremental re-run [1% of --files]"}
+    )
+    log_rows: int = field(default=1_000_000, metadata={"help": "rows in the prediction log"})
+    log_batch: int = field(  # predict --log writes one file per job, a served worker per request
+        default=1000, metadata={"help": "rows per prediction-log file (one append)"}
+    )
+    review_max: int = field(default=200, metadata={"help": "review export: images per batch"})
+    dvc: bool = field(default=True, metadata={"help": "time dvc add, status, push and pull"})
+    out: Path = Path("bench/results")
+    work: Path = Path("bench/work/ingest-scale")
