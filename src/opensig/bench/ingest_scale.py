@@ -189,7 +189,8 @@ def _dvc(*args: str) -> list[str]:
 
 def site_cache(repo: Path) -> Path:
     """DVC's own state for ``repo`` (file hashes, its index), kept outside the repository
-    (``/var/tmp/dvc/repo/<hash of the path>`` on Linux): it grows with the files tracked."""
+    (``/var/tmp/dvc/repo/<hash>`` on Linux, a new one per new repository): it grows with the
+    files tracked."""
     code = "import sys; from dvc.repo import Repo; print(Repo(sys.argv[1]).site_cache_dir)"
     found = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True)
     if found.returncode != 0:
@@ -332,7 +333,8 @@ def _step(results: dict, name: str, figures: dict, items: int) -> dict:
 
 def dvc_disk(repo: Path, clone: Path, remote: Path) -> dict:
     """What DVC keeps for the tree: its cache, the remote, the clone's cache, its state outside
-    the repository (site cache), and the size of the one object listing every file (.dir)."""
+    the repository (site cache, removed once measured: DVC would leave it behind for every
+    run's new repository), and the size of the one object listing every file (.dir)."""
     import yaml
 
     md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
@@ -350,6 +352,7 @@ def dvc_disk(repo: Path, clone: Path, remote: Path) -> dict:
     for name, where in (("dvc_site_cache", repo), ("dvc_site_cache_clone", clone)):
         folder = site_cache(where)
         disk[name] = footprint(folder) | {"path": str(folder)}
+        shutil.rmtree(folder)
     return disk
 
 
@@ -358,7 +361,6 @@ def _dvc_steps(results: dict, repo: Path, remote: Path, logs: Path, files: int) 
     _git("init", "-q", cwd=repo)
     for args in (("init", "-q"), ("remote", "add", "-d", "bench", str(remote.resolve()))):
         run_command(_dvc(*args), repo, logs)
-    shutil.rmtree(site_cache(repo), ignore_errors=True)  # an earlier run's, at the same path
     _step(results, "dvc add data", run_command(_dvc("add", "-q", "data"), repo, logs), files)
     _step(results, "dvc status (unchanged)", run_command(_dvc("status", "-q"), repo, logs), files)
     _step(results, "dvc push", run_command(_dvc("push", "-q"), repo, logs), files)
@@ -423,7 +425,6 @@ def run_ingest_scale(base_cfg: Config, opts: IngestScaleOptions) -> dict:
         _dvc_update(results, repo, logs, opts.files + added, added)
         clone = work / "clone"
         subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-        shutil.rmtree(site_cache(clone), ignore_errors=True)
         pull = run_command(_dvc("pull", "-q"), clone, logs)
         _step(results, "dvc pull (fresh clone)", pull, opts.files + added)
         results["disk"] = dvc_disk(repo, clone, work / "remote")
