@@ -97,6 +97,15 @@ def project(tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) 
     return tmp_path
 
 
+@pytest.fixture
+def params_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory: a temp folder holding only the shrunk params.yaml (for the
+    commands that write their own data, as the benchmarks do)."""
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real resnet10t bundle (classes 0, 1, 2; 16 px; thresholds 0.5), untrained: enough

@@ -68,13 +68,10 @@ def test_bench_options_are_checked_before_anything_runs(tmp_path: Path) -> None:
             checked(BenchOptions(work=tmp_path, **bad))
 
 
-def test_bench_on_two_random_class_splits_of_digits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("params_here")
+def test_bench_on_two_random_class_splits_of_digits(tmp_path: Path) -> None:
     """The open-set protocol on random class splits, tiny: every split trains and is scored
     with each feature score, and the novel images are the split's novel classes."""
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path)
     args = ["bench", "openset", "--dataset", "digits", "--splits", "2", "--epochs", "1"]
     args += ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "64"]
     args += ["--device", "cpu", "--method", "sigmoid_bce"]
@@ -105,11 +102,8 @@ def test_bench_on_two_random_class_splits_of_digits(
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_bench_command_runs_every_method_on_a_tiny_sample(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path)
+@pytest.mark.usefixtures("params_here")
+def test_bench_command_runs_every_method_on_a_tiny_sample(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
         [
@@ -146,11 +140,8 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_speed_bench_measures_every_figure_against_its_limit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path)
+@pytest.mark.usefixtures("params_here")
+def test_speed_bench_measures_every_figure_against_its_limit(tmp_path: Path) -> None:
     args = ["bench", "speed", "--backbone", "resnet10t", "--image-size", "16"]
     args += ["--per-class", "30", "--epochs", "2", "--rounds", "2", "--ingest-images", "10"]
     args += ["--device", "cpu"]
@@ -252,11 +243,8 @@ def test_speed_table_shows_the_spread_and_every_round() -> None:
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_cache_bench_fills_grows_and_reads_within_its_limit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path)
+@pytest.mark.usefixtures("params_here")
+def test_cache_bench_fills_grows_and_reads_within_its_limit(tmp_path: Path) -> None:
     args = ["bench", "cache", "--images", "40", "--added", "4", "--image-size", "32"]
     result = CliRunner().invoke(app, [*args, "--memory-limit-gb", "2"])
     assert result.exit_code == 0, result.output

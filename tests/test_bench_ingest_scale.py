@@ -11,14 +11,10 @@ from typer.testing import CliRunner
 from opensig.bench.ingest_scale import check
 from opensig.bench.options import IngestScaleOptions
 from opensig.cli import app
-from tests.conftest import write_params
 
 
-def test_ingest_scale_measures_every_step_per_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path)
+@pytest.mark.usefixtures("params_here")
+def test_ingest_scale_measures_every_step_per_file(tmp_path: Path) -> None:
     args = ["bench", "ingest-scale", "--files", "300", "--added", "8"]
     args += ["--log-rows", "2000", "--log-batch", "100", "--review-max", "5"]
     result = CliRunner().invoke(app, args)
