@@ -1,5 +1,6 @@
 """Post-hoc feature scores: hand-computed values, scipy's Mahalanobis distance, the combined
-score's promises (argmax kept, [0, 1]), and the safetensors round trip."""
+score's promises (argmax kept, [0, 1]), its calibration against Platt's method written with
+scipy, older files scoring as before, and the safetensors round trip."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from scipy.spatial.distance import mahalanobis
 
 from opensig.posthoc import (
     FeatureScore,
+    calibrated,
     class_means,
     ecdf,
+    fit_calibration,
     fit_feature_score,
     normalise,
     reference,
@@ -132,9 +135,10 @@ def test_saved_and_loaded_scores_alike(tmp_path: Path) -> None:
     features = rng.normal(size=(60, 8)) + labels[:, None]
     val_features = rng.normal(size=(20, 8))
     val_head = rng.uniform(size=(20, 2))
+    val_labels = np.where(np.arange(20) < 15, 1, -1)  # 15 known, 5 unknown
     for kind in ("mahalanobis", "knn"):
         fitted = fit_feature_score(
-            kind, features, labels, val_head, val_features, np.arange(20) < 15, 2, k=5
+            kind, features, labels, val_head, val_features, val_labels, 2, k=5
         )
         path = tmp_path / f"{kind}.safetensors"
         fitted.save(path)
@@ -149,11 +153,11 @@ def test_fit_and_load_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     features, labels = np.eye(4), np.array([0, 0, 1, 1])
     head = np.full((4, 2), 0.5)
     with pytest.raises(ValueError, match="no image of a known class"):
-        fit_feature_score("mahalanobis", features, labels, head, features, np.zeros(4), 2)
+        fit_feature_score("mahalanobis", features, labels, head, features, np.full(4, -1), 2)
     with pytest.raises(ValueError, match="knn_k"):
-        fit_feature_score("knn", features, labels, head, features, np.ones(4), 2, k=0)
+        fit_feature_score("knn", features, labels, head, features, np.zeros(4), 2, k=0)
     with pytest.raises(ValueError, match="feature_score 'cosine'"):
-        fit_feature_score("cosine", features, labels, head, features, np.ones(4), 2)
+        fit_feature_score("cosine", features, labels, head, features, np.zeros(4), 2)
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not an opensig feature score file"):
@@ -177,7 +181,7 @@ def test_thresholds_file_names_its_feature_score_and_refuses_another(
     rng = np.random.default_rng(0)
     features, labels = rng.normal(size=(30, 512)), np.arange(30) % 3
     fitted = fit_feature_score(
-        "mahalanobis", features, labels, rng.uniform(size=(30, 3)), features, labels >= 0, 3
+        "mahalanobis", features, labels, rng.uniform(size=(30, 3)), features, labels, 3
     )
     write_thresholds(
         thresholds, classes, [0.5] * 3, "fixed", {}, model_sha256=digest, feature_score=fitted
@@ -187,7 +191,7 @@ def test_thresholds_file_names_its_feature_score_and_refuses_another(
     assert loaded is not None and torch.equal(loaded.whiten, fitted.whiten)
 
     other = fit_feature_score(
-        "knn", features, labels, rng.uniform(size=(30, 3)), features, labels >= 0, 3
+        "knn", features, labels, rng.uniform(size=(30, 3)), features, labels, 3
     )
     other.save(stats)  # statistics that are not the ones the thresholds were tuned on
     with pytest.raises(ValueError, match=r"not the feature score .* was tuned on"):
@@ -195,3 +199,73 @@ def test_thresholds_file_names_its_feature_score_and_refuses_another(
     stats.unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         Bundle.load(folder)
+
+
+def _platt_by_scipy(x: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """Platt (1999) written out: minimise the log-loss against his targets with scipy."""
+    from scipy.optimize import minimize
+
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    target = np.where(positive, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(params: np.ndarray) -> float:
+        z = params[0] * x + params[1]
+        return float(np.sum(np.logaddexp(0, z) - target * z))
+
+    slope, intercept = minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+    return -slope, intercept / -slope
+
+
+def test_calibration_is_platts_fit_on_the_log_surprisal() -> None:
+    rng = np.random.default_rng(0)
+    known = rng.uniform(0.05, 1.0, 300) ** 2  # levels of known images: often high
+    other = rng.uniform(0.0, 0.3, 200) ** 3  # of unknown ones: low, overlapping
+    level = np.concatenate([known, other]).astype(np.float32)
+    positive = np.arange(500) < 300
+    slope, log_u50 = fit_calibration(level, positive)
+    x = np.log(-np.log(level.astype(np.float64)))
+    assert (slope, log_u50) == pytest.approx(_platt_by_scipy(x, positive), rel=1e-3)
+    # p = 1 / (1 + (u / u50) ** k): a half at u50, by hand at u = 2 u50
+    calibration = torch.tensor([slope, log_u50])
+    at = torch.tensor([math.exp(-math.exp(log_u50)), math.exp(-2 * math.exp(log_u50))])
+    assert calibrated(at, calibration).tolist() == pytest.approx(
+        [0.5, 1 / (1 + 2**slope)], rel=1e-4
+    )
+
+
+def test_separable_validation_still_gives_a_finite_increasing_probability() -> None:
+    level = np.array([0.9, 0.6, 0.3, 0.05, 1e-20, 1e-30, 0.0], dtype=np.float32)
+    positive = np.array([True] * 4 + [False] * 3)
+    slope, log_u50 = fit_calibration(level, positive)
+    assert 0 < slope < 50 and np.isfinite(log_u50)
+    p = calibrated(torch.from_numpy(level), torch.tensor([slope, log_u50]))
+    assert (p[:-1] > p[1:]).all() and (p > 0).all() and (p < 1).all()  # ranks kept, no ties
+    assert p[3] > 0.5 > p[4]  # the boundary lies between the two groups
+
+
+def test_nothing_to_calibrate_on_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    level = np.array([0.9, 0.5, 0.01], dtype=np.float32)
+    assert fit_calibration(level, np.ones(3, dtype=bool)) == pytest.approx(
+        (1.0, math.log(-math.log(0.01)))
+    )
+    assert "cannot be calibrated" in caplog.text and "add unknown images" in caplog.text
+
+
+def test_file_without_calibration_scores_as_before(tmp_path: Path) -> None:
+    # A feature score saved by an older opensig: no calibration, no scale in its metadata.
+    score = _score("mahalanobis", whiten=[[1.0, 0.0], [0.0, 1.0]], centres=[[0.0, 0.0]])
+    path = tmp_path / "old.safetensors"
+    tensors = {name: buf.contiguous() for name, buf in score.named_buffers()}
+    save_file(tensors, str(path), metadata={"kind": "mahalanobis", "k": "2"})
+    old = FeatureScore.load(path)
+    assert old.scale == "level" and old.describe()["scale"] == "level"
+    head = torch.tensor([[0.3, 0.95], [0.7, 0.5]])
+    features = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    level = old.level(head, features)
+    expected = head / head.max(dim=1, keepdim=True).values * level.unsqueeze(1)
+    assert torch.equal(old(head, features), expected)
+    # the same statistics with a calibration: a strictly increasing map of the same level
+    score.register_buffer("calibration", torch.tensor([2.0, 0.0]))
+    new = score(head, features)
+    assert score.scale == "probability" and (new.argmax(dim=1) == head.argmax(dim=1)).all()
+    assert torch.allclose(new.max(dim=1).values, calibrated(level, score.calibration))

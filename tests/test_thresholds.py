@@ -241,14 +241,17 @@ def test_strategies_reject_out_of_range_labels() -> None:
         precision(np.zeros((2, 2)), np.array([-2, 0]))
 
 
-def test_f1_keeps_the_highest_of_equally_good_thresholds() -> None:
-    # Any class-0 threshold in (0.1, 0.8] is perfect on this validation set; the conservative
-    # choice is the top of that range, the lowest positive score.
+def test_f1_keeps_0_5_among_equally_good_thresholds_else_the_highest() -> None:
+    # Any class-0 threshold in (0.1, 0.8] and class-1 one in (0.2, 0.7] is perfect on this
+    # validation set: 0.5, the calibrated boundary, is among them and stays.
     scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.9], [0.1, 0.7], [0.1, 0.1]])
     labels = np.array([0, 0, 1, 1, UNKNOWN])
-    thresholds = f1(scores, labels)
-    assert thresholds == pytest.approx([0.8, 0.7])
-    assert macro_f1(labels, decide(scores, thresholds)) == pytest.approx(1.0)
+    assert f1(scores, labels) == pytest.approx([0.5, 0.5])
+    # One class: perfect in (0.6, 0.8] (no 0.5 there), then in (0.1, 0.45]: the top of the
+    # range, the lowest positive score (conservative: validation has no novel unknowns).
+    one = np.array([0, 0, UNKNOWN, UNKNOWN])
+    assert f1(np.array([[0.9], [0.8], [0.1], [0.6]]), one) == pytest.approx([0.8])
+    assert f1(np.array([[0.45], [0.5], [0.1], [0.05]]), one) == pytest.approx([0.45])
 
 
 def test_doc_by_hand() -> None:

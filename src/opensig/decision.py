@@ -2,11 +2,11 @@
 score statistics beside it.
 
 ``thresholds.json`` holds one threshold per class, the ``model_digest`` of the model they
-were tuned for and the feature score they were tuned on; ``feature_score.safetensors`` holds
-that score's statistics. Tune writes both (:func:`write_thresholds`), a
-:class:`~opensig.predict.Bundle` reads them (:func:`read_thresholds`), register copies and
-fingerprints them (:func:`decision_files`). Nothing here imports predict: data flows from
-this format to the code that decides, not back.
+were tuned for, the scale of the scores (``score_scale``) and the feature score they were
+tuned on; ``feature_score.safetensors`` holds that score's statistics and calibration.
+Tune writes both (:func:`write_thresholds`), a :class:`~opensig.predict.Bundle` reads them
+(:func:`read_thresholds`), register copies and fingerprints them (:func:`decision_files`).
+Nothing here imports predict: data flows from this format to the code that decides, not back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from opensig.io import file_digest, read_json, write_json
 from opensig.model import model_digest
-from opensig.posthoc import FeatureScore, save_empty_score
+from opensig.posthoc import OLD_SCALE, FeatureScore, save_empty_score
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ THRESHOLDS_FILE = "thresholds.json"
 MODEL_DIGEST_KEY = "model_sha256"  # in thresholds.json: the model_digest they were tuned for
 FEATURE_SCORE_KEY = "feature_score"  # in thresholds.json: the post-hoc score they were tuned on
 FEATURE_SCORE_FILE = "feature_score.safetensors"  # its statistics, beside thresholds.json
+SCALE_KEY = "score_scale"  # in thresholds.json: what the scores and thresholds are (README)
+HEAD_SCALE = "head"  # tune.feature_score none: the method's own per-class scores
 
 
 def write_thresholds(
@@ -54,10 +56,17 @@ def write_thresholds(
             "strategy": strategy,
             "options": options,
             MODEL_DIGEST_KEY: model_sha256,
+            SCALE_KEY: score_scale(feature_score),
             FEATURE_SCORE_KEY: described,
             "thresholds": {c: float(v) for c, v in zip(classes, values, strict=True)},
         },
     )
+
+
+def score_scale(feature_score: FeatureScore | None) -> str:
+    """What the scores are (README: Reading a score): the calibrated probability, the
+    head's own scores (no feature score), or the product of CDFs of an older model."""
+    return feature_score.scale if feature_score is not None else HEAD_SCALE
 
 
 def read_thresholds(
@@ -95,7 +104,14 @@ def read_thresholds(
             )
         log.warning("%s; used anyway (--force)", problem)
     values = np.array([by_class[c] for c in classes], dtype=np.float64)
-    return values, _read_feature_score(path, content.get(FEATURE_SCORE_KEY))
+    feature_score = _read_feature_score(path, content.get(FEATURE_SCORE_KEY))
+    if feature_score is not None and feature_score.scale == OLD_SCALE:
+        log.info(
+            "%s: scores on the scale before calibrated probabilities (the product of two "
+            "CDFs), as it was tuned; rerun `opensig tune` for readable scores",
+            path,
+        )
+    return values, feature_score
 
 
 def decision_files(thresholds: Path) -> list[Path]:

@@ -22,6 +22,7 @@ import torch
 
 import opensig
 from opensig.data.dataset import model_input
+from opensig.decision import score_scale
 from opensig.io import atomic_write
 from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import get_method
@@ -41,8 +42,9 @@ INPUT_DOC = (
     "is 1) and resized to image_size x image_size; normalisation is in the graph"
 )
 OUTPUT_DOC = (
-    "float32 (N, K): per-class scores in [0, 1], in the order of classes (the head's, "
-    "times the feature score's when feature_score is not none: both are in the graph)"
+    "float32 (N, K): per-class scores in [0, 1], in the order of classes, on the scale "
+    "score_scale names (probability: the head's and the feature score's vote, calibrated; "
+    "head: the head's own scores); everything is in the graph"
 )
 
 
@@ -75,6 +77,7 @@ def metadata(bundle: Bundle) -> dict[str, str]:
         "feature_score": (
             bundle.feature_score.describe() if bundle.feature_score else {"kind": "none"}
         ),
+        "score_scale": score_scale(bundle.feature_score),
         "backbone": spec.backbone,
         "input": INPUT_DOC,
         "output": OUTPUT_DOC,

@@ -292,12 +292,12 @@ def _caption(result: Evaluation, kind: str, i: int) -> str:
     else:
         truth = classes[label]
     decided = UNKNOWN_LABEL if pred == UNKNOWN else classes[pred]
-    if kind == MISTAKES[0]:
-        detail = f"s {scores[label]:.2f} < t {thresholds[label]:.2f}"
-    elif kind == MISTAKES[1]:
-        detail = f"s {scores[pred]:.2f} ≥ t {thresholds[pred]:.2f}"
+    k = label if kind == MISTAKES[0] else pred
+    margin = f"s {scores[k]:.2f} {'<' if kind == MISTAKES[0] else '≥'} t {thresholds[k]:.2f}"
+    if kind == MISTAKES[2]:
+        detail = f"{margin}, true s {scores[label]:.2f}"
     else:
-        detail = f"s {scores[pred]:.2f}, true s {scores[label]:.2f}"
+        detail = f"{margin} ({scores[k] - thresholds[k]:+.2f})"
     return f"{truth}\n→ {decided}\n{detail}"
 
 
@@ -330,7 +330,7 @@ def write_mistakes(result: Evaluation, out_dir: Path) -> list[Path]:
     fig.suptitle(
         "Worst mistakes on the test split\n"
         "s: the score behind the decision (of the true class for a known image called "
-        "unknown, else of the class given); t: that class's tuned threshold",
+        "unknown, else of the class given); t: that class's tuned threshold; (s - t)",
         y=1.0 + 0.5 / fig.get_figheight(),
         fontsize=11,
     )

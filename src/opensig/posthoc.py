@@ -4,18 +4,30 @@ classes', fitted in ``tune`` after training and combined with the head's per-cla
 Why: a head trained with unknown images learns to reject *those* unknowns; images unlike
 anything in training (the "novel" ones) can still get a confident class score. The feature
 space tells them apart better (bench/README.md: novel AUROC 0.91 -> 0.96 on Fashion-MNIST),
-while the head stays best on unknowns like the trained ones. So both vote:
+while the head stays best on unknowns like the trained ones. So both vote, and the vote is
+put on a scale a person can read:
 
-    score_k = head_k / head_top * F_head(head_top) * F_feature(s)
+    level   = F_head(head_top) * F_feature(s)
+    u       = -ln(level)                           (the image's surprisal, in nats)
+    p       = 1 / (1 + (u / u50) ** k)             (calibrated on validation, see below)
+    score_k = head_k / head_top * p
 
 ``head_k`` is the method's per-class score, ``head_top`` the image's highest one, ``s`` the
 feature score (higher = more like the known training images), and each ``F`` is the
 empirical CDF of that score over the known validation images: the share of known images the
-value beats (made continuous, :func:`ecdf`). So the top score becomes the product of the two
-levels: an image keeps a high score only if it looks known to the head *and* in feature
-space. The other classes keep their ratio to the top one, so the argmax class never changes
-(the CDFs alone would tie the classes above every reference value), the scores stay in
-[0, 1], and thresholds and :func:`opensig.thresholds.decide` apply unchanged.
+value beats (made continuous, :func:`ecdf`). An image keeps a high level only if it looks
+known to the head *and* in feature space; ``level`` ranks images well but is unreadable
+(a typical known image scores 0.25, the least typical validation ones 1e-8).
+
+``p`` is that ranking calibrated (:func:`fit_calibration`): the probability that an image
+with this surprisal is a known image of its top class, fitted on the validation split by
+Platt scaling (logistic regression of "known, and its top class is right" on ``ln u``),
+so that ``p = 0.5`` at surprisal ``u50`` and ``k`` says how fast it falls. It is a strictly
+increasing function of ``level``: every ranking (AUROC, OSCR, FPR95) is the one ``level``
+gives. The other classes keep their ratio to the top one, so the argmax class never changes,
+the scores stay in [0, 1], and thresholds and :func:`opensig.thresholds.decide` apply
+unchanged. Files written before this scale (no ``calibration`` in them) score ``level``
+as they always did.
 
 Feature scores (``tune.feature_score``):
 
@@ -33,6 +45,8 @@ statistics are saved as safetensors, with the settings in its metadata: no pickl
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +54,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from opensig.io import atomic_write
+from opensig.labels import UNKNOWN
 from opensig.methods import Method
 from opensig.model import features_and_logits
+
+log = logging.getLogger(__name__)
 
 FEATURE_SCORES = ("mahalanobis", "knn", "none")
 MAX_REFERENCE = 2048  # points kept of each empirical CDF: quantiles when there are more
 _MIN_RAMP = 0.05  # the narrowest ramp of an empirical CDF, in mean gaps (see ecdf)
 _EIGEN_CUTOFF = 1e-6  # whitening drops covariance directions below this share of the largest
+SCALE = "probability"  # what the combined scores are, in files with a calibration (see above)
+OLD_SCALE = "level"  # ... in files written before it: the product of the two CDFs
+_LEVEL_FLOOR = 1e-38  # float32's smallest normal: a level of 0 (underflow) is this surprisal
+_SURPRISAL_FLOOR = 1e-6  # nats: levels above 1 - 1e-6 are float32 noise away from 1
 
 
 def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -115,6 +136,56 @@ def ecdf(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (below + inside + above) / (ref.numel() + 1)
 
 
+def log_surprisal(level: torch.Tensor) -> torch.Tensor:
+    """``ln u`` with ``u = -ln(level)``: where the calibration is linear (see above)."""
+    surprisal = -torch.log(level.float().clamp_min(_LEVEL_FLOOR))
+    return torch.log(surprisal.clamp_min(_SURPRISAL_FLOOR))
+
+
+def calibrated(level: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
+    """``p = 1 / (1 + (u / u50) ** k)`` from ``calibration = (k, ln u50)``: strictly
+    increasing in ``level`` (a sigmoid of ``ln u``, which the ONNX graph holds)."""
+    k, log_u50 = calibration[0], calibration[1]
+    return torch.sigmoid(-k * (log_surprisal(level) - log_u50))
+
+
+def fit_calibration(level: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """``(k, ln u50)`` by Platt scaling: logistic regression of ``positive`` (a known image
+    whose top class is right) on ``ln u``, with Platt's targets ``(N+ + 1) / (N+ + 2)`` and
+    ``1 / (N- + 2)`` instead of 1 and 0, so that separable validation data (no unknown as
+    typical as the least typical known image) still gives a finite slope.
+
+    Without both kinds of image there is nothing to calibrate on: then ``k = 1`` and ``u50``
+    is the largest surprisal of the validation images, with a warning.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = log_surprisal(torch.from_numpy(np.asarray(level, dtype=np.float32))).double().numpy()
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    why = "it needs both"
+    if n_pos and n_neg:
+        target = np.where(positive, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+        fit = LogisticRegression(C=np.inf).fit(
+            np.concatenate([x, x])[:, None],
+            np.repeat([1, 0], x.size),
+            sample_weight=np.concatenate([target, 1 - target]),
+        )
+        slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if slope < 0:
+            return -slope, intercept / -slope
+        why = "the first do not look more typical than the others"
+    log.warning(
+        "the scores cannot be calibrated on the val split's %d known image(s) given their "
+        "class and %d other image(s) (%s), so they are not probabilities; add unknown "
+        "images (data/unknown/<source>/) and rerun `opensig tune`",
+        n_pos,
+        n_neg,
+        why,
+    )
+    return 1.0, float(x.max())
+
+
 class FeatureScore(torch.nn.Module):
     """(head scores (N, K), features (N, D)) -> combined per-class scores (N, K)."""
 
@@ -137,15 +208,27 @@ class FeatureScore(torch.nn.Module):
         k = min(self.k, self.bank.shape[0])
         return (unit @ self.bank.T).topk(k, dim=1).values[:, -1]
 
+    def level(self, head: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(N,) the product of the two CDFs: the ranking the scores keep (see above)."""
+        top = head.float().max(dim=1).values
+        return ecdf(top, self.head_ref) * ecdf(self.known_score(features), self.feature_ref)
+
+    @property
+    def scale(self) -> str:
+        """What the scores are: :data:`SCALE`, or :data:`OLD_SCALE` for an older file."""
+        return SCALE if hasattr(self, "calibration") else OLD_SCALE
+
     def forward(self, head: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         head = head.float()
         top = head.max(dim=1, keepdim=True).values
-        level = ecdf(top[:, 0], self.head_ref) * ecdf(self.known_score(features), self.feature_ref)
+        level = self.level(head, features)
+        if hasattr(self, "calibration"):
+            level = calibrated(level, self.calibration)
         return head / top.clamp_min(1e-12) * level.unsqueeze(1)
 
     def save(self, path: Path) -> None:
         tensors = {name: buf.contiguous() for name, buf in self.named_buffers()}
-        meta = {"kind": self.kind, "k": str(self.k)}
+        meta = {"kind": self.kind, "k": str(self.k), "scale": self.scale}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -160,7 +243,12 @@ class FeatureScore(torch.nn.Module):
 
     def describe(self) -> dict:
         """What a reader of thresholds.json or the ONNX metadata needs to know about it."""
-        return {"kind": self.kind, **({"k": self.k} if self.kind == "knn" else {})}
+        described = {"kind": self.kind, **({"k": self.k} if self.kind == "knn" else {})}
+        described["scale"] = self.scale
+        if hasattr(self, "calibration"):
+            slope, log_u50 = self.calibration.tolist()
+            described["calibration"] = {"u50": math.exp(log_u50), "k": slope}
+        return described
 
 
 def save_empty_score(path: Path) -> None:
@@ -174,16 +262,20 @@ def fit_feature_score(
     train_labels: np.ndarray,
     val_head: np.ndarray,
     val_features: np.ndarray,
-    val_known: np.ndarray,
+    val_labels: np.ndarray,
     num_classes: int,
     k: int = 50,
 ) -> FeatureScore:
-    """Fit the feature statistics on the known training images, then both empirical CDFs on
-    the known validation images (the head's max score, and the feature score).
+    """Fit the feature statistics on the known training images, both empirical CDFs on the
+    known validation images (the head's max score, and the feature score), then the
+    calibration on every validation image.
 
-    ``train_labels`` are class indices (unknown images left out by the caller); ``val_known``
-    marks the validation images of known classes (the CDFs are "how typical of a known image").
+    ``train_labels`` are class indices (unknown images left out by the caller);
+    ``val_labels`` class indices with ``UNKNOWN`` (the CDFs are "how typical of a known
+    image", the calibration "how likely a known image of its top class").
     """
+    val_labels = np.asarray(val_labels)
+    val_known = val_labels != UNKNOWN
     if not np.any(val_known):
         raise ValueError(
             "the val split has no image of a known class to calibrate the feature score on; "
@@ -209,11 +301,16 @@ def fit_feature_score(
         },
         k,
     )
-    known = np.asarray(val_known, dtype=bool)
+    known = val_known
     with torch.no_grad():
         feats = torch.from_numpy(np.asarray(val_features, dtype=np.float32)[known])
         score.feature_ref = torch.from_numpy(reference(score.known_score(feats).numpy())).float()
     score.head_ref = torch.from_numpy(reference(np.asarray(val_head)[known].max(axis=1))).float()
+    with torch.no_grad():
+        head = torch.from_numpy(np.asarray(val_head, dtype=np.float32))
+        level = score.level(head, torch.from_numpy(np.asarray(val_features, dtype=np.float32)))
+    right = known & (np.asarray(val_head).argmax(axis=1) == val_labels)
+    score.register_buffer("calibration", torch.tensor(fit_calibration(level.numpy(), right)))
     return score
 
 

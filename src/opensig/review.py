@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from opensig.data.scan import (
@@ -75,7 +76,8 @@ def select_for_review(
     (not the served model's ``image[i]``) stands for it. Without ``thresholds`` (the log does
     not hold them) the margin is the score itself. Rows with an error, and images in
     ``exclude`` (already in the data or exported), are left out. Adds a ``margin`` column
-    (empty for ``unknown``).
+    (for ``unknown``: how far under its threshold the nearest class is, below 0; empty
+    without thresholds) and ``nearest``, that class (``unknown`` rows only).
     """
     ok = log_rows["error"].fillna("").eq("") & log_rows["sha256"].notna()
     rows = log_rows[ok & ~log_rows["sha256"].isin(exclude)]
@@ -87,8 +89,13 @@ def select_for_review(
         .drop(columns="_file")
     )
     unknown = rows["label"] == UNKNOWN_LABEL
-    offset = rows["label"].map(dict(thresholds)) if thresholds else 0.0
-    rows = rows.assign(margin=(rows["score"] - offset).where(~unknown))
+    nearest = _nearest_class(rows, list(thresholds or {}))
+    if thresholds:
+        limit = rows["label"].where(~unknown, nearest).map(dict(thresholds))
+        rows = rows.assign(margin=rows["score"] - limit)
+    else:
+        rows = rows.assign(margin=rows["score"].where(~unknown))
+    rows = rows.assign(nearest=nearest.where(unknown))
     picked = pd.concat(
         [
             rows[unknown].sort_values("time", ascending=False, kind="stable"),
@@ -96,6 +103,18 @@ def select_for_review(
         ]
     )
     return picked.head(max_images).reset_index(drop=True)
+
+
+def _nearest_class(rows: pd.DataFrame, classes: list[str]) -> pd.Series:
+    """The class of each row's highest ``score_<class>`` among ``classes`` (None where the
+    row has none of them: another model version's classes)."""
+    columns = [c for c in classes if f"score_{c}" in rows.columns]
+    if not columns or rows.empty:
+        return pd.Series(None, index=rows.index, dtype=object)
+    values = rows[[f"score_{c}" for c in columns]].to_numpy(dtype=float)
+    best = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
+    names = np.array(columns, dtype=object)[best]
+    return pd.Series(np.where(np.isnan(values).all(axis=1), None, names), index=rows.index)
 
 
 def data_hashes(data_root: Path, cache: Path | None = None) -> dict[str, dict[str, str]]:
@@ -157,10 +176,14 @@ def _unavailable(path: str, sha256: str) -> str | None:
     return None
 
 
-def _action(label: str, margin: float) -> str:
+def _action(label: str, margin: float, nearest: str | None) -> str:
     if label == UNKNOWN_LABEL:
+        near = ""
+        if isinstance(nearest, str) and not pd.isna(margin):
+            near = f" (nearest '{nearest}', {-margin:.3f} under its threshold)"
         return (
-            "a class? labeled/<class>/ (a new name is a new class), else labeled/unknown/<source>/"
+            f"a class?{near} labeled/<class>/ (a new name is a new class), "
+            "else labeled/unknown/<source>/"
         )
     return f"check: '{label}' by {margin:.3f} over its threshold; move to labeled/<class>/"
 
@@ -203,7 +226,9 @@ def export_batch(
                 "predicted_label": label,
                 "score": rec["score"],
                 "margin": rec["margin"],
-                "suggested_action": "" if reason else _action(label, rec["margin"]),
+                "suggested_action": (
+                    "" if reason else _action(label, rec["margin"], rec["nearest"])
+                ),
                 "reason": reason or "",
                 "label": "",
             }

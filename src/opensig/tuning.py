@@ -1,6 +1,6 @@
 """What the tune stage fits on a trained model: the feature score (on the known training
-images, its CDFs on the known validation images), then one threshold per class on the
-validation scores it gives. Never the test split."""
+images, its CDFs and its calibration on the validation images), then one threshold per class
+on the validation scores it gives. Never the test split."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from opensig.data.manifest import label_targets
 from opensig.evaluation import score_rows
-from opensig.labels import UNKNOWN, UNKNOWN_LABEL
+from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.model import ModelSpec
 from opensig.posthoc import FeatureScore, Scorer, fit_feature_score
@@ -57,7 +57,7 @@ def fit_decision(
         label_targets(train_known["label"], spec.classes, False),
         val_head,
         val_features,
-        val_labels != UNKNOWN,
+        val_labels,
         spec.num_classes,
         knn_k,
     )

@@ -87,6 +87,27 @@ def test_outputs_and_manifest(in_pipeline: Path) -> None:
     assert thresholds["model_sha256"] == model_digest(Path("artifacts/model"))  # tuned for it
 
 
+def test_scores_are_calibrated_probabilities_with_readable_thresholds(in_pipeline: Path) -> None:
+    """Issue 24: the scale is in the file, and every tuned threshold lands in [0.05, 0.95]."""
+    thresholds = json.loads(Path("artifacts/thresholds.json").read_text())
+    assert thresholds["score_scale"] == "probability"
+    calibration = thresholds["feature_score"]["calibration"]
+    assert calibration["k"] > 0 and calibration["u50"] > 0
+    assert all(0.05 <= t <= 0.95 for t in thresholds["thresholds"].values()), thresholds
+    # known test images mostly score high, unknown ones low: the scale reads as it says
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.evaluation import evaluate_bundle
+    from opensig.predict import Bundle
+
+    result = evaluate_bundle(
+        Bundle.load(Path("artifacts/model"), Path("artifacts/thresholds.json")),
+        split_rows(read_manifest(Path("artifacts/manifest.parquet"), Path("data")), "test"),
+    )
+    top = result.scores.max(axis=1)
+    assert np.median(top[result.labels >= 0]) > 0.8
+    assert np.median(top[result.labels < 0]) < 0.2
+
+
 def test_evaluate_writes_every_picture(in_pipeline: Path) -> None:
     plots = Path("reports/plots")
     assert {p.name for p in plots.iterdir()} == {*PICTURES, *CSVS}
@@ -265,6 +286,7 @@ def test_onnx_graph_computes_the_feature_score_as_opensig_does(
     session = ort.InferenceSession(str(export_onnx(bundle, tmp_path / "m.onnx")))
     meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
     assert meta["feature_score"]["kind"] == feature_score
+    assert meta["score_scale"] == ("head" if feature_score == "none" else "probability")
     onnx_scores = session.run(None, {"images": pixels(bundle, images)})[0]
     np.testing.assert_allclose(onnx_scores, scores, atol=1e-4)
     decided = decide(onnx_scores, np.array(meta["thresholds"]))
