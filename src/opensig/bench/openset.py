@@ -46,6 +46,8 @@ COLUMNS = {  # result key -> table header
     "novel.auroc": "novel AUROC",
     "novel.fpr95": "novel FPR95",
     "novel.oscr": "novel OSCR",
+    "threshold_min": "lowest threshold",
+    "threshold_max": "highest threshold",
     "train_seconds": "train s",
 }
 HFLIP = {"fashion-mnist": True, "digits": False}  # digits are not mirror-symmetric
@@ -172,9 +174,10 @@ def run_one(
             metrics=folder / "metrics.json",
             plots=folder / "plots",
         )
-        tune(scored, variant)
+        tuned = list(tune(scored, variant)["thresholds"].values())
         metrics = evaluate(scored, variant)
         metrics["train_seconds"] = report["seconds"]
+        metrics["threshold_min"], metrics["threshold_max"] = min(tuned), max(tuned)
         run_tags = {**tags, "method": cfg.train.method, "seed": str(cfg.train.seed)}
         with logged_run(
             tracking_uri(scored.mlflow),
