@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from opensig.label_studio import label_config, write_label_studio
-from opensig.review import IMPORTED, REVIEW_CSV, import_batch, select_for_review
+from opensig.review import IMPORTED, REVIEW_CSV, _action, import_batch, select_for_review
 
 
 def _sha(path: Path) -> str:
@@ -181,6 +181,38 @@ def test_selection_takes_unknowns_then_smallest_margins_once_each() -> None:
     assert picked["margin"].iloc[2:].round(3).tolist() == [0.01, 0.02]
     no_thresholds = select_for_review(rows, set(), 10, None)
     assert list(no_thresholds["path"]) == ["a2", "e", "d", "c", "f", "b"]  # by score
+
+
+def test_an_unknown_gets_its_nearest_class_and_how_far_under_its_threshold() -> None:
+    rows = _log(
+        [
+            {
+                "path": "u",
+                "sha256": "h1",
+                "label": "unknown",
+                "score": 0.4,
+                "score_cat": 0.1,
+                "score_dog": 0.4,
+            },
+            {
+                "path": "k",
+                "sha256": "h2",
+                "label": "cat",
+                "score": 0.7,
+                "score_cat": 0.7,
+                "score_dog": 0.05,
+            },
+            {"path": "o", "sha256": "h3", "label": "unknown", "score": 0.2},  # older classes
+        ]
+    )
+    picked = select_for_review(rows, set(), 10, {"cat": 0.6, "dog": 0.5})
+    by_path = picked.set_index("path")
+    assert by_path.loc["u", "nearest"] == "dog"
+    assert by_path.loc["u", "margin"] == pytest.approx(-0.1)
+    assert by_path.loc["k", "margin"] == pytest.approx(0.1) and pd.isna(by_path.loc["k", "nearest"])
+    assert pd.isna(by_path.loc["o", "margin"]) and pd.isna(by_path.loc["o", "nearest"])
+    assert "nearest 'dog', 0.100 under its threshold" in _action("unknown", -0.1, "dog")
+    assert "nearest" not in _action("unknown", float("nan"), None)
 
 
 def _invoke(*args: str) -> str:
