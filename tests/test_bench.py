@@ -133,7 +133,22 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(tmp_path: Path) -> Non
     assert rows == [(m, s) for m in METHODS for s in FEATURE_SCORES]
     assert all(0.0 <= run["novel.auroc"] <= 1.0 for run in saved["runs"])
     assert saved["meta"]["per_class"] == 12
-    assert "| softmax_eos | none |" in Path("bench/results/openset_fashion-mnist.md").read_text()
+    table = Path("bench/results/openset_fashion-mnist.md").read_text()
+    assert "| softmax_eos | none |" in table
+    # paired against the default on the same seed, and pytorch-ood on the same networks
+    assert len(saved["paired"]) == len(METHODS) * len(FEATURE_SCORES) - 1
+    assert {r["detector"] for r in saved["cross_check"]} == {
+        "Mahalanobis",
+        "RMD",
+        "KNN",
+        "ViM",
+        "Energy",
+        "MaxLogit",
+        "GEN",
+    }
+    assert len(saved["cross_check"]) == 7 * len(METHODS)
+    assert "| sigmoid_bce | pytorch-ood " in table and "(best on val)" in table
+    assert all(0.0 <= run["val_auroc"] <= 1.0 for run in saved["runs"])
     runs = pd.read_parquet("bench/work/manifest.parquet")
     assert set(runs[runs["novel"]]["source"]) == {"bag", "ankle_boot"}
     assert set(runs[runs["split"] != "test"]["source"]).isdisjoint({"bag", "ankle_boot"})

@@ -269,3 +269,28 @@ def test_file_without_calibration_scores_as_before(tmp_path: Path) -> None:
     new = score(head, features)
     assert score.scale == "probability" and (new.argmax(dim=1) == head.argmax(dim=1)).all()
     assert torch.allclose(new.max(dim=1).values, calibrated(level, score.calibration))
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "mahalanobis++", "rmd", "knn"])
+def test_feature_scores_rank_as_pytorch_ood_does(kind: str) -> None:
+    """An independent implementation (pytorch-ood 0.4.0, Apache-2.0) on the same features:
+    the same ranking of images (its outlier score is the opposite of opensig's)."""
+    detectors = pytest.importorskip("pytorch_ood.detector", reason="pip install 'opensig[bench]'")
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], 60)
+    mixing = rng.normal(size=(6, 6))
+    train = rng.normal(size=(180, 6)) @ mixing + labels[:, None] * 2.0 + 5.0
+    test = rng.normal(size=(80, 6)) @ mixing * 1.5 + 5.0
+    fitted = fit_feature_score(kind, train, labels, np.ones((1, 3)), test[:1], np.zeros(1), 3, k=5)
+    ours = fitted.known_score(torch.from_numpy(test).float()).numpy()
+    if kind == "knn":
+        theirs_fit = detectors.KNN(None, k=5)
+    else:
+        theirs_fit = detectors.RMD(None) if kind == "rmd" else detectors.Mahalanobis(None)
+    z, t = torch.from_numpy(train).float(), torch.from_numpy(test).float()
+    if kind == "mahalanobis++":
+        z, t = z / z.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
+    theirs = theirs_fit.fit_features(z, torch.from_numpy(labels)).predict_features(t)
+    assert spearmanr(ours, -np.asarray(theirs, dtype=np.float64)).statistic > 0.999

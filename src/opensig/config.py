@@ -163,7 +163,7 @@ class TuneConfig(_Section):
     target_precision: float = Field(0.95, gt=0.0, le=1.0)
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     doc_k: float = Field(3.0, gt=0.0, description="DOC: threshold = max(0.5, 1 - k * sigma)")
-    feature_score: Literal["mahalanobis", "knn", "none"] = Field(
+    feature_score: Literal["mahalanobis", "mahalanobis++", "rmd", "knn", "none"] = Field(
         "mahalanobis", description="post-hoc score on the penultimate features (posthoc.py)"
     )
     knn_k: int = Field(50, ge=1, description="knn: the neighbour whose similarity is the score")

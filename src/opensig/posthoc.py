@@ -34,6 +34,11 @@ Feature scores (``tune.feature_score``):
 - ``mahalanobis``: minus the smallest squared Mahalanobis distance to a class mean, with one
   covariance shared by the classes (Lee et al. 2018), computed as a Euclidean distance after
   whitening.
+- ``mahalanobis++``: the same on L2-normalised features (Mueller & Hein 2025, "Mahalanobis++"):
+  the feature norm varies a lot within a class, which a shared covariance fits badly.
+- ``rmd``: relative Mahalanobis (Ren et al. 2021): each class distance minus the distance to
+  one background Gaussian fitted on every known training image, so directions in which all
+  known images vary alike stop counting as evidence of novelty.
 - ``knn``: cosine similarity of the L2-normalised features to their k-th nearest known
   training image (Sun et al. 2022); the training features travel with the model.
 - ``none``: the head's scores as they are.
@@ -60,7 +65,8 @@ from opensig.model import features_and_logits
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCORES = ("mahalanobis", "knn", "none")
+FEATURE_SCORES = ("mahalanobis", "mahalanobis++", "rmd", "knn", "none")
+_NORMALISED = ("mahalanobis++", "knn")  # scores computed on L2-normalised features
 MAX_REFERENCE = 2048  # points kept of each empirical CDF: quantiles when there are more
 _MIN_RAMP = 0.05  # the narrowest ramp of an empirical CDF, in mean gaps (see ecdf)
 _EIGEN_CUTOFF = 1e-6  # whitening drops covariance directions below this share of the largest
@@ -186,6 +192,11 @@ def fit_calibration(level: np.ndarray, positive: np.ndarray) -> tuple[float, flo
     return 1.0, float(x.max())
 
 
+def _squared_distances(whitened: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(N, C) squared Euclidean distances of whitened features to whitened centres."""
+    return ((whitened.unsqueeze(1) - centres.unsqueeze(0)) ** 2).sum(dim=-1)
+
+
 class FeatureScore(torch.nn.Module):
     """(head scores (N, K), features (N, D)) -> combined per-class scores (N, K)."""
 
@@ -200,13 +211,16 @@ class FeatureScore(torch.nn.Module):
     def known_score(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) how like the known training images the features are (higher = more)."""
         features = features.float()
-        if self.kind == "mahalanobis":
-            whitened = features @ self.whiten
-            squared = ((whitened.unsqueeze(1) - self.centres.unsqueeze(0)) ** 2).sum(dim=-1)
-            return -squared.min(dim=1).values
-        unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        k = min(self.k, self.bank.shape[0])
-        return (unit @ self.bank.T).topk(k, dim=1).values[:, -1]
+        if self.kind in _NORMALISED:
+            features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.kind == "knn":
+            k = min(self.k, self.bank.shape[0])
+            return (features @ self.bank.T).topk(k, dim=1).values[:, -1]
+        nearest = _squared_distances(features @ self.whiten, self.centres).min(dim=1).values
+        if self.kind == "rmd":
+            background = _squared_distances(features @ self.bg_whiten, self.bg_centre)[:, 0]
+            return background - nearest
+        return -nearest
 
     def level(self, head: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(N,) the product of the two CDFs: the ranking the scores keep (see above)."""
@@ -281,14 +295,21 @@ def fit_feature_score(
             "the val split has no image of a known class to calibrate the feature score on; "
             "raise data.val_fraction or set tune.feature_score: none"
         )
-    if kind == "mahalanobis":
+    if kind in _NORMALISED:
+        train_features = normalise(train_features)
+    if kind in ("mahalanobis", "mahalanobis++", "rmd"):
         means = class_means(train_features, train_labels, num_classes)
         whiten = whitening(train_features, train_labels, means)
         tensors = {"whiten": whiten, "centres": means @ whiten}
+        if kind == "rmd":
+            everyone = np.zeros(len(train_features), dtype=np.int64)
+            centre = class_means(train_features, everyone, 1)
+            bg_whiten = whitening(train_features, everyone, centre)
+            tensors |= {"bg_whiten": bg_whiten, "bg_centre": centre @ bg_whiten}
     elif kind == "knn":
         if k < 1:
             raise ValueError(f"tune.knn_k: must be at least 1, got {k}")
-        tensors = {"bank": normalise(train_features)}
+        tensors = {"bank": train_features}
     else:
         raise ValueError(f"tune.feature_score {kind!r}: use one of {FEATURE_SCORES}")
     placeholder = torch.zeros(1)

@@ -43,6 +43,7 @@ COLUMNS = {  # result key -> table header
     "known_accuracy": "known acc",
     "macro_f1": "macro-F1",
     "unknown_recall": "unknown recall",
+    "val_auroc": "val AUROC",
     "novel.auroc": "novel AUROC",
     "novel.fpr95": "novel FPR95",
     "novel.oscr": "novel OSCR",
@@ -145,12 +146,41 @@ def run_config(
     return parse_config(raw)
 
 
+def validation_auroc(cfg: Config, at: Layout) -> float:
+    """Known vs unknown AUROC on the val split (the training kinds of unknown): the figure
+    a score may be chosen by, since test's novel unknowns must not choose anything."""
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.evaluation import evaluate_bundle
+    from opensig.predict import Bundle
+
+    bundle = Bundle.load(at.model_dir, at.thresholds, cfg.train.device)
+    rows = split_rows(read_manifest(at.manifest, cfg.data.root), "val")
+    return evaluate_bundle(bundle, rows, cfg.evaluate.batch_size).metrics["auroc"]
+
+
+def cross_check_run(cfg: Config, at: Layout) -> list[dict]:
+    """pytorch-ood's detectors on the trained network (:mod:`opensig.bench.crosscheck`)."""
+    from opensig.bench.crosscheck import cross_check
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.model import load_model_dir, resolve_device
+
+    model, spec = load_model_dir(at.model_dir, resolve_device(cfg.train.device))
+    manifest = read_manifest(at.manifest, cfg.data.root)
+    rows = [split_rows(manifest, split) for split in ("train", "val", "test")]
+    return cross_check(model, spec, *rows, batch_size=cfg.evaluate.batch_size)
+
+
 def run_one(
-    cfg: Config, manifest: Path, run_dir: Path, feature_scores: list[str], tags: dict[str, str]
-) -> list[dict]:
+    cfg: Config,
+    manifest: Path,
+    run_dir: Path,
+    feature_scores: list[str],
+    tags: dict[str, str],
+    cross_check: bool = False,
+) -> tuple[list[dict], list[dict]]:
     """Train once; then tune on val and evaluate on test with each feature score, each
     logged as an MLflow run (the first into the training's own run). Flat results, one per
-    feature score."""
+    feature score, and with ``cross_check`` one per pytorch-ood detector."""
     from opensig.tracking.runs import RunSpec, flatten, logged_run
     from opensig.tracking.store import tracking_uri
 
@@ -176,6 +206,7 @@ def run_one(
         )
         tuned = list(tune(scored, variant)["thresholds"].values())
         metrics = evaluate(scored, variant)
+        metrics["val_auroc"] = validation_auroc(scored, variant)
         metrics["train_seconds"] = report["seconds"]
         metrics["threshold_min"], metrics["threshold_max"] = min(tuned), max(tuned)
         run_tags = {**tags, "method": cfg.train.method, "seed": str(cfg.train.seed)}
@@ -189,7 +220,7 @@ def run_one(
         ):
             pass
         rows.append({"feature_score": score, **flatten(metrics)})
-    return rows
+    return rows, cross_check_run(cfg, at) if cross_check else []
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -197,6 +228,83 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     feature score, in run order."""
     grouped = results.groupby(ROW, sort=False)[list(COLUMNS)]
     return grouped.mean().join(grouped.std(ddof=0).add_suffix("_std"))
+
+
+PAIRED = {  # result key -> header, for the paired comparison
+    "macro_f1": "macro-F1",
+    "novel.auroc": "novel AUROC",
+    "novel.fpr95": "novel FPR95",
+    "novel.oscr": "novel OSCR",
+}
+
+
+def paired_differences(results: pd.DataFrame, default: tuple[str, str]) -> pd.DataFrame:
+    """Per (method, feature score), its result minus the default's on the same class split
+    and seed: mean and 95% t-interval of the differences (the seeds and splits are what
+    varies, so they are the pairs). NaN intervals with a single pair."""
+    from scipy import stats
+
+    keys = ["split", "seed"]
+    base = results[(results["method"] == default[0]) & (results["feature_score"] == default[1])]
+    base = base.set_index(keys)[list(PAIRED)]
+    rows = []
+    for (method, score), group in results.groupby(ROW, sort=False):
+        if (method, score) == default:
+            continue
+        diff = group.set_index(keys)[list(PAIRED)] - base
+        row = {"method": method, "feature_score": score, "pairs": len(diff)}
+        for key in PAIRED:
+            values = diff[key].dropna().to_numpy(dtype=float)
+            mean = float(values.mean()) if values.size else np.nan
+            half = np.nan
+            if values.size > 1:
+                half = float(stats.t.ppf(0.975, values.size - 1) * stats.sem(values))
+            row |= {key: mean, f"{key}_lo": mean - half, f"{key}_hi": mean + half}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(ROW) if rows else pd.DataFrame()
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """The paired differences as a table."""
+    lines = [
+        "| method | feature score | pairs | " + " | ".join(PAIRED.values()) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(PAIRED),
+    ]
+    for (method, score), row in paired.iterrows():
+        cells = []
+        for key in PAIRED:
+            text = f"{row[key]:+.3f}"
+            if not np.isnan(row[f"{key}_lo"]):
+                text += f" [{row[f'{key}_lo']:+.3f}, {row[f'{key}_hi']:+.3f}]"
+            cells.append(text)
+        lines.append(f"| {method} | {score} | {int(row['pairs'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cross_check_markdown(results: pd.DataFrame, checks: pd.DataFrame, score: str) -> str:
+    """Per method: opensig's ``score`` beside the pytorch-ood detector with the best mean
+    validation AUROC (chosen on val, never on test), and the best of them on test."""
+    lines = [
+        "| method | score | val AUROC | novel AUROC | novel FPR95 | novel OSCR |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    columns = ["val_auroc", "novel.auroc", "novel.fpr95", "novel.oscr"]
+    for method in results["method"].unique():
+        own = results[(results["method"] == method) & (results["feature_score"] == score)]
+        found = checks[checks["method"] == method].rename(
+            columns={"auroc": "novel.auroc", "fpr95": "novel.fpr95", "oscr": "novel.oscr"}
+        )
+        means = found.groupby("detector")[columns].mean()
+        chosen = means["val_auroc"].idxmax()
+        best_test = means["novel.auroc"].idxmax()
+        entries = [(f"opensig {score}", own[columns].mean())]
+        entries.append((f"pytorch-ood {chosen} (best on val)", means.loc[chosen]))
+        if best_test != chosen:
+            entries.append((f"pytorch-ood {best_test} (best on test)", means.loc[best_test]))
+        for name, values in entries:
+            cells = " | ".join(f"{values[c]:.3f}" for c in columns)
+            lines.append(f"| {method} | {name} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(summary: pd.DataFrame, n_runs: int, default: tuple[str, str] | None = None) -> str:
@@ -241,7 +349,8 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
         else [PROTOCOL[opts.dataset]]
     )
     seeds = list(range(opts.seeds))
-    rows = []
+    rows: list[dict] = []
+    checks: list[dict] = []
     for index, split in enumerate(splits):
         work = opts.work / f"split{index}" if opts.splits else opts.work
         manifest = work / "manifest.parquet"
@@ -255,12 +364,21 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
                     "class_split": str(index),
                     "known": ",".join(split.known),
                 }
-                for result in run_one(
-                    cfg, manifest, work / "runs" / f"{method}-seed{seed}", opts.feature_scores, tags
-                ):
-                    rows.append({"split": index, "method": method, "seed": seed, **result})
+                scored, detected = run_one(
+                    cfg,
+                    manifest,
+                    work / "runs" / f"{method}-seed{seed}",
+                    opts.feature_scores,
+                    tags,
+                    opts.cross_check,
+                )
+                run = {"split": index, "method": method, "seed": seed}
+                rows += [{**run, **result} for result in scored]
+                checks += [{**run, **result} for result in detected]
     results = pd.DataFrame(rows)
     summary = summarise(results)
+    default = (base.train.method, base.tune.feature_score)
+    paired = paired_differences(results, default)
     meta = {
         "dataset": opts.dataset,
         "seeds": seeds,
@@ -286,10 +404,17 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
             "meta": meta,
             "summary": summary.reset_index().replace({np.nan: None}).to_dict(orient="records"),
             "runs": results.replace({np.nan: None}).to_dict(orient="records"),
+            "paired": paired.reset_index().replace({np.nan: None}).to_dict(orient="records"),
+            "cross_check": checks,
         },
     )
-    default = (base.train.method, base.tune.feature_score)
     table = to_markdown(summary, len(splits) * len(seeds), default)
+    table += "\nPaired differences, each row minus the default (" + " + ".join(default) + "), "
+    table += "over the same seeds and class splits: mean [95% interval]\n\n"
+    table += paired_markdown(paired)
+    if checks:
+        table += "\nIndependent check (pytorch-ood 0.4.0 on the same networks):\n\n"
+        table += cross_check_markdown(results, pd.DataFrame(checks), default[1])
     if opts.splits:
         table += "\nClass splits:\n\n" + splits_markdown(splits)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))

@@ -28,7 +28,7 @@ class BenchOptions:
         default=None,
         metadata={
             "option": "--feature-score",
-            "help": "repeat; default all (mahalanobis, knn, none)",
+            "help": "repeat; default all (mahalanobis, mahalanobis++, rmd, knn, none)",
         },
     )
     splits: int = field(
@@ -43,6 +43,10 @@ class BenchOptions:
     device: str = "auto"
     per_class: int | None = field(default=1000, metadata={"help": "train images per class (cap)"})
     test_per_class: int | None = field(default=None, metadata={"help": "test images per class cap"})
+    cross_check: bool = field(
+        default=True,
+        metadata={"help": "also score each network with pytorch-ood's detectors ([bench] extra)"},
+    )
     out: Path = Path("bench/results")
     work: Path = Path("bench/work")
 
