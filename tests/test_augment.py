@@ -117,3 +117,33 @@ def test_the_draws_do_not_depend_on_the_device() -> None:
     on_cpu = BatchAugment(**config.model_dump(), seed=1)(images)
     on_gpu = BatchAugment(**config.model_dump(), seed=1)(images.cuda()).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-2, rtol=0)
+
+
+def test_erasing_covers_the_asked_share_of_images_area_and_ratio() -> None:
+    augment = BatchAugment(**AugmentConfig(erase=0.25).model_dump(), seed=5)
+    mask = augment.erase_mask(N, 64, 64)
+    erased = mask.any(dim=(1, 2))
+    assert 0.22 < erased.double().mean() < 0.28
+    rows, cols = mask[erased].any(dim=2), mask[erased].any(dim=1)
+    h, w = rows.sum(dim=1).double(), cols.sum(dim=1).double()
+    area = mask[erased].sum(dim=(1, 2)).double()
+    assert torch.equal(area, h * w)  # one rectangle each
+    share = area / 64**2
+    assert share.min() >= 0.015 and share.max() <= 0.36  # U(0.02, 1/3), rounded to pixels
+    assert 0.15 < share.mean() < 0.2  # the mean of U(0.02, 1/3) is 0.177
+    assert (w / h).min() > 0.25 and (w / h).max() < 4.0  # log-uniform in [0.3, 3.3]
+
+
+def test_erasing_replaces_pixels_by_noise_and_off_changes_nothing() -> None:
+    images = torch.full((64, 1, 16, 16), 100.0)
+    config = AugmentConfig(rotate=0.0, brightness_contrast=0.0, scale_min=1.0)
+    plain = BatchAugment(**config.model_dump(), seed=3)(images)
+    torch.testing.assert_close(plain, images)  # erase 0: as before, no draw made
+    erasing = BatchAugment(**config.model_copy(update={"erase": 1.0}).model_dump(), seed=3)
+    out = erasing(images)
+    erasing.seed(3)
+    erasing.params(64, 16, 16)  # the same draws in the same order as the call
+    mask = erasing.erase_mask(64, 16, 16).unsqueeze(1)
+    assert mask.any(dim=(1, 2, 3)).all()  # probability 1: every image
+    torch.testing.assert_close(out[~mask], images[~mask])
+    assert (out[mask] != 100.0).float().mean() > 0.99 and out[mask].std() > 50  # noise

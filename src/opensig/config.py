@@ -81,6 +81,7 @@ class AugmentConfig(_Section):
     rotate: float = Field(10.0, ge=0.0, le=180.0, description="max rotation, degrees")
     hflip: bool = False
     brightness_contrast: float = Field(0.1, ge=0.0, le=1.0)
+    erase: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
 
 
 class ModelConfig(_Section):

@@ -17,7 +17,11 @@ rather than on whole pixels, and resampled once rather than cropped, resized and
   about the crop's centre (corners outside the image are black);
 - ``HorizontalFlip``: with probability 1/2, when ``hflip`` (the classes allow mirroring);
 - ``RandomBrightnessContrast``: with probability 1/2, ``x * alpha + beta * 255`` with
-  ``alpha = 1 + U(-b, b)`` and ``beta = U(-b, b)``, clipped to [0, 255].
+  ``alpha = 1 + U(-b, b)`` and ``beta = U(-b, b)``, clipped to [0, 255];
+- random erasing (Zhong et al. 2020, timm's ``RandomErasing`` in ``pixel`` mode): with
+  probability ``erase``, a rectangle of ``U(0.02, 1/3)`` of the area, aspect ratio
+  log-uniform in [0.3, 3.3], placed uniformly, replaced by uniform noise. Its draws come
+  after the others, and none are made when ``erase`` is 0 (the batches stay as they were).
 
 The draws come from the augmentation's own generator on the CPU (``seed`` it, e.g. once
 per epoch): the same seed gives the same batch on every device and with any number of
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 _RATIO = (0.9, 1.1)  # the crop's aspect ratio range (width / height)
+_ERASE_AREA = (0.02, 1 / 3)  # random erasing: share of the image (timm's defaults)
+_ERASE_RATIO = (0.3, 1 / 0.3)  # ... and aspect ratio range
 
 
 class BatchAugment:
@@ -47,10 +53,11 @@ class BatchAugment:
         rotate: float,
         hflip: bool,
         brightness_contrast: float,
+        erase: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.scale_min, self.rotate, self.hflip = scale_min, rotate, hflip
-        self.brightness_contrast = brightness_contrast
+        self.brightness_contrast, self.erase = brightness_contrast, erase
         self.generator = torch.Generator().manual_seed(seed)
 
     def seed(self, value: int) -> None:
@@ -98,4 +105,26 @@ class BatchAugment:
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, "bilinear", "zeros", align_corners=False)
         out = out * contrast.view(-1, 1, 1, 1) + (brightness * 255.0).view(-1, 1, 1, 1)
-        return out.clamp_(0.0, 255.0)
+        out = out.clamp_(0.0, 255.0)
+        if self.erase > 0:
+            mask = self.erase_mask(n, height, width).to(images.device)
+            noise = torch.rand(out.shape, generator=self.generator) * 255.0
+            out = torch.where(mask.unsqueeze(1), noise.to(images.device, out.dtype), out)
+        return out
+
+    def erase_mask(self, n: int, height_px: int, width_px: int) -> torch.Tensor:
+        """(n, H, W) booleans: the pixels each image's erased rectangle covers (none for
+        the images not drawn, probability ``1 - erase``)."""
+        u = torch.rand(n, 5, generator=self.generator, dtype=torch.float64)
+        area = _ERASE_AREA[0] + (_ERASE_AREA[1] - _ERASE_AREA[0]) * u[:, 0]
+        log_lo, log_hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        h = (torch.sqrt(area / ratio) * height_px).round().clamp(1, height_px)
+        w = (torch.sqrt(area * ratio) * width_px).round().clamp(1, width_px)
+        top = ((height_px - h) * u[:, 2]).floor()
+        left = ((width_px - w) * u[:, 3]).floor()
+        rows = torch.arange(height_px, dtype=torch.float64).view(1, -1, 1)
+        cols = torch.arange(width_px, dtype=torch.float64).view(1, 1, -1)
+        inside_rows = (rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+        inside_cols = (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1))
+        return inside_rows & inside_cols & (u[:, 4] < self.erase).view(-1, 1, 1)
