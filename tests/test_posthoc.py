@@ -294,3 +294,23 @@ def test_feature_scores_rank_as_pytorch_ood_does(kind: str) -> None:
         z, t = z / z.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
     theirs = theirs_fit.fit_features(z, torch.from_numpy(labels)).predict_features(t)
     assert spearmanr(ours, -np.asarray(theirs, dtype=np.float64)).statistic > 0.999
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "mahalanobis++", "rmd", "knn"])
+def test_a_class_of_one_image_and_more_dimensions_than_images_give_finite_scores(
+    kind: str,
+) -> None:
+    """Few images (a singular covariance, one image in a class): finite scores and finite
+    thresholds, never a NaN."""
+    from opensig.thresholds import tune_thresholds
+
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 0, 0, 1])  # class 1: one image; 4 images in 16 dimensions
+    train = rng.normal(size=(4, 16)) + labels[:, None]
+    val_features = rng.normal(size=(6, 16))
+    val_head = rng.uniform(size=(6, 2))
+    val_labels = np.array([0, 1, 0, -1, -1, 1])
+    fitted = fit_feature_score(kind, train, labels, val_head, val_features, val_labels, 2, k=3)
+    scores = fitted(torch.from_numpy(val_head).float(), torch.from_numpy(val_features).float())
+    assert torch.isfinite(scores).all()
+    assert np.isfinite(tune_thresholds(scores.numpy(), val_labels, "f1")).all()
