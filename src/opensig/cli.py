@@ -271,7 +271,8 @@ def predict(
 ) -> None:
     """Label images as a known class or 'unknown'; unreadable files get an error row.
 
-    Exit code 1 when an input does not exist (the others are still predicted and written)."""
+    Exit code 1 when an input does not exist (the others are still predicted and written),
+    2 when no image could be predicted."""
     from opensig.batch import OUTPUT_SUFFIXES, NoInputs, Sorting, predict_job
     from opensig.sorting import check_destination, parse_buckets
 
@@ -322,6 +323,9 @@ def predict(
         )
     except NoInputs as err:
         raise typer.BadParameter(str(err), param_hint="INPUTS") from None
+    if len(result.frame) and not result.frame["error"].eq("").any():
+        log.error("predict: none of the %d image(s) could be predicted", len(result.frame))
+        raise typer.Exit(code=2)
     if result.missing:
         raise typer.Exit(code=1)
 

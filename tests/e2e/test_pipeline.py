@@ -186,6 +186,24 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     assert correct >= 14
     assert {f"score_{c}" for c in "012345"} <= set(preds.columns)
 
+    # nothing predictable: every row an error row, and exit code 2 (README: Predict)
+    broken_only = tmp_path / "broken"
+    broken_only.mkdir()
+    (broken_only / "a.png").write_text("not an image")
+    nothing = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            "models:/opensig@champion",
+            str(broken_only),
+            "--out",
+            str(tmp_path / "none.csv"),
+        ],
+    )
+    assert nothing.exit_code == 2, nothing.output
+    assert pd.read_csv(tmp_path / "none.csv")["error"].str.contains("not an image").all()
+
     jsonl = tmp_path / "preds.jsonl"
     run_cli(
         "predict",
