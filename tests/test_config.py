@@ -70,6 +70,7 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("model:\n  in_chans: 2\n", "model.in_chans"),
         ("data:\n  val_fraction: 1.0\n", "data.val_fraction"),
         ("tune:\n  strategy: best\n", "tune.strategy"),
+        ("tune:\n  feature_weight: 1.5\n", "tune.feature_weight"),
         ("retrain:\n  timezone: Mars/Olympus\n", "retrain.timezone"),
         ("retrain:\n  cron: '0 3 * *'\n", "retrain.cron"),
         ("retrain:\n  push: maybe\n", "retrain.push"),

@@ -129,6 +129,23 @@ def test_combined_score_by_hand_keeps_the_argmax_and_stays_in_0_1() -> None:
     assert ((combined > 0) & (combined < 1)).all()
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5, 0.8, 1.0])
+def test_feature_weight_is_the_feature_scores_share_of_the_vote(weight: float) -> None:
+    whiten, centres = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0]]
+    score = _score("mahalanobis", whiten=whiten, centres=centres, feature_weight=weight)
+    head = torch.tensor([[0.3, 0.95], [0.7, 0.5]])
+    features = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    # the two CDFs of the by-hand test above, image 0 and image 1
+    f_head = np.array([(4 - math.exp(-0.05 / (0.7 / 3))) / 4, (2 + 1 / 3) / 4])
+    f_feature = np.array([3 / 4, 1 / 4])
+    expected = f_head ** (2 * (1 - weight)) * f_feature ** (2 * weight)
+    np.testing.assert_allclose(score.level(head, features).numpy(), expected, rtol=1e-5)
+    assert score.describe()["feature_weight"] == weight
+    if weight == 0.5:  # the plain product, as a file from before the weight scores
+        old = _score("mahalanobis", whiten=whiten, centres=centres)
+        assert torch.equal(score.level(head, features), old.level(head, features))
+
+
 def test_saved_and_loaded_scores_alike(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     labels = np.repeat([0, 1], 30)

@@ -168,6 +168,9 @@ class TuneConfig(_Section):
         "mahalanobis", description="post-hoc score on the penultimate features (posthoc.py)"
     )
     knn_k: int = Field(50, ge=1, description="knn: the neighbour whose similarity is the score")
+    feature_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="the feature score's share of the vote (posthoc.py)"
+    )
 
 
 class EvaluateConfig(_Section):

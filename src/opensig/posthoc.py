@@ -7,7 +7,7 @@ space tells them apart better (bench/README.md: novel AUROC 0.91 -> 0.96 on Fash
 while the head stays best on unknowns like the trained ones. So both vote, and the vote is
 put on a scale a person can read:
 
-    level   = F_head(head_top) * F_feature(s)
+    level   = F_head(head_top) ** (2 (1 - w)) * F_feature(s) ** (2 w)
     u       = -ln(level)                           (the image's surprisal, in nats)
     p       = 1 / (1 + (u / u50) ** k)             (calibrated on validation, see below)
     score_k = head_k / head_top * p
@@ -18,6 +18,12 @@ empirical CDF of that score over the known validation images: the share of known
 value beats (made continuous, :func:`ecdf`). An image keeps a high level only if it looks
 known to the head *and* in feature space; ``level`` ranks images well but is unreadable
 (a typical known image scores 0.25, the least typical validation ones 1e-8).
+
+``w`` (``tune.feature_weight``) is the feature score's share of the vote: 0.5 is the plain
+product, 1 the feature score alone (the head only picks the class), 0 the head alone. The
+head is best on unknowns like the trained ones, the feature score on novel ones, above all
+novel classes next to known ones (bench/README.md: the near-novel protocol); files written
+before the weight score the plain product.
 
 ``p`` is that ranking calibrated (:func:`fit_calibration`): the probability that an image
 with this surprisal is a known image of its top class, fitted on the validation split by
@@ -223,9 +229,14 @@ class FeatureScore(torch.nn.Module):
         return -nearest
 
     def level(self, head: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """(N,) the product of the two CDFs: the ranking the scores keep (see above)."""
+        """(N,) the weighted product of the two CDFs: the ranking the scores keep (above)."""
         top = head.float().max(dim=1).values
-        return ecdf(top, self.head_ref) * ecdf(self.known_score(features), self.feature_ref)
+        f_head = ecdf(top, self.head_ref)
+        f_feature = ecdf(self.known_score(features), self.feature_ref)
+        if not hasattr(self, "feature_weight"):  # a file from before the weight: the product
+            return f_head * f_feature
+        weight = self.feature_weight
+        return f_head ** (2 * (1 - weight)) * f_feature ** (2 * weight)
 
     @property
     def scale(self) -> str:
@@ -259,6 +270,8 @@ class FeatureScore(torch.nn.Module):
         """What a reader of thresholds.json or the ONNX metadata needs to know about it."""
         described = {"kind": self.kind, **({"k": self.k} if self.kind == "knn" else {})}
         described["scale"] = self.scale
+        if hasattr(self, "feature_weight"):
+            described["feature_weight"] = round(float(self.feature_weight), 6)
         if hasattr(self, "calibration"):
             slope, log_u50 = self.calibration.tolist()
             described["calibration"] = {"u50": math.exp(log_u50), "k": slope}
@@ -279,10 +292,11 @@ def fit_feature_score(
     val_labels: np.ndarray,
     num_classes: int,
     k: int = 50,
+    feature_weight: float = 0.5,
 ) -> FeatureScore:
     """Fit the feature statistics on the known training images, both empirical CDFs on the
     known validation images (the head's max score, and the feature score), then the
-    calibration on every validation image.
+    calibration on every validation image, of the two combined with ``feature_weight``.
 
     ``train_labels`` are class indices (unknown images left out by the caller);
     ``val_labels`` class indices with ``UNKNOWN`` (the CDFs are "how typical of a known
@@ -319,6 +333,7 @@ def fit_feature_score(
             **{n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in tensors.items()},
             "head_ref": placeholder,
             "feature_ref": placeholder,
+            "feature_weight": torch.tensor(feature_weight),
         },
         k,
     )

@@ -176,6 +176,7 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
         options=options,
         feature_score=cfg.tune.feature_score,
         knn_k=cfg.tune.knn_k,
+        feature_weight=cfg.tune.feature_weight,
         batch_size=cfg.evaluate.batch_size,
     )
     write_thresholds(

@@ -32,6 +32,7 @@ def fit_decision(
     options: dict,
     feature_score: str = "mahalanobis",
     knn_k: int = 50,
+    feature_weight: float = 0.5,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, FeatureScore | None]:
     """The thresholds (one per class, by ``strategy`` with its ``options``) and the fitted
@@ -60,6 +61,7 @@ def fit_decision(
         val_labels,
         spec.num_classes,
         knn_k,
+        feature_weight,
     )
     with torch.no_grad():
         scores = fitted(torch.from_numpy(val_head), torch.from_numpy(val_features)).numpy()

@@ -35,6 +35,10 @@ class BenchOptions:
         default=0,
         metadata={"help": "0: the fixed class split; N: N random 6/2/2 splits of the classes"},
     )
+    near: bool = field(
+        default=False,
+        metadata={"help": "novel classes nearest the known ones, far ones as training unknowns"},
+    )
     epochs: int = 8
     backbone: str = "resnet18"
     image_size: int = 28
