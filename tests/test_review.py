@@ -16,7 +16,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from opensig.label_studio import label_config, write_label_studio
-from opensig.review import IMPORTED, REVIEW_CSV, _action, import_batch, select_for_review
+from opensig.review import (
+    IMPORTED,
+    REVIEW_CSV,
+    _action,
+    import_batch,
+    read_imports,
+    select_for_review,
+)
 
 
 def _sha(path: Path) -> str:
@@ -77,13 +84,42 @@ def test_import_sorts_folders_into_data_and_is_idempotent(
         "already in data"
     )
     assert by_file["labeled/2/notes.txt"]["status"] == "skipped"
-    assert json.loads((batch / IMPORTED).read_text())["added"] == report["added"]
+    assert read_imports(batch) == [report]
 
     before = _tree(data)
     again = import_batch(batch, data)
     assert again["added"] == {} and again["new_classes"] == []
     assert _tree(data) == before
     assert {r["status"] for r in again["files"]} == {"already in data", "skipped"}
+    assert read_imports(batch) == [report, again]  # the first import's record is kept
+
+
+def test_a_class_that_is_an_unknown_source_is_refused_or_moved_in_first(
+    tmp_path: Path, data: Path, digits_data: Path
+) -> None:
+    """The held-out source `6` became a class once its images were reviewed."""
+    batch = tmp_path / "b"
+    _put(_digit(digits_data, "unknown/6", 5), batch / "labeled" / "6")
+    _put(_digit(digits_data, "known/2", 0), batch / "labeled" / "2")
+    before = _tree(data)
+    with pytest.raises(ValueError, match=r"class '6' is also an unknown source .*--from-unknown 6"):
+        import_batch(batch, data)
+    with pytest.raises(ValueError, match=r"class '2' is in data.holdout_unknown"):
+        import_batch(batch, data, holdout=["2"])
+    with pytest.raises(ValueError, match=r"--from-unknown 7: there is no .*unknown/7/"):
+        import_batch(batch, data, from_unknown=["7"])
+    assert _tree(data) == before and not (batch / IMPORTED).exists()
+
+    old = sorted(_sha(p) for p in (data / "unknown/6").iterdir())
+    report = import_batch(batch, data, holdout=["6"], from_unknown=["6"])
+    assert not (data / "unknown/6").exists()
+    assert sorted(_sha(p) for p in (data / "known/6").iterdir()) == sorted(
+        [*old, _sha(_digit(digits_data, "unknown/6", 5))]
+    )
+    assert report["added"] == {"2": 1, "6": 1} and report["new_classes"] == ["2", "6"]
+    (moved,) = report["moved_from_unknown"]
+    assert moved["source"] == "6" and len(moved["files"]) == 2
+    assert read_imports(batch) == [report]
 
 
 def test_import_reports_two_labels_and_a_label_already_in_data(
@@ -280,7 +316,7 @@ def test_export_then_import_through_the_cli(
         (batch / rec["file"]).rename(target)
     with caplog.at_level("INFO"):
         _invoke("review", "import", str(batch))
-    report = json.loads((batch / IMPORTED).read_text())
+    report = read_imports(batch)[-1]
     assert report["added"] == {"mirrored": 5} and report["new_classes"] == ["mirrored"]
     assert len(list((project / "data/known/mirrored").iterdir())) == 5
     assert "dvc add data && dvc repro" in caplog.text  # no Prefect API here

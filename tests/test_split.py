@@ -21,7 +21,7 @@ def _records(n: int, start: int = 0) -> pd.DataFrame:
     rows = []
     for i in range(start, start + n):
         label = ["cat", "dog", "unknown"][i % 3]
-        source = label if label != "unknown" else ["street", "cat"][i % 2]
+        source = label if label != "unknown" else ["street", "park"][i % 2]
         digest = hashlib.sha256(str(i).encode()).hexdigest()
         rows.append({"path": f"p/{i}.png", "hash": digest, "label": label, "source": source})
     return pd.DataFrame(rows)
@@ -65,12 +65,23 @@ def test_holdout_sources_go_to_test_only_and_are_novel() -> None:
     assert street.sum() == 100
     assert (df.loc[street, "split"] == "test").all()
     assert df["novel"].equals(street)
-    # the other unknown source is named like the class "cat": only unknowns can be novel
-    both = assign_splits(records, 0.2, 0.1, holdout_sources=["street", "cat"])
+    both = assign_splits(records, 0.2, 0.1, holdout_sources=["street", "park"])
     assert both["novel"].equals(both["label"] == "unknown")
-    assert not both.loc[both["label"] == "cat", "novel"].any()
     assert set(both.loc[both["label"] == "cat", "split"]) == {"train", "val", "test"}
     assert "split" not in records.columns  # the input is left alone
+
+
+def test_a_class_that_is_also_an_unknown_source_is_refused() -> None:
+    records = _records(60)
+    records.loc[records["source"] == "park", "source"] = "cat"  # known/cat/ and unknown/cat/
+    with pytest.raises(ValueError, match=r"'cat' is both a class.*known/cat/ and unknown/cat/"):
+        assign_splits(records, 0.2, 0.1, holdout_sources=[])
+    # a held-out source whose images were imported as a class, the folder left behind
+    with pytest.raises(ValueError, match=r"unknown/cat/ and data\.holdout_unknown.*review import"):
+        assign_splits(records, 0.2, 0.1, holdout_sources=["cat"])
+    # held out by name only: said before "no such source"
+    with pytest.raises(ValueError, match=r"'dog' is both .* \(known/dog/ and data\.holdout"):
+        assign_splits(_records(60), 0.2, 0.1, holdout_sources=["dog"])
 
 
 def test_unknown_holdout_name_is_an_error() -> None:

@@ -626,10 +626,18 @@ def review_import(
     label_studio: Annotated[
         Path | None, typer.Option(help="also read this Label Studio JSON export")
     ] = None,
+    from_unknown: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="repeat: move data/unknown/<NAME>/ into data/known/<NAME>/ first (an unknown "
+            "source that became a class)"
+        ),
+    ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Copy the batch's labeled images into data/known/<class>/ and data/unknown/<source>/
-    (never overwriting), write <batch>/imported.json, and announce the new data."""
+    (never overwriting), append what it did to <batch>/imported.json, and announce the new
+    data."""
     from opensig.data.scan import scan_cache
     from opensig.review import announce, import_batch
 
@@ -644,7 +652,16 @@ def review_import(
         data or cfg.data.root,
         label_studio=label_studio,
         cache=scan_cache(cfg.data.cache_dir),
+        holdout=cfg.data.holdout_unknown,
+        from_unknown=from_unknown or (),
     )
+    held = sorted(set(from_unknown or ()) & set(cfg.data.holdout_unknown))
+    if held:
+        log.warning(
+            "%s: take %s out of data.holdout_unknown (now classes), or ingest refuses",
+            params,
+            held,
+        )
     announce(report, params.resolve().parent)
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,7 @@ from opensig.data.scan import (
     scan_folder,
     walk_files,
 )
-from opensig.io import atomic_write, copy_new, remove_dead_copies, write_json
+from opensig.io import atomic_write, copy_new, read_json, remove_dead_copies, write_json
 from opensig.label_studio import read_annotations, write_label_studio
 from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.log import read_log
@@ -487,6 +488,56 @@ def _copy_into_data(batch: Path, data_root: Path, to_copy: dict[str, _Labeled]) 
     }
 
 
+def read_imports(batch: Path) -> list[dict]:
+    """What each import of ``batch`` did, oldest first (``<batch>/imported.json``)."""
+    path = Path(batch) / IMPORTED
+    if not path.exists():
+        return []
+    saved = read_json(path)
+    return saved.get("imports", [saved])  # an older opensig kept the last import only
+
+
+def _check_unknown_sources(
+    labels: set[str], data_root: Path, holdout: Sequence[str], from_unknown: Sequence[str]
+) -> list[str]:
+    """The unknown sources to move into their class first; refuses, before anything is
+    copied, a class that is also an unknown source or held out (ingest would refuse it)."""
+    sources = {p.name for p in (data_root / UNKNOWN_LABEL).glob("*") if p.is_dir()}
+    missing = sorted(set(from_unknown) - sources)
+    if missing:
+        raise ValueError(
+            f"--from-unknown {missing[0]}: there is no {data_root / UNKNOWN_LABEL / missing[0]}/"
+            f" to move; unknown sources there: {sorted(sources) or 'none'}"
+        )
+    for label in sorted(labels - {UNKNOWN_LABEL} - set(from_unknown)):
+        if label in sources:
+            raise ValueError(
+                f"class {label!r} is also an unknown source ({data_root / UNKNOWN_LABEL / label}/"
+                f"{', in data.holdout_unknown' if label in holdout else ''}): rerun with "
+                f"--from-unknown {label} to move its images into the class first, or rename "
+                "the class in the batch"
+            )
+        if label in holdout:
+            raise ValueError(
+                f"class {label!r} is in data.holdout_unknown: take it out of the params file "
+                "first, or rename the class in the batch"
+            )
+    return list(from_unknown)
+
+
+def _move_into_class(data_root: Path, source: str) -> dict:
+    """The images of ``unknown/<source>/`` moved into ``known/<source>/`` (copied under a
+    free name, then removed); the record imported.json keeps."""
+    folder, target = data_root / UNKNOWN_LABEL / source, data_root / "known" / source
+    moved = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        moved.append({"from": path.as_posix(), "to": copy_new(path, target).as_posix()})
+        path.unlink()
+    shutil.rmtree(folder)  # empty folders only are left
+    logger.info("moved %d image(s) from %s/ into %s/", len(moved), folder, target)
+    return {"source": source, "class": source, "files": moved}
+
+
 def _write_report(
     batch: Path,
     data_root: Path,
@@ -494,9 +545,11 @@ def _write_report(
     copied: dict[str, _Labeled],
     placed: dict[str, str],
     known_before: set[str],
+    moved: list[dict],
 ) -> dict:
-    """``<batch>/imported.json``: what became of every file, so the reviewer can see why an
-    image was not added; returns it."""
+    """Append to ``<batch>/imported.json`` what this import did to every file (so the
+    reviewer can see why an image was not added) and the unknown sources it moved into a
+    class; returns it."""
     added = Counter(item.label for item in copied.values())
     classes = sorted(known_before | {item.label for item in copied.values()} - {UNKNOWN_LABEL})
     rows = [
@@ -511,9 +564,10 @@ def _write_report(
         "classes": classes,
         "new_classes": sorted(set(classes) - known_before),
         "counts": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "moved_from_unknown": moved,
         "files": sorted(rows, key=lambda r: r["file"]),
     }
-    write_json(batch / IMPORTED, report)
+    write_json(batch / IMPORTED, {"imports": [*read_imports(batch), report]})
     logger.info(
         "imported %s into %s: %d image(s) added %s, new classes %s; what became of each file: %s",
         batch,
@@ -543,14 +597,18 @@ def import_batch(
     *,
     label_studio: Path | None = None,
     cache: Path | None = None,
+    holdout: Sequence[str] = (),
+    from_unknown: Sequence[str] = (),
 ) -> dict:
-    """Copy the batch's labeled images into ``data_root``; returns (and writes to
+    """Copy the batch's labeled images into ``data_root``; returns (and appends to
     ``<batch>/imported.json``) what became of every file, ``added`` per label, ``classes``
     (the data's classes afterwards) and ``new_classes``.
 
     Labels come from ``labeled/`` folders, review.csv's ``label`` column and, with
-    ``label_studio``, a Label Studio JSON export. A bad class name or a labeled file that
-    has gone stops the import before anything is copied. Importing a batch again adds
+    ``label_studio``, a Label Studio JSON export. A bad class name, a labeled file that
+    has gone, or a class that is also an unknown source (or in ``holdout``, the data's
+    held-out unknown sources) stops the import before anything is copied; the sources in
+    ``from_unknown`` are moved into their class first. Importing a batch again adds
     nothing: its images are in the data already.
     """
     batch, data_root = Path(batch), Path(data_root)
@@ -560,12 +618,16 @@ def import_batch(
         )
     found, left_out = _read_labels(batch, label_studio)
     probes = _probe_labeled(batch, found)
+    to_move = _check_unknown_sources({i.label for i in found}, data_root, holdout, from_unknown)
     _remove_killed_copies(data_root)  # before the data is read: a killed import's leftovers
     in_data = data_hashes(data_root, cache)
+    known_before = {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
+    moved = [_move_into_class(data_root, source) for source in to_move]
+    if moved:  # the moved images are the class's now
+        in_data = data_hashes(data_root, cache)
     to_copy, rows = _plan(found, probes, in_data)
     placed = _copy_into_data(batch, data_root, to_copy)
-    known_before = {label for labels in in_data.values() for label in labels} - {UNKNOWN_LABEL}
-    return _write_report(batch, data_root, left_out + rows, to_copy, placed, known_before)
+    return _write_report(batch, data_root, left_out + rows, to_copy, placed, known_before, moved)
 
 
 def announce(report: dict, project: Path) -> None:

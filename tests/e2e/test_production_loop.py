@@ -26,6 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner, Result
 
 from opensig.cli import app
+from opensig.review import read_imports
 from tests.conftest import REPO, write_params
 
 pytestmark = pytest.mark.e2e
@@ -153,7 +154,7 @@ def test_a_new_class_is_noticed_reviewed_learnt_and_served(
 
         # 6. Review import: a new class in data/ (and opensig.data.added sent to Prefect).
         opensig("review", "import", str(batch))
-        imported = json.loads((batch / "imported.json").read_text())
+        imported = read_imports(batch)[-1]
         assert imported["new_classes"] == [NEW]
         assert imported["added"] == {NEW: len(new)}
         assert len(list(Path("data/known", NEW).iterdir())) == len(new)

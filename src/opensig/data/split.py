@@ -65,6 +65,7 @@ def assign_splits(
     # numpy masks throughout: the records' index may have duplicates (e.g. after a concat)
     is_unknown = (records["label"] == UNKNOWN_LABEL).to_numpy()
     found = sorted(records.loc[is_unknown, "source"].unique())
+    check_contradictions(records.loc[~is_unknown, "label"], found, holdout_sources)
     missing = [s for s in holdout_sources if s not in found]
     if missing:
         raise ValueError(
@@ -81,6 +82,29 @@ def assign_splits(
     out["split"] = np.where(novel, "test", split)
     out["novel"] = novel
     return out
+
+
+def check_contradictions(
+    labels: pd.Series, unknown_sources: Sequence[str], holdout_sources: Sequence[str]
+) -> None:
+    """Refuse a name that is both a class and a kind of unknown: the model would be trained
+    to answer it and tuned and evaluated to reject it (a held-out source that became a
+    class once its images were reviewed), and every figure would mislead without a word."""
+    classes = set(labels.str.split(LABEL_SEP).explode())
+    both = sorted(classes & (set(unknown_sources) | set(holdout_sources)))
+    if not both:
+        return
+    name = both[0]
+    where = [f"known/{name}/"]
+    where += [f"unknown/{name}/"] if name in unknown_sources else []
+    where += ["data.holdout_unknown"] if name in holdout_sources else []
+    more = f" (and {len(both) - 1} more: {both[1:]})" if len(both) > 1 else ""
+    raise ValueError(
+        f"{name!r} is both a class and an unknown source ({' and '.join(where)}){more}: "
+        f"move the images of unknown/{name}/ into known/{name}/ (`opensig review import "
+        f"--from-unknown {name}` does it and records it) or rename one, and take {name!r} "
+        "out of data.holdout_unknown"
+    )
 
 
 def _per_class(df: pd.DataFrame) -> pd.DataFrame:
