@@ -16,7 +16,14 @@ from opensig.decision import THRESHOLDS_FILE
 from opensig.redaction import redact, uri_credentials
 from opensig.tracking.model_uri import RegisteredModelUri
 from opensig.tracking.packaging import MODEL_PACKAGES, bundle_digest, model_requirements
-from opensig.tracking.promotion import class_sets, compare, metric_value
+from opensig.tracking.promotion import (
+    check_guards,
+    class_sets,
+    compare,
+    guard_text,
+    metric_value,
+    noise_allowance,
+)
 from opensig.tracking.runs import flatten, mlflow_metric_name, run_name, split_counts
 from opensig.tracking.store import (
     DEFAULT_TRACKING_URI,
@@ -52,6 +59,35 @@ def test_compare_with_undefined_metric_keeps_the_champion() -> None:
     promoted, gain, reason = compare("unknown_recall", None, 0.5, 0.0)
     assert (promoted, gain) == (False, None)
     assert "undefined" in reason
+
+
+@pytest.mark.parametrize(("hits", "count"), [(90, 100), (175, 175), (202, 354), (0, 20)])
+def test_noise_allowance_is_the_distance_to_the_lower_wilson_bound(hits: int, count: int) -> None:
+    from scipy.stats import binomtest
+
+    value = hits / count
+    allowed = noise_allowance(value, count)
+    # scipy's Wilson interval (without continuity correction) for the same rate
+    low = binomtest(hits, count).proportion_ci(method="wilson").low
+    assert allowed == pytest.approx(value - low, abs=1e-9)
+    assert (allowed > 0) == (value > 0)  # a champion at 1.0 still allows chance
+
+
+def test_guards_block_a_drop_beyond_the_allowance_and_skip_what_is_undefined() -> None:
+    champion = {"known_accuracy": 1.0, "n_known": 175, "novel": {"unknown_recall": 0.9}}
+    champion["novel"]["n_novel"] = 354
+    challenger = {"known_accuracy": 0.994, "n_known": 175, "novel": {"unknown_recall": 0.57}}
+    guards = ["known_accuracy", "novel.unknown_recall", "unknown_recall"]
+    rows = {r["metric"]: r for r in check_guards(guards, challenger, champion, None)}
+    assert rows["known_accuracy"]["status"] == "ok"  # one image in 175: chance
+    assert rows["novel.unknown_recall"]["status"] == "blocks"
+    assert rows["novel.unknown_recall"]["drop"] == pytest.approx(0.33)
+    assert rows["unknown_recall"]["status"] == "skipped"  # not in these metrics
+    assert "skipped" in guard_text(rows["unknown_recall"])
+    fixed = {r["metric"]: r for r in check_guards(guards, challenger, champion, 0.5)}
+    assert fixed["novel.unknown_recall"]["status"] == "ok" and fixed["novel.unknown_recall"][
+        "allowed"
+    ] == pytest.approx(0.5)
 
 
 def test_flatten_and_nested_metric_lookup() -> None:

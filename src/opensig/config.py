@@ -216,6 +216,22 @@ class PromoteConfig(_Section):
         "novel.unknown_recall",
     ] = "macro_f1"
     min_delta: float = Field(0.0, ge=0.0)
+    guard: list[
+        Literal[
+            "known_accuracy",
+            "known_ccr",
+            "unknown_recall",
+            "auroc",
+            "novel.auroc",
+            "novel.unknown_recall",
+        ]
+    ] = Field(
+        ["novel.auroc", "novel.unknown_recall", "known_accuracy"],
+        description="metrics a promotion may not drop by more than max_drop (promotion.py)",
+    )
+    max_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="null: each guard's 95% sampling interval on test"
+    )
 
 
 class RetrainConfig(_Section):

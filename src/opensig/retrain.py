@@ -224,6 +224,9 @@ def promotion_markdown(registration: dict, changes: list[str]) -> str:
         "both on the current test split).",
         "",
     ]
+    if c.get("guards"):
+        body += ["Guards (promote.guard: no drop beyond the allowed one):", ""]
+        body += [f"- {line}" for line in c["guards"]] + [""]
     if c.get("class_sets") == "differ":
         body += [
             "The class sets differ, and both models were judged on today's classes: the "

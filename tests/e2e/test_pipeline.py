@@ -332,3 +332,65 @@ def test_second_registration_keeps_champion_unless_better(in_pipeline: Path) -> 
     assert float(tags["promote.champion_value"]) == pytest.approx(
         float(tags["promote.challenger_value"])
     )
+
+
+def test_the_gate_keeps_a_champion_that_wins_on_the_metric_but_drops_a_guard(
+    in_pipeline: Path, tmp_path: Path
+) -> None:
+    """A real pair of models, judged on the real test split: the pipeline's bundle (as the
+    champion of a registered model of its own) and the same network with every threshold
+    at 0.02, which accepts more known images (known_ccr up) and far fewer unknowns."""
+    from opensig.config import parse_config
+    from opensig.data.manifest import read_manifest, split_rows
+    from opensig.evaluation import evaluate_bundle
+    from opensig.predict import Bundle
+    from opensig.tracking.promotion import Registration, champion_judge, register_and_promote
+
+    raw = load_config(Path("params.yaml")).model_dump(mode="json")
+    raw["mlflow"].update(registered_model="guarded", tracking_uri="sqlite:///mlflow.db")
+    raw["promote"] = {"metric": "known_ccr", "guard": ["unknown_recall", "novel.auroc"]}
+    rows = split_rows(read_manifest(Path("artifacts/manifest.parquet"), "data"), "test")
+
+    def register(cfg_raw: dict, model: Path, thresholds: Path) -> Registration:
+        bundle = Bundle.load(model, thresholds, "cpu")
+        return register_and_promote(
+            parse_config(cfg_raw),
+            tracking_uri="sqlite:///mlflow.db",
+            metrics=evaluate_bundle(bundle, rows).metrics,
+            model_dir=model,
+            thresholds=thresholds,
+            artifacts=[],
+            train_run=None,
+            judge_champion=champion_judge(
+                tracking_uri="sqlite:///mlflow.db",
+                name="guarded",
+                rows=rows,
+                multi_label=False,
+                device="cpu",
+                batch_size=256,
+            ),
+        )
+
+    first = register(raw, Path("artifacts/model"), Path("artifacts/thresholds.json"))
+    assert first.promoted and first.comparison["reason"] == "no champion yet"
+    low = tmp_path / "low"
+    low.mkdir()
+    shutil.copy("artifacts/feature_score.safetensors", low)
+    tuned = json.loads(Path("artifacts/thresholds.json").read_text())
+    tuned["thresholds"] = dict.fromkeys(tuned["thresholds"], 0.02)
+    (low / "thresholds.json").write_text(json.dumps(tuned))
+
+    kept = register(raw, Path("artifacts/model"), low / "thresholds.json")
+    assert kept.comparison["gain"] > 0  # it wins on promote.metric ...
+    assert not kept.promoted and kept.aliases == ["challenger"]  # ... and is not promoted
+    assert "unknown_recall" in kept.comparison["reason"] and "blocks" in kept.comparison["reason"]
+    tags = MlflowClient("sqlite:///mlflow.db").get_model_version("guarded", kept.version).tags
+    assert tags["promote.decision"] == "kept champion"
+    assert {line.split(":")[0] for line in tags["promote.guards"].split("; ")} == {
+        "unknown_recall",
+        "novel.auroc",
+    }
+    # a drop of up to 1 allowed: the same challenger, judged again, wins
+    raw["promote"]["max_drop"] = 1.0
+    allowed = register(raw, Path("artifacts/model"), low / "thresholds.json")
+    assert allowed.promoted and allowed.version == kept.version

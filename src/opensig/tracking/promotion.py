@@ -1,7 +1,14 @@
 """Registration and the promotion gate: every new version becomes ``challenger``; it becomes
 ``champion`` when there is none yet, or when it beats the champion on ``promote.metric``
-by ``promote.min_delta``, both measured on the current test split. The comparison is
-recorded as tags on the new version so a promotion can always be explained.
+by ``promote.min_delta`` and drops none of the ``promote.guard`` metrics by more than
+``promote.max_drop``, all measured on the current test split. The comparison is recorded
+as tags on the new version so a promotion can always be explained.
+
+A guard's allowed drop, when ``max_drop`` is null, is the sampling noise of the champion's
+value on this test split: its distance to the lower end of the 95% Wilson interval, with
+the images the metric counts (an AUROC as a proportion on the smaller of its two groups,
+wider than Hanley & McNeil's interval, so noise never blocks). A drop beyond that is
+unlikely to be chance, whatever the sizes of the test split.
 
 Registration is idempotent: the run is tagged with the bundle's content digest before the
 model is registered, so re-running after a failure (server down, alias call lost) reuses
@@ -11,6 +18,7 @@ the version already made instead of adding a duplicate.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,6 +84,59 @@ def compare(
     gain = champion - challenger if lower_is_better else challenger - champion
     promoted = gain > min_delta + 1e-12  # float noise is not a win
     return promoted, gain, f"gain {gain:+.4f} {'>' if promoted else '<='} min_delta {min_delta}"
+
+
+GUARD_COUNTS = {  # guard -> the metrics' counts of the images it is measured on
+    "known_accuracy": ("n_known",),
+    "known_ccr": ("n_known",),
+    "unknown_recall": ("n_unknown",),
+    "auroc": ("n_known", "n_unknown"),
+    "novel.auroc": ("n_known", "novel.n_novel"),
+    "novel.unknown_recall": ("novel.n_novel",),
+}
+
+
+def noise_allowance(value: float, count: int) -> float:
+    """How far a rate measured as ``value`` on ``count`` images may fall by chance: its
+    distance to the lower end of the 95% Wilson score interval (non-zero even at 1.0)."""
+    from scipy.stats import norm
+
+    z = norm.ppf(0.975)
+    centre = (value + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * math.sqrt(value * (1 - value) / count + z * z / (4 * count**2))
+    return max(value - (centre - half), 0.0)
+
+
+def check_guards(
+    guards: Sequence[str], challenger: dict, champion: dict, max_drop: float | None
+) -> list[dict]:
+    """One row per guard: both values, the drop, the drop allowed (``max_drop``, or the
+    champion's sampling noise) and ``status``: ok, blocks, or skipped (undefined here)."""
+    rows = []
+    for name in guards:
+        new, old = metric_value(challenger, name), metric_value(champion, name)
+        counts = [metric_value(champion, key) for key in GUARD_COUNTS[name]]
+        if new is None or old is None or not all(counts):
+            rows.append({"metric": name, "status": "skipped", "reason": "undefined on test"})
+            continue
+        allowed = max_drop if max_drop is not None else noise_allowance(old, int(min(counts)))
+        drop = old - new
+        status = "blocks" if drop > allowed + 1e-12 else "ok"
+        rows.append(
+            {"metric": name, "champion": old, "challenger": new, "drop": drop}
+            | {"allowed": allowed, "status": status}
+        )
+    return rows
+
+
+def guard_text(row: dict) -> str:
+    """One guard's row in a line, for tags, logs and the retrain flow's artifact."""
+    if row["status"] == "skipped":
+        return f"{row['metric']}: skipped ({row['reason']})"
+    return (
+        f"{row['metric']}: {row['champion']:.4f} -> {row['challenger']:.4f} (drop "
+        f"{row['drop']:+.4f}, allowed {row['allowed']:.4f}): {row['status']}"
+    )
 
 
 def class_sets(classes: Sequence[str], champion_classes: Sequence[str]) -> dict:
@@ -176,7 +237,7 @@ class ModelRegistry:
     def judge(
         self,
         rule: PromoteConfig,
-        challenger_value: float | None,
+        challenger_metrics: dict,
         classes: Sequence[str],
         registered_version: str | None,
         judge_champion: ChampionJudge,
@@ -186,6 +247,7 @@ class ModelRegistry:
         metric a promotion rests on. ``registered_version``: this bundle's version when it
         is registered already (a re-run), else None."""
         metric, delta = rule.metric, rule.min_delta
+        challenger_value = metric_value(challenger_metrics, metric)
         champion = self.champion()
         comparison: dict = {
             "metric": metric,
@@ -214,6 +276,12 @@ class ModelRegistry:
             )
             comparison.update(champion_version=champion, champion_value=champion_value, gain=gain)
             comparison.update(class_sets(classes, champion_classes))
+            guards = check_guards(rule.guard, challenger_metrics, champion_metrics, rule.max_drop)
+            comparison["guards"] = [guard_text(row) for row in guards]
+            blocking = [row for row in guards if row["status"] == "blocks"]
+            if promoted and blocking:
+                promoted = False
+                comparison["reason"] += "; but " + "; ".join(guard_text(r) for r in blocking)
         comparison["decision"] = "promoted" if promoted else "kept champion"
         if promoted and registered_version is not None:
             self._require_logged_metric(registered_version, metric)
@@ -232,7 +300,8 @@ class ModelRegistry:
         if not verdict.already_champion:
             self.client.set_registered_model_alias(self.name, CHALLENGER, version)
             for key, value in comparison.items():
-                text = ", ".join(value) if isinstance(value, list) else str(value)
+                joined = "; " if key == "guards" else ", "
+                text = joined.join(value) if isinstance(value, list) else str(value)
                 self.client.set_model_version_tag(self.name, version, f"promote.{key}", text)
             if verdict.promoted:
                 self.client.set_registered_model_alias(self.name, CHAMPION, version)
@@ -243,6 +312,8 @@ class ModelRegistry:
             comparison["decision"],
             comparison["reason"],
         )
+        for line in comparison.get("guards", []):
+            log.info("promote.guard %s", line)
 
 
 def log_and_register(
@@ -299,7 +370,7 @@ def register_and_promote(
         )
     verdict = registry.judge(
         cfg.promote,
-        metric_value(metrics, cfg.promote.metric),
+        metrics,
         classes,
         found[1] if found else None,
         judge_champion,
