@@ -14,6 +14,7 @@ from opensig.data.demo import (
     DIGITS_HOLDOUT,
     FASHION_DIR,
     FASHION_HOLDOUT,
+    write_demo,
     write_digits,
     write_fashion_mnist,
 )
@@ -117,6 +118,37 @@ def test_fashion_writer_on_small_idx_files(tmp_path: Path) -> None:
     ]
     with Image.open(out / "unknown/shirt/test_00001.png") as im:
         assert np.array_equal(np.asarray(im), test[1].astype(np.uint8))
+
+
+def test_demo_data_refuses_to_merge_into_other_data(tmp_path: Path, digits_dir) -> None:
+    """`opensig demo-data`: a rerun refills; another demo or other files stop it before
+    anything changes; --force replaces the folder whole."""
+    from functools import partial
+
+    digits = _files(digits_dir[0])
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8), gzipped=False)
+    _write_idx(idx / "train-labels-idx1-ubyte", np.array([0, 8], np.uint8), gzipped=False)
+    _write_idx(idx / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), gzipped=False)
+    _write_idx(idx / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), gzipped=False)
+    fashion = partial(write_fashion_mnist, idx_dir=idx, per_class=1)
+    out = tmp_path / "data"
+
+    assert write_demo(write_digits, out) == digits_dir[1]
+    assert write_demo(write_digits, out) == digits_dir[1] and _files(out) == digits  # a rerun
+    with pytest.raises(ValueError, match=r"data holds 1797 file\(s\) this demo does not .*--force"):
+        write_demo(fashion, out)
+    assert _files(out) == digits  # nothing changed
+    (out / "known/0/mine.png").write_bytes(b"a user's own image")
+    with pytest.raises(ValueError, match=r"e\.g\. .*known/0/mine\.png"):
+        write_demo(write_digits, out)
+    assert write_demo(fashion, out, force=True) == {"known/tshirt_top": 1, "unknown/bag": 1}
+    assert sorted(_files(out)) == [
+        "known/tshirt_top/train_00000.png",
+        "unknown/bag/train_00001.png",
+    ]
+    assert not list(tmp_path.glob(".data.demo-*"))  # no staging folder left
 
 
 def test_fashion_writer_reports_missing_data(tmp_path: Path) -> None:

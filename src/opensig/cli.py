@@ -541,16 +541,23 @@ def demo_data(
     source: Annotated[DemoSource, typer.Option(help="which bundled data set")] = DemoSource.digits,
     out: Annotated[Path, typer.Option(help="data folder to write")] = Path("data"),
     per_class: Annotated[int, typer.Option(help="fashion-mnist: images per class")] = 1000,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace --out whole when it holds other files")
+    ] = False,
 ) -> None:
-    """Write a real demo data set (known classes, unknown and held-out unknown sources)."""
+    """Write a real demo data set (known classes, unknown and held-out unknown sources);
+    refuses an --out that holds other data."""
+    from functools import partial
+
     from opensig.data import demo
 
     if source is DemoSource.digits:
-        counts = demo.write_digits(out)
+        write = demo.write_digits
     elif source is DemoSource.digit_pairs:
-        counts = demo.write_digit_pairs(out)
+        write = demo.write_digit_pairs
     else:
-        counts = demo.write_fashion_mnist(out, per_class=per_class)
+        write = partial(demo.write_fashion_mnist, per_class=per_class)
+    counts = demo.write_demo(write, out, force)
     log.info("wrote %d images to %s: %s", sum(counts.values()), out, counts)
 
 

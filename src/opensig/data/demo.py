@@ -1,7 +1,8 @@
 """Write the demo data sets as a `known/` + `unknown/` PNG tree that `scan_folder` reads.
 
-Both writers overwrite files of the same name and leave any other file in `out` alone, so
-rerunning them is safe, but stray files from elsewhere stay part of the data set.
+The writers overwrite files of the same name and leave any other file in `out` alone;
+`write_demo` (what `opensig demo-data` runs) refuses a folder holding anything else, so a
+demo never merges into other data (the digits and Fashion-MNIST as twelve classes).
 
 Files are byte-for-byte reproducible, so `dvc add` gives the same hash on every machine:
 PNGs are written uncompressed (zlib level 0, i.e. stored deflate blocks), because compressed
@@ -15,8 +16,9 @@ import gzip
 import io
 import logging
 import os
+import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,37 @@ def write_digit_pairs(out: Path, n: int = 1500, seed: int = 0) -> dict[str, int]
     (Path(out) / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
     log.info("wrote %d digit pairs to %s: %s", n, out, dict(counts))
     return dict(sorted(counts.items()))
+
+
+def write_demo(
+    write: Callable[[Path], dict[str, int]], out: Path, force: bool = False
+) -> dict[str, int]:
+    """``write`` a demo set into ``out``, through a folder beside it: a missing or empty
+    ``out``, or one holding only files this demo writes (a rerun), is filled; any other
+    file there stops it before ``out`` changes. ``force`` replaces ``out`` whole."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.demo-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        counts = write(staging)
+        if out.exists() and not force:
+            ours = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+            foreign = sorted(
+                p.relative_to(out)
+                for p in out.rglob("*")
+                if p.is_file() and p.relative_to(out) not in ours
+            )
+            if foreign:
+                raise ValueError(
+                    f"{out} holds {len(foreign)} file(s) this demo does not write (e.g. "
+                    f"{out / foreign[0]}): pass another --out, or --force to replace {out} "
+                    "whole (with `dvc add` done before, DVC's cache keeps the old data)"
+                )
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
 
 
 def _read_idx(path: Path) -> np.ndarray:
