@@ -291,3 +291,25 @@ def test_every_command_fails_through_the_one_wrapper(
         f"{args[0]} failed: params.yaml: params file not found "
         "(run from the project folder or pass --params)"
     ]
+
+
+@pytest.mark.parametrize("script", ["pipelines/monitor.py", "pipelines/retrain.py"])
+def test_a_flow_script_names_itself_as_it_is_run(script: str) -> None:
+    from tests.conftest import REPO
+
+    shown = subprocess.run(
+        [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"Usage: python {script} [OPTIONS]" in shown.stdout
+    assert "-flow" not in shown.stdout.split("[OPTIONS]")[0] and " retrain [" not in shown.stdout
+
+
+def test_registering_a_model_prints_no_warning(
+    untrained_bundle: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """MLflow's input_example UserWarning on every `register`: noise on a schedule."""
+    from opensig.decision import THRESHOLDS_FILE
+
+    register_bundle(untrained_bundle, untrained_bundle / THRESHOLDS_FILE, tmp_path, "quiet")
+    assert not [w for w in recwarn if "input example" in str(w.message)]

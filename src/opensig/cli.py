@@ -50,6 +50,15 @@ class ReportedGroup(TyperGroup):
     exit code 2; the traceback follows only with --debug (or OPENSIG_DEBUG=1). Usage errors,
     exits and interrupts (Ctrl-C, SIGTERM) pass as they are: they are not failures."""
 
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple:
+        """A flow's script (pipelines/*.py) names its command itself: its usage line and
+        errors name the script as it is run (``python pipelines/monitor.py``)."""
+        name, command, rest = super().resolve_command(ctx, args)
+        script = ctx.info_name or ""
+        if script.endswith(".py"):
+            ctx.info_name, name = "python", script
+        return name, command, rest
+
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)

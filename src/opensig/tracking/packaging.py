@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def bundle_folder(
 def log_model(model_dir: Path, thresholds: Path, registered_model: str, log_dir: str | None) -> str:
     """The bundle logged as the pyfunc model of the active run and registered under
     ``registered_model``; returns the new version."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The signature is given; an input example would make MLflow call the model at
+        # logging time, which logs a prediction into the prediction log (monitor.log_dir).
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
         bundle = bundle_folder(model_dir, thresholds, Path(tmp), log_dir, registered_model)
         info = mlflow.pyfunc.log_model(
             name="model",
