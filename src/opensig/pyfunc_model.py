@@ -60,9 +60,12 @@ class OpensigModel(mlflow.pyfunc.PythonModel):
             if reason := refused_paths(sources, self.roots):  # the HTTP 400, as below
                 raise mlflow.exceptions.MlflowException.invalid_parameter_value(reason)
         else:  # MLflow's invalid-parameter error: the server answers 400 with this message
+            # MLflow drops the columns the signature does not declare before this point, so
+            # the request's own column names cannot be quoted back
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                "input needs a 'path' column (image files) or an 'image' column (bytes), "
-                f"got columns {list(model_input.columns)}"
+                "input needs a 'path' column (image files) or an 'image' column (bytes); the "
+                "request had neither (other columns are dropped: the model declares only "
+                "these two)"
             )
         multi_label = bool((params or {}).get("multi_label", False))
         frame = self.bundle.predict(sources, names=names, progress=False, multi_label=multi_label)

@@ -177,6 +177,7 @@ def test_a_request_without_image_or_path_is_a_400_saying_why(server: str, body: 
     answer = response.json()
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "input needs a 'path' column (image files) or an 'image' column" in answer["message"]
+    assert "the request had neither" in answer["message"] and "[]" not in answer["message"]
 
 
 def test_served_answers_land_in_the_prediction_log(
