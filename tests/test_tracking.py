@@ -4,6 +4,7 @@ down to a registered model's requirements.txt in a real SQLite store."""
 
 from __future__ import annotations
 
+import json
 import os
 from importlib.metadata import version
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_run_names_are_readable_and_follow_params_data_and_dvc_experiment(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     name = run_name(load_config(write_params(tmp_path)))
-    method, backbone, size, digest = name.split(" ")
+    digest, method, backbone, size = name.split(" ")
     assert (method, backbone, size, len(digest)) == ("sigmoid_bce", "resnet10t", "16px", 7)
     assert run_name(load_config(write_params(tmp_path))) == name  # same params and data
     assert run_name(load_config(write_params(tmp_path, {"train": {"epochs": 4}}))) != name
@@ -249,7 +250,29 @@ def test_run_names_are_readable_and_follow_params_data_and_dvc_experiment(
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
     assert run_name(load_config(write_params(tmp_path))) != name  # other data
     monkeypatch.setenv("DVC_EXP_NAME", "gusty-reef")
-    assert run_name(load_config(write_params(tmp_path))).startswith("gusty-reef sigmoid_bce ")
+    assert run_name(load_config(write_params(tmp_path))).startswith("gusty-reef ")
+
+
+def test_a_run_names_its_data_version_as_a_dataset_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from opensig.tracking.runs import RunSpec, logged_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = RunSpec("datasets", "a run", {})
+    with logged_run(uri, spec, {"macro_f1": 0.5}, []) as run:
+        pass
+    (given,) = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == (
+        "data",
+        "0123456789abcdef0123456789abcdef",
+    )
+    assert json.loads(given.dataset.source) == {"uri": (tmp_path / "data").as_posix()}
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "evaluation")]
 
 
 @pytest.mark.parametrize(
