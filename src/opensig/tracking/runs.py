@@ -28,7 +28,14 @@ from opensig.config import Config, MlflowConfig
 from opensig.io import file_digest
 from opensig.plots import picture_tables
 from opensig.redaction import redact
-from opensig.tracking.store import check_reachable, existing_run, global_store, http_limits
+from opensig.tracking.store import (
+    SQLITE_PREFIX,
+    check_reachable,
+    existing_run,
+    global_store,
+    http_limits,
+)
+from opensig.workspace import shared_path
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +154,22 @@ class RunSpec:
         return cls(cfg.mlflow.experiment, run_name(cfg), run_params(cfg, sections))
 
 
+def _artifact_root(client: MlflowClient) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its files: ``mlruns/`` of the
+    project (MLflow's default is below the working folder, which in a DVC experiment's
+    temporary copy is deleted with it); a server's store decides for itself (None)."""
+    if not client.tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    return shared_path(Path("mlruns")).resolve().as_uri()
+
+
 def training_experiment(client: MlflowClient, name: str) -> str:
     """The id of the experiment ``name``, made if missing, marked as model training (MLflow's
     experiment-kind tag) unless someone chose its kind already."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        return client.create_experiment(name, _artifact_root(client), tags)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return experiment.experiment_id

@@ -25,6 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from opensig.config import MlflowConfig
 from opensig.io import env_defaults
 from opensig.redaction import redact
+from opensig.workspace import shared_path
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ def tracking_uri(cfg: MlflowConfig) -> str:
 
     A relative SQLite path is made absolute here: MLflow keeps one store per URI string for
     the life of the process, so a process that changes folder (a notebook, the bench, a test
-    suite) would otherwise keep reading the first folder's database.
+    suite) would otherwise keep reading the first folder's database. In a DVC experiment's
+    temporary copy (``dvc exp run --temp``, ``--queue``) it is the project's database, not
+    one deleted with the copy (:func:`opensig.workspace.shared_path`).
     """
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    return resolve_sqlite(uri, Path.cwd())
+    return resolve_sqlite(uri, shared_path(Path(".")))
 
 
 def resolve_sqlite(uri: str, folder: Path) -> str:
