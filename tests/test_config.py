@@ -76,6 +76,8 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("retrain:\n  push: maybe\n", "retrain.push"),
         ("monitor:\n  cron: '0 3 * *'\n", "monitor.cron"),
         ("monitor:\n  window: 0\n", "monitor.window"),
+        ("monitor:\n  window: 7 days\n", "monitor.window"),
+        ("monitor:\n  window: 0d\n", "monitor.window"),
         ("monitor:\n  alpha: 1.5\n", "monitor.alpha"),
         ("monitor:\n  min_unknown_rate_change: -0.1\n", "monitor.min_unknown_rate_change"),
     ],

@@ -77,6 +77,22 @@ def test_an_alert_exports_a_review_batch_and_reports(
     artifact = Artifact.get(ARTIFACT_KEY)
     assert artifact is not None and "version 1: alert" in artifact.data
     assert f"Review batch: `{batch}`" in artifact.data
+    assert result["announced"]
+
+    # the next scheduled run over the same window: the same alert, announced once
+    again = monitor(str(logged))
+    assert (again["status"], again["announced"], again["batch"]) == ("alert", False, None)
+    assert [p.name for p in (logged / "review").iterdir()] == [batch.name]
+    # MLflow draws one point per monitor run: step = its number, at the window's end
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{logged / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(MONITOR_EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "unknown_rate")
+    assert [m.step for m in history] == [1, 2]
+    end = pd.Timestamp(report["window"]["to"]).timestamp() * 1000
+    assert {m.timestamp for m in history} == {int(end)}
 
 
 def test_an_alert_on_a_multi_label_log_goes_out_without_a_batch(

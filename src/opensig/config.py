@@ -7,6 +7,8 @@ instead of an hour into training.
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -263,8 +265,14 @@ class MonitorConfig(_Section):
     log_dir: str | None = Field(
         None, description="prediction log folder or fsspec URL; null: log only with --log"
     )
-    window: int = Field(1000, ge=1, description="rows in the current window (the latest)")
-    reference_size: int = Field(1000, ge=1, description="rows in the reference (the first)")
+    window: int | str = Field(
+        "7d",
+        description="the current window, sliding: the latest time span ('7d', '24h', '30min') "
+        "or the latest rows (a count); with a span, the reference is the version's first span",
+    )
+    reference_size: int = Field(
+        1000, ge=1, description="rows in the reference (the first), when window is a count"
+    )
     min_rows: int = Field(100, ge=1, description="fewer rows in a window: status too_few_rows")
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="significance level of every test")
     min_unknown_rate_change: float = Field(0.05, ge=0.0, le=1.0)
@@ -279,6 +287,28 @@ class MonitorConfig(_Section):
     @classmethod
     def _five_fields(cls, value: str) -> str:
         return five_field_cron(value)
+
+    @field_validator("window")
+    @classmethod
+    def _rows_or_span(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("a window of rows holds at least 1")
+            return value
+        span(value)
+        return value
+
+
+_SPAN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(min|h|d|w)\s*")
+_SPAN_UNITS = {"min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def span(text: str) -> timedelta:
+    """'7d', '24h', '30min', '2w' as a time span; anything else is refused, saying how."""
+    match = _SPAN.fullmatch(text)
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{text!r}: a row count or a time span such as 7d, 24h, 30min, 2w")
+    return timedelta(**{_SPAN_UNITS[match[2]]: float(match[1])})
 
 
 def five_field_cron(value: str) -> str:

@@ -5,9 +5,11 @@ model sees, compared with its reference, and on an alert a review batch and an e
    reports/monitor.json, its pictures, the opensig-monitor MLflow run (in the project's store:
    a relative SQLite path of params read from the project, wherever the flow runs);
 2. report: the status and alerts as a Markdown artifact (`opensig-monitor`, Prefect UI);
-3. on `alert`: a review batch (`review export` into `monitor.review_dir`; none for a
-   multi-label log, which review cannot take yet) and the event `opensig.monitor.alert`
-   (status, alerts, the batch), which automations can act on.
+3. on a new `alert` (the previous run of the version recorded another status: one per
+   change of status, so an hourly run over a 7-day window does not repeat it every hour):
+   a review batch (`review export` into `monitor.review_dir`; none for a multi-label log,
+   which review cannot take yet) and the event `opensig.monitor.alert` (status, alerts,
+   the batch), which automations can act on.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def export_review(cfg: Config, root: Path, model_version: str) -> Path | None:
         return None
 
 
+def summary_line(report: dict) -> str:
+    """The run in one line: version, status, unknown rate now vs reference, the alerts."""
+    line = f"{report['model']} version {report['model_version']}: {report['status']}"
+    if rate := report.get("unknown_rate"):
+        line += f"; unknown rate {rate['current']:.1%} (reference {rate['reference']:.1%})"
+    if report.get("reason"):
+        line += f"; {report['reason']}"
+    return line + (f"; alerts: {'; '.join(report['alerts'])}" if report["alerts"] else "")
+
+
 def summary_markdown(report: dict, batch: Path | None) -> str:
     """The report's headline figures, as the Prefect UI shows the artifact."""
     lines = [f"# {report['model']} version {report['model_version']}: {report['status']}", ""]
@@ -97,8 +109,12 @@ def monitor(project: str = ".", tracking_uri: str | None = None) -> dict:
     root = Path(project).resolve()
     cfg = load_config(root / "params.yaml")
     report = monitor_task(cfg, root, project_store(cfg.mlflow, root, tracking_uri))
+    logger.info("%s", summary_line(report))
     batch = None
-    if report["status"] == ALERT:
+    announce = report["status"] == ALERT and report.get("previous_status") != ALERT
+    if report["status"] == ALERT and not announce:
+        logger.info("the alert of the previous run persists: no new review batch or event")
+    if announce:
         batch = export_review(cfg, root, report["model_version"])
         payload = {
             "model": report["model"],
@@ -115,7 +131,12 @@ def monitor(project: str = ".", tracking_uri: str | None = None) -> dict:
     )
     for alert in report["alerts"]:
         logger.warning("monitor alert: %s", alert)
-    return {"status": report["status"], "alerts": report["alerts"], "batch": batch and str(batch)}
+    return {
+        "status": report["status"],
+        "alerts": report["alerts"],
+        "announced": announce,
+        "batch": batch and str(batch),
+    }
 
 
 def serve(project: str, cron: str, timezone: str, tracking_uri: str | None = None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +114,40 @@ def test_no_alert_on_a_tiny_significant_wiggle_at_10000() -> None:
     assert report["status"] == "ok"
 
 
-def test_too_few_rows_is_a_status() -> None:
+def test_too_few_rows_is_a_status_that_names_the_setting_and_what_would_work() -> None:
     report = run_monitor(_log([(1000, 0.1), (50, 0.5)]), SETTINGS)
     assert report["status"] == "too_few_rows"
     assert report["window"]["n"] == 50
     assert report["alerts"] == []
+    assert "50 predicted in the current window and 1000 in the reference" in report["reason"]
+    assert "monitor.window: 1000 rows" in report["reason"]
+    assert "logged 1050 rows: set both to at most 525" in report["reason"]
+    # a week's span over traffic of one afternoon: everything is the reference
+    weekly = SETTINGS.model_copy(update={"window": "7d"})
+    report = run_monitor(_log([(1000, 0.1)]), weekly, until=datetime(2026, 1, 2, tzinfo=UTC))
+    assert (report["status"], report["reference"]["n"], report["window"]["n"]) == (
+        "too_few_rows",
+        1000,
+        0,
+    )
+    assert "(monitor.window: 7d: the last 7d against the version's first)" in report["reason"]
+    assert "set monitor.window to a row count (e.g. 500)" in report["reason"]
+
+
+def test_a_time_span_slides_the_window_over_the_latest_days() -> None:
+    """monitor.window: 3d: the reference is the version's first 3 days, the current window
+    the 3 days up to now (here `until`), whatever the rows per day."""
+    log = _log([(500, 0.1)] * 4 + [(300, 0.4)] * 3)
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+    settings = SETTINGS.model_copy(update={"window": "3d"})
+    report = run_monitor(log, settings, until=day + timedelta(days=6))
+    assert report["reference"]["n"] == 1500 and report["window"]["n"] == 900
+    assert report["reference"]["to"] == (day + timedelta(days=2)).isoformat()
+    assert report["window"]["from"] == (day + timedelta(days=4)).isoformat()
+    assert report["status"] == "alert"
+    # a day later the window has moved on: days 5 to 7, 600 rows
+    later = run_monitor(log, settings, until=day + timedelta(days=7))
+    assert later["window"]["n"] == 600
 
 
 def test_windows_by_time_and_another_version() -> None:
@@ -134,3 +163,20 @@ def test_windows_by_time_and_another_version() -> None:
     assert report["status"] == "alert"
     with pytest.raises(ValueError, match=r"version '9'.*\['1'\]"):
         run_monitor(log, SETTINGS, model_version="9")
+
+
+@pytest.mark.parametrize(
+    ("spread", "width", "name"),
+    [
+        (pd.Timedelta(hours=2), pd.Timedelta(minutes=10), "10 minutes"),
+        (pd.Timedelta(days=1), pd.Timedelta(hours=1), "hour"),
+        (pd.Timedelta(days=30), pd.Timedelta(days=1), "day"),
+        (pd.Timedelta(days=400), pd.Timedelta(days=7), "week"),
+    ],
+)
+def test_the_unknown_rate_is_drawn_per_bin_that_fits_the_logs_spread(
+    spread: pd.Timedelta, width: pd.Timedelta, name: str
+) -> None:
+    from opensig.monitoring.plots import time_bin
+
+    assert time_bin(spread) == (width, name)

@@ -1,9 +1,14 @@
 """`opensig monitor`: a current window of the prediction log against a reference window.
 
-Windows are row counts of one model version (the latest, by default): the reference is the
-first ``monitor.reference_size`` rows logged for it (or a time range), the current window
-the last ``monitor.window`` rows after it (or a time range). Every figure comes from
-:mod:`opensig.monitoring.drift`; an alert needs both significance and a minimum effect.
+Windows belong to one model version (the latest, by default). With ``monitor.window`` a
+time span (``7d``, the default) the window slides: the current window is the last span up
+to now, the reference the version's first span; with a row count, the current window is
+the last ``window`` rows and the reference the first ``monitor.reference_size``; explicit
+time ranges replace either. The current window never reaches into the reference. Sliding,
+not calendar, windows: a change shows at the next run after it reaches the data, not at the
+end of a week; a scheduled monitor then announces an alert once per change of status (the
+flow compares with the status its last run recorded), not on every run. Every figure comes
+from :mod:`opensig.monitoring.drift`; an alert needs both significance and a minimum effect.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from opensig.config import MlflowConfig, MonitorConfig
+from opensig.config import MlflowConfig, MonitorConfig, span
 from opensig.io import write_json
 from opensig.labels import UNKNOWN_LABEL
 from opensig.monitoring.drift import rate_change, score_shift, share_change
-from opensig.monitoring.log import between, read_log
+from opensig.monitoring.log import between, read_log, utc
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +37,54 @@ def select_windows(
     until: datetime | None = None,
     reference_since: datetime | None = None,
     reference_until: datetime | None = None,
+    now: datetime | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(current, reference) rows of one model version's log, sorted by time. Without time
-    ranges the current window never reaches into the reference rows."""
+    """(current, reference) rows of one model version's log, sorted by time (see above;
+    ``now``: the end of a sliding span when ``until`` is not given, the clock by default).
+    The current window never reaches into the reference rows."""
+    width = None if isinstance(settings.window, int) else span(settings.window)
     if reference_since or reference_until:
         reference = between(log, reference_since, reference_until)
-        rest = log.drop(reference.index)
+    elif width is not None:
+        reference = log[log["time"] < log["time"].min() + width]
     else:
         reference = log.head(settings.reference_size)
-        rest = log.iloc[len(reference) :]
-    current = between(rest, since, until)
-    return (current if since else current.tail(settings.window)), reference
+    current = between(log.drop(reference.index), since, until)
+    if since is not None:
+        return current, reference
+    if width is None:
+        return current.tail(settings.window), reference
+    end = utc(until) or utc(now) or pd.Timestamp.now(tz="UTC")
+    return current[current["time"] > end - width], reference
+
+
+def too_few_rows(
+    rows: pd.DataFrame, counts: tuple[int, int], settings: MonitorConfig, explicit: bool
+) -> str:
+    """Why a comparison cannot be made, naming the setting that bites and what would work:
+    ``counts`` are the predicted rows in (current, reference) of the version's ``rows``."""
+    held = len(rows)
+    times = rows["time"]
+    said = (
+        f"{counts[0]} predicted in the current window and {counts[1]} in the reference, "
+        f"monitor.min_rows: {settings.min_rows} in each"
+    )
+    if explicit:
+        return f"{said}: widen --since/--until or the reference range"
+    if isinstance(settings.window, int):
+        fits = max(held // 2, 1)
+        return (
+            f"{said} (monitor.window: {settings.window} rows after the reference's first "
+            f"monitor.reference_size: {settings.reference_size}); this version has logged "
+            f"{held} rows: set both to at most {fits}, or wait for more traffic"
+        )
+    spread = (times.max() - times.min()) if held else pd.Timedelta(0)
+    return (
+        f"{said} (monitor.window: {settings.window}: the last {settings.window} against the "
+        f"version's first); this version has logged {held} rows within {spread}: wait for "
+        f"more traffic, or set monitor.window to a row count (e.g. {max(held // 2, 1)}) with "
+        "monitor.reference_size as large"
+    )
 
 
 def _span(frame: pd.DataFrame) -> dict:
@@ -99,19 +141,16 @@ def _alerts(report: dict, settings: MonitorConfig) -> list[str]:
     return alerts
 
 
-def compare(current: pd.DataFrame, reference: pd.DataFrame, settings: MonitorConfig) -> dict:
-    """The report of two windows: the figures of :mod:`drift`, the alerts, the status."""
+def compare(
+    current: pd.DataFrame, reference: pd.DataFrame, settings: MonitorConfig, why: str = ""
+) -> dict:
+    """The report of two windows: the figures of :mod:`drift`, the alerts, the status;
+    ``why`` (:func:`too_few_rows`) is what a report without a comparison says."""
     report: dict = {"window": _span(current), "reference": _span(reference)}
     fine = [w[w["error"].fillna("") == ""] for w in (current, reference)]
     if min(len(w) for w in fine) < settings.min_rows:
-        report |= {"status": TOO_FEW_ROWS, "alerts": []}
-        log.warning(
-            "too few rows to compare: %d predicted in the current window, %d in the "
-            "reference (monitor.min_rows: %d)",
-            len(fine[0]),
-            len(fine[1]),
-            settings.min_rows,
-        )
+        report |= {"status": TOO_FEW_ROWS, "alerts": [], "reason": why}
+        log.warning("too few rows to compare: %s", why)
         return report
     unknown = [int((w["label"] == UNKNOWN_LABEL).sum()) for w in fine]
     failed = [len(w) - len(f) for w, f in zip((current, reference), fine, strict=True)]
@@ -160,7 +199,10 @@ def run_monitor(
         rows, settings, since, until, reference_since, reference_until
     )
     report = {"model": str(rows["model"].iloc[-1]), "model_version": version}
-    report |= compare(current, reference, settings)
+    counts = tuple(int((w["error"].fillna("") == "").sum()) for w in (current, reference))
+    explicit = any(t is not None for t in (since, reference_since, reference_until))
+    why = too_few_rows(rows, counts, settings, explicit)
+    report |= compare(current, reference, settings, why)
     if figures is not None:
         from opensig.monitoring.plots import write_monitor_pictures  # matplotlib: only here
 
@@ -196,9 +238,9 @@ def monitor_log(
         reference_until,
         figures=figures,
     )
-    write_json(out, report)
     with http_limits(store):
-        log_to_mlflow(report, tracking_uri(store), figures)
+        _, report["previous_status"] = log_to_mlflow(report, tracking_uri(store), figures)
+    write_json(out, report)
     return report
 
 
@@ -206,10 +248,13 @@ MONITOR_EXPERIMENT = "opensig-monitor"
 VERSION_TAG = "opensig.monitored_version"
 
 
-def log_to_mlflow(report: dict, tracking_uri: str, pictures: Path | None = None) -> str:
-    """The window's figures as metrics (step = the window's end, in Unix seconds) of one run
-    per model version in the experiment ``opensig-monitor``, so that successive monitors draw
-    the unknown rate over time. Returns the run id."""
+def log_to_mlflow(
+    report: dict, tracking_uri: str, pictures: Path | None = None
+) -> tuple[str, str | None]:
+    """The window's figures as metrics of one run per model version in the experiment
+    ``opensig-monitor`` (step = the monitor's run number for that version, timestamp = the
+    window's end), so that successive monitors draw the unknown rate over time. Returns the
+    run id and the status the previous monitor of the version recorded (None: the first)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -222,6 +267,7 @@ def log_to_mlflow(report: dict, tracking_uri: str, pictures: Path | None = None)
     runs = client.search_runs(
         [experiment_id], f"tags.`{VERSION_TAG}` = '{identity}'", max_results=1
     )
+    previous = runs[0].data.tags.get("status") if runs else None
     run_id = (
         runs[0].info.run_id
         if runs
@@ -232,7 +278,8 @@ def log_to_mlflow(report: dict, tracking_uri: str, pictures: Path | None = None)
         ).info.run_id
     )
     end = pd.Timestamp(report["window"]["to"] or pd.Timestamp.now(tz="UTC"))
-    step, stamp = int(end.timestamp()), int(end.timestamp() * 1000)
+    step = len(client.get_metric_history(run_id, "window_rows")) + 1  # the n-th monitor
+    stamp = int(end.timestamp() * 1000)
     values = {"window_rows": report["window"]["n"], "reference_rows": report["reference"]["n"]}
     values["alerts"] = len(report["alerts"])
     for key in ("unknown_rate", "error_rate"):
@@ -249,4 +296,4 @@ def log_to_mlflow(report: dict, tracking_uri: str, pictures: Path | None = None)
     if pictures is not None and pictures.is_dir():
         client.log_artifacts(run_id, str(pictures), "monitor")
     log.info("monitor figures logged to MLflow run %s (%s)", run_id, MONITOR_EXPERIMENT)
-    return run_id
+    return run_id, previous

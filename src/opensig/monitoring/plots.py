@@ -19,12 +19,28 @@ def _predicted(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["error"].fillna("") == ""]
 
 
+BINS = (  # (the log's time spread up to, bin, its name): a few to a few hundred points
+    (pd.Timedelta(hours=6), pd.Timedelta(minutes=10), "10 minutes"),
+    (pd.Timedelta(days=3), pd.Timedelta(hours=1), "hour"),
+    (pd.Timedelta(days=120), pd.Timedelta(days=1), "day"),
+)
+
+
+def time_bin(spread: pd.Timedelta) -> tuple[pd.Timedelta, str]:
+    """(bin width, its name) of the unknown-rate curve for a log of this time spread."""
+    week = (pd.Timedelta(days=7), "week")
+    return next(((width, n) for up_to, width, n in BINS if spread <= up_to), week)
+
+
 def write_unknown_rate(
     rows: pd.DataFrame, reference: pd.DataFrame, alpha: float, out_dir: Path
 ) -> Path:
-    """unknown_rate.png: the unknown rate per day, over the reference's rate and interval."""
+    """unknown_rate.png: the unknown rate per time bin (a bin that fits the log's spread),
+    over the reference's rate and interval, on an axis that spans the log."""
     fine = _predicted(rows)
-    daily = (fine["label"] == UNKNOWN_LABEL).groupby(fine["time"].dt.floor("D")).mean()
+    times = fine["time"] if len(fine) else rows["time"]
+    width, name = time_bin(times.max() - times.min())
+    daily = (fine["label"] == UNKNOWN_LABEL).groupby(fine["time"].dt.floor(width)).mean()
     ref = _predicted(reference)
     hits = int((ref["label"] == UNKNOWN_LABEL).sum())
     low, high = wilson(hits, max(len(ref), 1), alpha)
@@ -32,11 +48,13 @@ def write_unknown_rate(
     ax.axhspan(low, high, color=WINDOW_COLORS["reference"], alpha=0.2, label="reference interval")
     ax.axhline(hits / max(len(ref), 1), color=WINDOW_COLORS["reference"], label="reference rate")
     ax.plot(
-        daily.index, daily.to_numpy(), marker="o", color="tab:red", label="unknown rate per day"
+        daily.index, daily.to_numpy(), marker="o", color="tab:red", label=f"unknown rate per {name}"
     )
-    ax.set_ylim(0, max(1e-3, float(daily.max()), high) * 1.1)
+    if len(daily):  # one point would otherwise sit on an axis of years
+        ax.set_xlim(daily.index.min() - width, daily.index.max() + width)
+    ax.set_ylim(0, max(1e-3, float(daily.max()) if len(daily) else 0.0, high) * 1.1)
     ax.set_ylabel("share predicted unknown")
-    ax.set_title(f"Unknown rate per day ({1 - alpha:.0%} interval of the reference)")
+    ax.set_title(f"Unknown rate per {name} ({1 - alpha:.0%} interval of the reference)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
