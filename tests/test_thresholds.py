@@ -9,7 +9,16 @@ import pytest
 from sklearn.metrics import f1_score
 
 from opensig.labels import UNKNOWN
-from opensig.thresholds import STRATEGIES, decide, f1, fixed, macro_f1, precision, tune_thresholds
+from opensig.thresholds import (
+    READABLE,
+    STRATEGIES,
+    decide,
+    f1,
+    fixed,
+    macro_f1,
+    precision,
+    tune_thresholds,
+)
 
 
 def _synthetic(
@@ -278,3 +287,17 @@ def test_f1_class_without_validation_images_keeps_half_and_warns(caplog) -> None
     assert thresholds[2] == 0.5
     assert "class 2 has no validation images" in caplog.text
     assert decide(scores, thresholds).tolist()[:2] == [0, 1]
+
+
+def test_f1_thresholds_stay_readable_where_validation_would_push_them_lower() -> None:
+    """Each class's least typical known image scores 0.01 or 0.02 and every unknown less:
+    macro-F1 on validation would take thresholds that low; f1 keeps to READABLE."""
+    scores = np.array(
+        [[0.9, 0.1], [0.8, 0.1], [0.01, 0.001], [0.1, 0.9], [0.1, 0.8], [0.001, 0.02]]
+        + [[0.001, 0.003]] * 4
+    )
+    labels = np.array([0, 0, 0, 1, 1, 1] + [UNKNOWN] * 4)
+    thresholds = f1(scores, labels)
+    assert READABLE == (0.05, 0.95)
+    assert ((thresholds >= READABLE[0]) & (thresholds <= READABLE[1])).all(), thresholds
+    assert decide(scores, thresholds)[[2, 5]].tolist() == [UNKNOWN, UNKNOWN]

@@ -17,6 +17,10 @@ from opensig.labels import UNKNOWN
 logger = logging.getLogger(__name__)
 
 _DEFAULT_THRESHOLD = 0.5
+# f1 tunes within these (on the calibrated scale, odds of 1 in 20 of a known image of the
+# class either way): a validation split with no novel unknowns cannot justify accepting an
+# image below them, and a threshold there reads as "anything goes" (bench/README.md)
+READABLE = (0.05, 0.95)
 _IMPROVEMENT_TOL = 1e-12
 
 
@@ -183,7 +187,7 @@ def _ovr_f1_thresholds(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
             passing = scores[:, k] >= _DEFAULT_THRESHOLD
             at_default = 2.0 * np.sum(passing & positive) / (positive.sum() + passing.sum())
             if at_default < f1_k.max() - _IMPROVEMENT_TOL:
-                out[k] = thr[np.argmax(f1_k)]
+                out[k] = np.clip(thr[np.argmax(f1_k)], *READABLE)
     return out
 
 
@@ -196,7 +200,9 @@ def _candidates(score: np.ndarray, current: float, max_candidates: int) -> np.nd
     if values.size > max_candidates:
         values = values[np.linspace(0, values.size - 1, max_candidates).round().astype(np.int64)]
     mids = (values[:-1] + values[1:]) / 2.0
-    return np.concatenate([[current], values, mids])
+    inside = np.concatenate([values, mids, READABLE])
+    inside = inside[(inside >= READABLE[0]) & (inside <= READABLE[1])]
+    return np.concatenate([[current], inside])
 
 
 def _sweep_class(
@@ -264,6 +270,7 @@ def f1(
     does coordinate ascent on the real objective: start from the better of per-class one-vs-rest
     F1 thresholds and a flat 0.5, then sweep one class at a time with the others fixed, keeping
     strict improvements, for up to ``max_rounds`` rounds or until a round changes nothing.
+    Thresholds stay within :data:`READABLE`.
     Ties: 0.5 when it is among the best thresholds, else the highest of the best. On the
     calibrated scores 0.5 is even odds of "a known image of this class", the boundary that
     needs no tuning; validation data that cannot tell a range of thresholds apart (every
