@@ -421,13 +421,15 @@ def retrain(
 ) -> None:
     """Prefect flow: version new data, dvc repro, report the promotion decision."""
     from opensig import retrain as flows
+    from opensig.prefect_env import database_busy_explained
 
     params = project / "params.yaml"
     cfg = load_config(params)
     if serve:
         flows.serve(str(project), *_schedule(params, cron or cfg.retrain.cron, timezone, cfg))
     else:
-        summary = flows.retrain(str(project), force=force)
+        with database_busy_explained():
+            summary = flows.retrain(str(project), force=force)
         typer.echo(json.dumps(summary, indent=2))
 
 
@@ -458,6 +460,7 @@ def monitor_flow(
 ) -> None:
     """Prefect flow: monitor the prediction log; on an alert, a review batch and an event."""
     from opensig import monitor_flow as flows
+    from opensig.prefect_env import database_busy_explained
     from opensig.tracking.store import resolve_sqlite
 
     params = project / "params.yaml"
@@ -468,7 +471,9 @@ def monitor_flow(
         schedule = _schedule(params, cron or cfg.monitor.cron, timezone, cfg, "monitor.cron")
         flows.serve(str(project), *schedule, tracking_uri)
     else:
-        typer.echo(json.dumps(flows.monitor(str(project), tracking_uri), indent=2))
+        with database_busy_explained():
+            report = flows.monitor(str(project), tracking_uri)
+        typer.echo(json.dumps(report, indent=2))
 
 
 @app.command("score-flow")
@@ -485,6 +490,7 @@ def score_flow(
     """Prefect flow: the champion labels images on Spark, into the prediction log; then the
     monitor."""
     from opensig import score_flow as flows
+    from opensig.prefect_env import database_busy_explained
 
     params = project / "params.yaml"
     cfg = load_config(params)
@@ -492,7 +498,9 @@ def score_flow(
         schedule = _schedule(params, cron or cfg.score.cron, timezone, cfg, "score.cron")
         flows.serve(str(project), *schedule)
     else:
-        typer.echo(json.dumps(flows.batch_score(str(project), inputs or None), indent=2))
+        with database_busy_explained():
+            scored = flows.batch_score(str(project), inputs or None)
+        typer.echo(json.dumps(scored, indent=2))
 
 
 @app.command("cache")

@@ -22,10 +22,10 @@ from prefect.artifacts import create_markdown_artifact
 from opensig.config import Config, MlflowConfig, load_config
 from opensig.events import MONITOR_ALERT, emit, project_resource
 from opensig.monitoring.monitor import ALERT, monitor_log
-from opensig.prefect_env import quiet
+from opensig.prefect_env import configure
 from opensig.tracking.store import project_store
 
-quiet()
+configure()
 
 FLOW_NAME = "opensig-monitor"
 ARTIFACT_KEY = "opensig-monitor"

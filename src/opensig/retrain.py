@@ -36,9 +36,9 @@ from prefect.states import Completed, State
 from opensig.config import ConfigError, RetrainConfig, load_config
 from opensig.events import DATA_ADDED, project_resource
 from opensig.io import inside
-from opensig.prefect_env import quiet
+from opensig.prefect_env import configure
 
-quiet()
+configure()
 
 FLOW_NAME = "opensig-retrain"
 ARTIFACT_KEY = "opensig-promotion"

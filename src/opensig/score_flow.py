@@ -21,10 +21,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from opensig.config import Config, MlflowConfig, load_config
 from opensig.monitor_flow import log_dir, monitor_task, under
-from opensig.prefect_env import quiet
+from opensig.prefect_env import configure
 from opensig.tracking.store import project_store
 
-quiet()
+configure()
 
 FLOW_NAME = "opensig-batch-score"
 ARTIFACT_KEY = "opensig-batch-score"
