@@ -11,7 +11,15 @@ from typer.testing import CliRunner
 
 from opensig.bench import speed
 from opensig.bench.common import summary
-from opensig.bench.openset import COLUMNS, checked, class_splits, summarise, to_markdown
+from opensig.bench.openset import (
+    COLUMNS,
+    NEAR_PROTOCOL,
+    PROTOCOL,
+    checked,
+    class_splits,
+    summarise,
+    to_markdown,
+)
 from opensig.bench.options import BenchOptions, SpeedOptions
 from opensig.cli import app
 from opensig.data.demo import FASHION_DIR
@@ -57,12 +65,20 @@ def test_class_splits_are_seeded_disjoint_six_two_two() -> None:
         assert sorted(split.known + split.unknown + split.novel) == list(classes)
 
 
+def test_the_near_protocol_holds_the_far_classes_for_training_and_the_near_for_test() -> None:
+    near, fixed = NEAR_PROTOCOL["fashion-mnist"], PROTOCOL["fashion-mnist"]
+    assert near.known == fixed.known  # the same known classes, the other four swapped
+    assert (near.unknown, near.novel) == (("ankle_boot", "bag"), ("shirt", "sneaker"))
+
+
 def test_bench_options_are_checked_before_anything_runs(tmp_path: Path) -> None:
     for bad, message in [
         ({"dataset": "cifar"}, "--dataset"),
         ({"methods": ["softmax"]}, "--method"),
         ({"feature_scores": ["cosine"]}, "--feature-score"),
         ({"splits": -1}, "--splits"),
+        ({"near": True, "splits": 2}, "--near: one fixed split"),
+        ({"near": True, "dataset": "digits"}, "--near: one fixed split, of \\['fashion-mnist'\\]"),
     ]:
         with pytest.raises(ValueError, match=message):
             checked(BenchOptions(work=tmp_path, **bad))
