@@ -453,10 +453,11 @@ def _log_steps(
     _step(results, "prediction log: append", wrote, rows)
     results["disk"]["log"] = footprint(Path(root))
     _step(results, "prediction log: read_log", in_child(read_log_step, root=root), rows)
+    half = max(rows // 2, 1)  # the log is written in one go: windows of rows, not of days
     monitor = in_child(
         monitor_step,
         root=root,
-        settings=cfg.monitor,
+        settings=cfg.monitor.model_copy(update={"window": half, "reference_size": half}),
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         out=work / "reports" / "monitor.json",
     )
