@@ -113,7 +113,7 @@ def test_pretrained_file_loads_offline(tmp_path: Path) -> None:
 def test_pretrained_file_from_a_checkpoint_gets_a_head_for_the_classes(
     tmp_path: Path, in_chans: int
 ) -> None:
-    """The README's offline recipe: timm turns a training checkpoint (1000-class ImageNet
+    """docs/configuration.md's offline recipe: timm turns a training checkpoint (1000-class ImageNet
     head, EMA weights) into a plain safetensors file; the backbone comes from it, the head
     is new and as wide as the project's classes."""
     torch.manual_seed(1)

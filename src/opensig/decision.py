@@ -27,7 +27,7 @@ THRESHOLDS_FILE = "thresholds.json"
 MODEL_DIGEST_KEY = "model_sha256"  # in thresholds.json: the model_digest they were tuned for
 FEATURE_SCORE_KEY = "feature_score"  # in thresholds.json: the post-hoc score they were tuned on
 FEATURE_SCORE_FILE = "feature_score.safetensors"  # its statistics, beside thresholds.json
-SCALE_KEY = "score_scale"  # in thresholds.json: what the scores and thresholds are (README)
+SCALE_KEY = "score_scale"  # in thresholds.json: what the scores are (docs/how-it-works.md)
 HEAD_SCALE = "head"  # tune.feature_score none: the method's own per-class scores
 
 
@@ -64,7 +64,7 @@ def write_thresholds(
 
 
 def score_scale(feature_score: FeatureScore | None) -> str:
-    """What the scores are (README: Reading a score): the calibrated probability, the
+    """What the scores are (docs/how-it-works.md: Reading a score): the calibrated probability, the
     head's own scores (no feature score), or the product of CDFs of an older model."""
     return feature_score.scale if feature_score is not None else HEAD_SCALE
 

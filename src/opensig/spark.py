@@ -76,7 +76,7 @@ def require_spark() -> None:
 def _quiet_mlflow() -> Iterator[None]:
     """No artifact bar while MLflow copies the model for Spark, and no warning that
     ``env_manager="local"`` is not the training environment: opensig chose it (the executors'
-    Python has opensig; README, Spark on a cluster)."""
+    Python has opensig; docs/predict-and-serve.md, Spark on a cluster)."""
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
     from opensig.io import env_defaults

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -18,7 +20,7 @@ from opensig.cli import app
 from opensig.config import load_config
 from opensig.model import model_digest
 from opensig.tracking.runs import EPOCH_METRICS
-from tests.conftest import METRIC_KEYS, write_params
+from tests.conftest import METRIC_KEYS, REPO, TOOLS_ENV, answers, background, tool, write_params
 from tests.test_plots import CSVS, PICTURES
 
 STAGES = ["ingest", "train", "tune", "evaluate", "register"]
@@ -186,7 +188,7 @@ def test_predict_by_alias_with_a_bad_file(in_pipeline: Path, tmp_path: Path) -> 
     assert correct >= 14
     assert {f"score_{c}" for c in "012345"} <= set(preds.columns)
 
-    # nothing predictable: every row an error row, and exit code 2 (README: Predict)
+    # nothing predictable: every row an error row, exit code 2 (docs/predict-and-serve.md)
     broken_only = tmp_path / "broken"
     broken_only.mkdir()
     (broken_only / "a.png").write_text("not an image")
@@ -394,3 +396,45 @@ def test_the_gate_keeps_a_champion_that_wins_on_the_metric_but_drops_a_guard(
     raw["promote"]["max_drop"] = 1.0
     allowed = register(raw, Path("artifacts/model"), low / "thresholds.json")
     assert allowed.promoted and allowed.version == kept.version
+
+
+def _quick_start() -> list[str]:
+    """The bash blocks of README.md's quick start (between its quickstart markers)."""
+    text = (REPO / "README.md").read_text()
+    region = text.split("<!-- quickstart -->")[1].split("<!-- /quickstart -->")[0]
+    return re.findall(r"```bash\n(.*?)```", region, flags=re.S)
+
+
+def test_the_readmes_quick_start_works_as_pasted(in_pipeline: Path, tmp_path: Path) -> None:
+    """Each command as written, in a project as `make demo` leaves it: this module's
+    pipeline on the digits, the repository's venv and DVC files beside it."""
+    look, serve, ask = _quick_start()
+    if not (in_pipeline / ".venv").exists():
+        (in_pipeline / ".venv").symlink_to(REPO / ".venv")
+        shutil.copy(REPO / "dvc.yaml", in_pipeline)
+        assert tool("dvc", "init", "--no-scm", "-q", cwd=in_pipeline).returncode == 0
+    env = {**TOOLS_ENV, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    shown = subprocess.run(
+        ["bash", "-e", "-c", look], cwd=in_pipeline, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "macro_f1" in shown.stdout and "novel.auroc" in shown.stdout  # dvc metrics show
+    preds = pd.read_csv(in_pipeline / "preds.csv", dtype={"label": str})
+    threes = preds[preds["path"].str.contains("known/3/")]
+    assert len(preds) == len(list(Path("data/unknown/8").iterdir())) + len(threes) > 0
+    assert (threes["label"] == "3").mean() > 0.8
+
+    with background(
+        ["bash", "-e", "-c", serve],
+        tmp_path / "serve.log",
+        answers("http://127.0.0.1:5001/ping"),
+        180,
+        cwd=in_pipeline,
+        env=env,
+    ):
+        asked = subprocess.run(
+            ["bash", "-e", "-c", ask], cwd=in_pipeline, env=env, capture_output=True, text=True
+        )
+    assert asked.returncode == 0, asked.stderr
+    (answer,) = json.loads(asked.stdout)["predictions"]
+    assert answer["label"] == "3" and answer["error"] == ""

@@ -1,4 +1,4 @@
-"""The production loop, end to end, as README's "Production loop" walks it (same commands).
+"""The production loop, end to end, as docs/production.md walks it (the same commands).
 
 Digits: the champion knows five classes (0-4); digit 5 is the world's new class. Production
 windows are folders of images that are not in data/ (held back from each known class),

@@ -182,7 +182,7 @@ def small_train_warning(rows: pd.DataFrame, pretrained: bool) -> str | None:
         f"train split: under {MIN_TRAIN_PER_CLASS} images in class(es) {_listed(few)}, with no "
         "pretrained weights: a network trained from scratch on so few images often stays "
         "near chance; set model.pretrained: true (downloads the weights) or "
-        "model.pretrained_file: <a local weights file> (offline; README, Configuration)"
+        "model.pretrained_file: <a local weights file> (offline; docs/configuration.md)"
     )
 
 
