@@ -111,6 +111,63 @@ def test_knn_known_score_is_the_kth_cosine_similarity() -> None:
     )
 
 
+def test_ratio_is_the_kth_similarity_to_known_minus_to_unknown_training_images() -> None:
+    """``mahalanobis+ratio``'s second vote, by hand; checked against sklearn's neighbours on
+    random features; and its CDF multiplies the Mahalanobis one in ``F_feature``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    bank, unknown_bank = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], [[0.8, 0.6], [-1.0, 0.0]]
+    whiten, centres = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0]]
+    score = _score(
+        "mahalanobis+ratio",
+        whiten=whiten,
+        centres=centres,
+        bank=bank,
+        unknown_bank=unknown_bank,
+        ratio_ref=[-0.5, 0.0, 0.5],
+    )
+    # (2, 0) -> (1, 0): known 1, 0, 0.6 -> 2nd 0.6; unknown 0.8, -1 -> 2nd -1: ratio 1.6
+    # (0, 5) -> (0, 1): known 0, 1, 0.8 -> 0.8; unknown 0.6, 0 -> 0: ratio 0.8
+    features = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    assert score.ratio(features).tolist() == pytest.approx([1.6, 0.8])
+    expected = ecdf(score.known_score(features), score.feature_ref) * ecdf(
+        score.ratio(features), score.ratio_ref
+    )
+    assert torch.equal(score.feature_level(features), expected)
+    assert score.describe()["k"] == 2
+
+    rng = np.random.default_rng(5)
+    known, unknown, test = (
+        rng.normal(size=(40, 6)),
+        rng.normal(size=(25, 6)),
+        rng.normal(size=(9, 6)),
+    )
+    labels = np.repeat([0, 1], 20)
+    fitted = fit_feature_score(
+        "mahalanobis+ratio",
+        known,
+        labels,
+        np.ones((1, 2)),
+        test[:1],
+        np.zeros(1),
+        2,
+        k=7,
+        unknown_features=unknown,
+    )
+
+    def kth_similarity(reference: np.ndarray) -> np.ndarray:  # cosine = 1 - d^2 / 2 on units
+        distances, _ = (
+            NearestNeighbors(n_neighbors=7).fit(normalise(reference)).kneighbors(normalise(test))
+        )
+        return 1 - distances[:, -1] ** 2 / 2
+
+    np.testing.assert_allclose(
+        fitted.ratio(torch.from_numpy(test).float()).numpy(),
+        kth_similarity(known) - kth_similarity(unknown),
+        atol=1e-5,
+    )
+
+
 def test_combined_score_by_hand_keeps_the_argmax_and_stays_in_0_1() -> None:
     score = _score("mahalanobis", whiten=[[1.0, 0.0], [0.0, 1.0]], centres=[[0.0, 0.0]])
     head = torch.tensor([[0.3, 0.95], [0.7, 0.5]])
@@ -153,9 +210,18 @@ def test_saved_and_loaded_scores_alike(tmp_path: Path) -> None:
     val_features = rng.normal(size=(20, 8))
     val_head = rng.uniform(size=(20, 2))
     val_labels = np.where(np.arange(20) < 15, 1, -1)  # 15 known, 5 unknown
-    for kind in ("mahalanobis", "knn"):
+    unknown = rng.normal(size=(10, 8)) - 1
+    for kind in ("mahalanobis", "knn", "mahalanobis+ratio"):
         fitted = fit_feature_score(
-            kind, features, labels, val_head, val_features, val_labels, 2, k=5
+            kind,
+            features,
+            labels,
+            val_head,
+            val_features,
+            val_labels,
+            2,
+            k=5,
+            unknown_features=unknown,
         )
         path = tmp_path / f"{kind}.safetensors"
         fitted.save(path)
@@ -173,6 +239,18 @@ def test_fit_and_load_refuse_what_they_cannot_use(tmp_path: Path) -> None:
         fit_feature_score("mahalanobis", features, labels, head, features, np.full(4, -1), 2)
     with pytest.raises(ValueError, match="knn_k"):
         fit_feature_score("knn", features, labels, head, features, np.zeros(4), 2, k=0)
+    for no_unknown in (None, np.zeros((0, 4))):
+        with pytest.raises(ValueError, match="mahalanobis\\+ratio compares images with the unk"):
+            fit_feature_score(
+                "mahalanobis+ratio",
+                features,
+                labels,
+                head,
+                features,
+                np.zeros(4),
+                2,
+                unknown_features=no_unknown,
+            )
     with pytest.raises(ValueError, match="feature_score 'cosine'"):
         fit_feature_score("cosine", features, labels, head, features, np.zeros(4), 2)
     other = tmp_path / "other.safetensors"
@@ -313,7 +391,9 @@ def test_feature_scores_rank_as_pytorch_ood_does(kind: str) -> None:
     assert spearmanr(ours, -np.asarray(theirs, dtype=np.float64)).statistic > 0.999
 
 
-@pytest.mark.parametrize("kind", ["mahalanobis", "mahalanobis++", "rmd", "knn"])
+@pytest.mark.parametrize(
+    "kind", ["mahalanobis", "mahalanobis++", "rmd", "knn", "mahalanobis+ratio"]
+)
 def test_a_class_of_one_image_and_more_dimensions_than_images_give_finite_scores(
     kind: str,
 ) -> None:
@@ -327,7 +407,10 @@ def test_a_class_of_one_image_and_more_dimensions_than_images_give_finite_scores
     val_features = rng.normal(size=(6, 16))
     val_head = rng.uniform(size=(6, 2))
     val_labels = np.array([0, 1, 0, -1, -1, 1])
-    fitted = fit_feature_score(kind, train, labels, val_head, val_features, val_labels, 2, k=3)
+    unknown = rng.normal(size=(2, 16))  # fewer unknown images than k
+    fitted = fit_feature_score(
+        kind, train, labels, val_head, val_features, val_labels, 2, k=3, unknown_features=unknown
+    )
     scores = fitted(torch.from_numpy(val_head).float(), torch.from_numpy(val_features).float())
     assert torch.isfinite(scores).all()
     assert np.isfinite(tune_thresholds(scores.numpy(), val_labels, "f1")).all()

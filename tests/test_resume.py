@@ -49,12 +49,26 @@ def test_progress_round_trips_through_save_and_load(tmp_path: Path) -> None:
         with torch.no_grad():
             net.bias.fill_(row["epoch"])  # each epoch's weights tell which epoch they are
         progress.record(row)
-        save_state(tmp_path, net, SPEC, [tmp_path / "last"], optimizer, scheduler, None, progress)
+        step_state = {"updates": row["epoch"]}  # what TrainingStep.resume_state gives
+        save_state(
+            tmp_path,
+            net,
+            SPEC,
+            [tmp_path / "last"],
+            optimizer,
+            scheduler,
+            None,
+            progress,
+            step_state,
+        )
 
     other, other_optimizer, other_scheduler = _training()
-    best = tmp_path / "best"
-    loaded = load_state(tmp_path, other, other_optimizer, other_scheduler, None, SPEC, best)
+    best, restored = tmp_path / "best", {}
+    loaded = load_state(
+        tmp_path, other, other_optimizer, other_scheduler, None, SPEC, best, restored.update
+    )
     assert loaded == progress
+    assert restored == {"updates": 3}
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), other.parameters(), strict=True))
     assert other.bias.tolist() == [3.0, 3.0]  # the last epoch's weights, to train on from
     assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
@@ -75,11 +89,11 @@ def test_a_state_from_an_older_opensig_starts_from_scratch(
     old |= {"epoch_log_id": None, "optimizer": optimizer.state_dict()}
     torch.save({**old, "scheduler": scheduler.state_dict()}, tmp_path / STATE_FILE)
     caplog.set_level(logging.INFO, logger="opensig")
-    assert load_state(tmp_path, net, optimizer, scheduler, None, SPEC, None) is None
+    assert load_state(tmp_path, net, optimizer, scheduler, None, SPEC, None, print) is None
     assert "saved by another opensig version (format 1" in caplog.text
     assert "training from scratch" in caplog.text
 
 
 def test_no_state_no_progress(tmp_path: Path) -> None:
     net, optimizer, scheduler = _training()
-    assert load_state(tmp_path, net, optimizer, scheduler, None, SPEC, None) is None
+    assert load_state(tmp_path, net, optimizer, scheduler, None, SPEC, None, print) is None

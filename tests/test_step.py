@@ -45,6 +45,40 @@ def _batch(labels: list[int], seed: int = 0) -> dict:
     }
 
 
+def test_with_ema_decay_validation_runs_the_moving_average_of_the_weights() -> None:
+    """After each optimizer step the average moves towards the weights by 1 - decay, the
+    decay warming up as 1 - (1 + n)^-3/4 (n: steps before this one) up to ``ema_decay``."""
+    step = _step("sigmoid_bce", ema_decay=0.5)
+    first = [p.detach().clone() for p in step.net.parameters()]
+    optimizer = torch.optim.SGD(step.net.parameters(), lr=0.5)
+    images, labels = step.prepare(_batch([0, 1, UNKNOWN, 2]))
+    average = first
+    for n in range(3):
+        step.train().update(step(images, labels)["loss"], optimizer)
+        decay = 0.0 if n == 0 else min(1 - (1 + n) ** -0.75, 0.5)
+        average = [
+            a * decay + p.detach() * (1 - decay)
+            for a, p in zip(average, step.net.parameters(), strict=True)
+        ]
+    ema = list(step.evaluated.parameters())
+    assert step.evaluated is not step.net and step.updates == 3
+    assert not torch.equal(ema[0], next(step.net.parameters()))
+    for got, expected in zip(ema, average, strict=True):
+        torch.testing.assert_close(got, expected)
+    out = step.eval()(images, labels)  # validation: the average's forward
+    torch.testing.assert_close(out["logits"], step.evaluated(images))
+
+    resumed = _step("sigmoid_bce", ema_decay=0.5)  # a restart: the average loaded by the
+    resumed.evaluated.load_state_dict(step.evaluated.state_dict())  # caller, then the rest
+    resumed.load_resume_state(step.resume_state())
+    assert resumed.updates == 3
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(resumed.net.parameters(), step.net.parameters(), strict=True)
+    )
+    assert _step("sigmoid_bce").resume_state() == {}  # no average: the weights are all
+
+
 @pytest.mark.parametrize("method", ["sigmoid_bce", "softmax_kplus1", "softmax_eos"])
 def test_the_steps_loss_is_the_methods_loss_on_a_hand_batch(method: str) -> None:
     step = _step(method, label_smoothing=0.1, unknown_weight=3.0)

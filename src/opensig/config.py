@@ -124,6 +124,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    ema_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="exponential moving average of the weights (validated and saved); 0: off",
+    )
     unknown_weight: float = Field(3.0, ge=0.0)
     mixed_unknowns: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of each batch replaced by blends of 2 classes"
@@ -166,10 +172,12 @@ class TuneConfig(_Section):
     target_precision: float = Field(0.95, gt=0.0, le=1.0)
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     doc_k: float = Field(3.0, gt=0.0, description="DOC: threshold = max(0.5, 1 - k * sigma)")
-    feature_score: Literal["mahalanobis", "mahalanobis++", "rmd", "knn", "none"] = Field(
-        "mahalanobis", description="post-hoc score on the penultimate features (posthoc.py)"
+    feature_score: Literal[
+        "mahalanobis", "mahalanobis++", "rmd", "knn", "mahalanobis+ratio", "none"
+    ] = Field("mahalanobis", description="post-hoc score on the penultimate features (posthoc.py)")
+    knn_k: int = Field(
+        50, ge=1, description="knn, mahalanobis+ratio: the neighbour whose similarity counts"
     )
-    knn_k: int = Field(50, ge=1, description="knn: the neighbour whose similarity is the score")
     feature_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="the feature score's share of the vote (posthoc.py)"
     )

@@ -47,6 +47,11 @@ Feature scores (``tune.feature_score``):
   known images vary alike stop counting as evidence of novelty.
 - ``knn``: cosine similarity of the L2-normalised features to their k-th nearest known
   training image (Sun et al. 2022); the training features travel with the model.
+- ``mahalanobis+ratio``: ``mahalanobis``, and a second vote that uses the unknown training
+  images as a reference of their own: the ``knn`` similarity to the known training images
+  minus that to the unknown ones (k-th nearest of each). ``F_feature`` is then the product of
+  the two CDFs. For novel classes next to known ones when the unknown folder holds far-away
+  things (bench/README.md: the near-novel protocol); it needs unknown training images.
 - ``none``: the head's scores as they are.
 
 Fitting (numpy) and applying (torch) are separate: the torch module is what tune, evaluate,
@@ -71,8 +76,9 @@ from opensig.model import features_and_logits
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCORES = ("mahalanobis", "mahalanobis++", "rmd", "knn", "none")
+FEATURE_SCORES = ("mahalanobis", "mahalanobis++", "rmd", "knn", "mahalanobis+ratio", "none")
 _NORMALISED = ("mahalanobis++", "knn")  # scores computed on L2-normalised features
+USES_UNKNOWN = ("mahalanobis+ratio",)  # scores fitted on the unknown training images too
 MAX_REFERENCE = 2048  # points kept of each empirical CDF: quantiles when there are more
 _MIN_RAMP = 0.05  # the narrowest ramp of an empirical CDF, in mean gaps (see ecdf)
 _EIGEN_CUTOFF = 1e-6  # whitening drops covariance directions below this share of the largest
@@ -203,6 +209,16 @@ def _squared_distances(whitened: torch.Tensor, centres: torch.Tensor) -> torch.T
     return ((whitened.unsqueeze(1) - centres.unsqueeze(0)) ** 2).sum(dim=-1)
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _kth_similarity(unit: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) cosine similarity of unit-norm rows to their k-th nearest row of ``bank``
+    (the last one when the bank holds fewer)."""
+    return (unit @ bank.T).topk(min(k, bank.shape[0]), dim=1).values[:, -1]
+
+
 class FeatureScore(torch.nn.Module):
     """(head scores (N, K), features (N, D)) -> combined per-class scores (N, K)."""
 
@@ -218,21 +234,35 @@ class FeatureScore(torch.nn.Module):
         """(N,) how like the known training images the features are (higher = more)."""
         features = features.float()
         if self.kind in _NORMALISED:
-            features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            features = _unit(features)
         if self.kind == "knn":
-            k = min(self.k, self.bank.shape[0])
-            return (features @ self.bank.T).topk(k, dim=1).values[:, -1]
+            return _kth_similarity(features, self.bank, self.k)
         nearest = _squared_distances(features @ self.whiten, self.centres).min(dim=1).values
         if self.kind == "rmd":
             background = _squared_distances(features @ self.bg_whiten, self.bg_centre)[:, 0]
             return background - nearest
         return -nearest
 
+    def ratio(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) ``mahalanobis+ratio``'s second vote: how much nearer the known training
+        images than the unknown ones (k-th nearest of each, cosine similarity)."""
+        unit = _unit(features.float())
+        return _kth_similarity(unit, self.bank, self.k) - _kth_similarity(
+            unit, self.unknown_bank, self.k
+        )
+
+    def feature_level(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) ``F_feature``: the feature score's CDF (times the ratio's, where there is one)."""
+        level = ecdf(self.known_score(features), self.feature_ref)
+        if hasattr(self, "ratio_ref"):
+            level = level * ecdf(self.ratio(features), self.ratio_ref)
+        return level
+
     def level(self, head: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(N,) the weighted product of the two CDFs: the ranking the scores keep (above)."""
         top = head.float().max(dim=1).values
         f_head = ecdf(top, self.head_ref)
-        f_feature = ecdf(self.known_score(features), self.feature_ref)
+        f_feature = self.feature_level(features)
         if not hasattr(self, "feature_weight"):  # a file from before the weight: the product
             return f_head * f_feature
         weight = self.feature_weight
@@ -268,7 +298,8 @@ class FeatureScore(torch.nn.Module):
 
     def describe(self) -> dict:
         """What a reader of thresholds.json or the ONNX metadata needs to know about it."""
-        described = {"kind": self.kind, **({"k": self.k} if self.kind == "knn" else {})}
+        uses_k = self.kind in ("knn", *USES_UNKNOWN)
+        described = {"kind": self.kind, **({"k": self.k} if uses_k else {})}
         described["scale"] = self.scale
         if hasattr(self, "feature_weight"):
             described["feature_weight"] = round(float(self.feature_weight), 6)
@@ -293,10 +324,12 @@ def fit_feature_score(
     num_classes: int,
     k: int = 50,
     feature_weight: float = 0.5,
+    unknown_features: np.ndarray | None = None,
 ) -> FeatureScore:
-    """Fit the feature statistics on the known training images, both empirical CDFs on the
-    known validation images (the head's max score, and the feature score), then the
-    calibration on every validation image, of the two combined with ``feature_weight``.
+    """Fit the feature statistics on the known training images (and for ``USES_UNKNOWN``
+    kinds on ``unknown_features``, the unknown training images'), the empirical CDFs on the
+    known validation images (the head's max score, and each feature vote), then the
+    calibration on every validation image, of the votes combined with ``feature_weight``.
 
     ``train_labels`` are class indices (unknown images left out by the caller);
     ``val_labels`` class indices with ``UNKNOWN`` (the CDFs are "how typical of a known
@@ -309,9 +342,20 @@ def fit_feature_score(
             "the val split has no image of a known class to calibrate the feature score on; "
             "raise data.val_fraction or set tune.feature_score: none"
         )
+    if kind in USES_UNKNOWN and (unknown_features is None or len(unknown_features) == 0):
+        raise ValueError(
+            f"tune.feature_score: {kind} compares images with the unknown training images, "
+            "and the train split has none: add data/unknown/<source>/ images (a source not in "
+            "data.holdout_unknown) or use tune.feature_score: mahalanobis"
+        )
+    if kind in USES_UNKNOWN and k < 1:
+        raise ValueError(f"tune.knn_k: must be at least 1, got {k}")
+    extra = {}
+    if kind in USES_UNKNOWN:
+        extra = {"bank": normalise(train_features), "unknown_bank": normalise(unknown_features)}
     if kind in _NORMALISED:
         train_features = normalise(train_features)
-    if kind in ("mahalanobis", "mahalanobis++", "rmd"):
+    if kind in ("mahalanobis", "mahalanobis++", "rmd", *USES_UNKNOWN):
         means = class_means(train_features, train_labels, num_classes)
         whiten = whitening(train_features, train_labels, means)
         tensors = {"whiten": whiten, "centres": means @ whiten}
@@ -327,10 +371,12 @@ def fit_feature_score(
     else:
         raise ValueError(f"tune.feature_score {kind!r}: use one of {FEATURE_SCORES}")
     placeholder = torch.zeros(1)
+    refs = {"ratio_ref": placeholder} if kind in USES_UNKNOWN else {}
     score = FeatureScore(
         kind,
         {
-            **{n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in tensors.items()},
+            **{n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in (tensors | extra).items()},
+            **refs,
             "head_ref": placeholder,
             "feature_ref": placeholder,
             "feature_weight": torch.tensor(feature_weight),
@@ -341,6 +387,8 @@ def fit_feature_score(
     with torch.no_grad():
         feats = torch.from_numpy(np.asarray(val_features, dtype=np.float32)[known])
         score.feature_ref = torch.from_numpy(reference(score.known_score(feats).numpy())).float()
+        if refs:
+            score.ratio_ref = torch.from_numpy(reference(score.ratio(feats).numpy())).float()
     score.head_ref = torch.from_numpy(reference(np.asarray(val_head)[known].max(axis=1))).float()
     with torch.no_grad():
         head = torch.from_numpy(np.asarray(val_head, dtype=np.float32))

@@ -1,8 +1,10 @@
 """Resume state: a stopped training (Ctrl-C, SIGTERM, SIGKILL, a lost machine) goes on when rerun.
 
-After every epoch rank 0 saves the weights, the optimizer, scheduler and grad-scaler state and
-the loop's progress under ``data.cache_dir/train-state/<fingerprint>``. That folder is outside
-the DVC outputs because ``dvc repro`` deletes a stage's outputs before it reruns the stage. The
+After every epoch rank 0 saves the weights (those validated: with ``train.ema_decay`` their
+moving average, the trained weights then going into the state file), the optimizer, scheduler
+and grad-scaler state and the loop's progress under ``data.cache_dir/train-state/<fingerprint>``.
+That folder is outside the DVC outputs because ``dvc repro`` deletes a stage's outputs before it
+reruns the stage. The
 fingerprint covers the train/val rows, the model and train params and the world size: change
 any and the next run starts afresh. Each file is written atomically and the state file, written
 last, names the weights it belongs to, so a kill at any instant leaves a loadable state. A run
@@ -21,7 +23,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer.pt"
 STATE_LOCK = "trainer.lock"  # held by the run training from this folder
-STATE_FORMAT = 2  # 2: Progress, both losses per unit of weight; 1 (no "format" key): older
+STATE_FORMAT = 3  # 3: the step's state (EMA); 2: Progress, losses per unit of weight; 1: older
 
 
 @dataclass
@@ -129,9 +131,11 @@ def save_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     progress: Progress,
+    step_state: dict,
 ) -> None:
     """Weights first (written once, linked into the model folders ``outputs``), then the
-    state file naming them, then drop the weights no state names."""
+    state file naming them (with ``step_state``: ``TrainingStep.resume_state``), then drop
+    the weights no state names."""
     epoch, best_epoch = progress.epoch, progress.best_epoch
     weights = atomic_write(weights_file(folder, epoch), lambda tmp: save_model(net, str(tmp)))
     for directory in outputs:
@@ -141,6 +145,7 @@ def save_state(
         "format": STATE_FORMAT,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "step": step_state,
     }
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
@@ -159,9 +164,12 @@ def load_state(
     scaler: torch.amp.GradScaler | None,
     spec: ModelSpec,
     restore_best: Path | None,
+    restore_step: Callable[[dict], None],
 ) -> Progress | None:
-    """Load a stopped run's state into the model and optimizers; its Progress, or None if
-    there is none to resume (none saved, or saved in another format: start from scratch).
+    """Load a stopped run's state into the model (``net``: the saved weights), the step
+    (``restore_step`` gets what ``save_state`` got as ``step_state``) and the optimizers;
+    its Progress, or None if there is none to resume (none saved, or saved in another
+    format: start from scratch).
 
     ``restore_best`` (rank 0) gets the best weights so far back: ``dvc repro`` deletes the
     model folder before it reruns the stage. Tensors and plain values only (weights_only).
@@ -186,6 +194,7 @@ def load_state(
         load_model(net, str(weights_file(folder, progress.epoch)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        restore_step(state["step"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     except Exception as err:

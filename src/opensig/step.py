@@ -4,9 +4,11 @@
 in-memory limit all run (modelled on timm's ``task/classification.py``, whose
 ``task(x, y)["loss"]`` it mirrors, and on lightning-hydra-template's ``model_step``). It owns:
 
-- the model: the module itself (``net``: validation forward, saved weights) and what the
-  training forward runs through (``model``: ``net``, or its DistributedDataParallel /
-  ``torch.compile`` wrapper);
+- the model: the module itself (``net``), what the training forward runs through
+  (``model``: ``net``, or its DistributedDataParallel / ``torch.compile`` wrapper) and what
+  validation runs and training saves (``evaluated``: ``net``, or with ``train.ema_decay``
+  the exponential moving average of its weights, timm's ``ModelEmaV3``, updated after
+  every optimizer step);
 - the training method (targets and loss) and the loss options (label smoothing, the weight
   of an unknown image);
 - autocast (bf16 on a GPU that has it, else fp16 with a grad scaler; off on CPU) and the
@@ -30,6 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from timm.utils.model_ema import ModelEmaV3
 
 from opensig.config import TrainConfig
 from opensig.data.augment import BatchAugment
@@ -41,13 +44,14 @@ from opensig.model import ModelSpec
 @dataclass(frozen=True)
 class StepOptions:
     """The train params a step uses (``train.amp``, ``channels_last``, ``label_smoothing``,
-    ``unknown_weight``, ``mixed_unknowns``)."""
+    ``unknown_weight``, ``mixed_unknowns``, ``ema_decay``)."""
 
     amp: bool = True
     channels_last: bool = True
     label_smoothing: float = 0.0
     unknown_weight: float = 1.0
     mixed_unknowns: float = 0.0
+    ema_decay: float = 0.0
 
     @property
     def layout(self) -> str:
@@ -62,6 +66,7 @@ class StepOptions:
             train.label_smoothing,
             train.unknown_weight,
             train.mixed_unknowns,
+            train.ema_decay,
         )
 
 
@@ -111,10 +116,21 @@ class TrainingStep:
         self.autocast, self.scaler = _autocast(device, options.amp)
         self.augment = augment
         self.training = True
+        self.ema = _average(self.net, options.ema_decay)
+        self.updates = 0  # optimizer steps taken: the EMA's decay warms up with them
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What validation runs and training saves: the weights' moving average, if kept."""
+        return self.ema.module if self.ema is not None else self.net
 
     def train(self, mode: bool = True) -> TrainingStep:
         self.training = mode
-        (self.model if mode else self.net).train(mode)
+        if mode:
+            self.model.train()
+        else:
+            self.net.eval()
+            self.evaluated.eval()
         return self
 
     def eval(self) -> TrainingStep:
@@ -139,7 +155,7 @@ class TrainingStep:
         if self.training and self.method.uses_unknown:
             images, labels = mix_unknowns(images, labels, self.options.mixed_unknowns)
         with self.autocast:
-            logits = (self.model if self.training else self.net)(images)
+            logits = (self.model if self.training else self.evaluated)(images)
         loss = self.method.loss(
             logits,
             labels,
@@ -159,6 +175,33 @@ class TrainingStep:
         else:
             loss.backward()
             optimizer.step()
+        self.updates += 1
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.updates)
+
+    def resume_state(self) -> dict:
+        """What a resumed training needs besides the saved (``evaluated``) weights: with an
+        EMA, the trained weights themselves and the step count its decay warms up with."""
+        if self.ema is None:
+            return {}
+        return {"trained": self.net.state_dict(), "updates": self.updates}
+
+    def load_resume_state(self, state: dict) -> None:
+        """Put back what ``resume_state`` gave (the saved weights are loaded by the caller)."""
+        if self.ema is not None:
+            self.net.load_state_dict(state["trained"])
+            self.updates = state["updates"]
+
+
+def _average(net: torch.nn.Module, decay: float) -> ModelEmaV3 | None:
+    """The moving average of ``net``'s weights and buffers, or None (``decay`` 0).
+
+    The decay warms up (1 - (1 + step)^-3/4, capped at ``decay``: timm's recipe for runs of
+    under 10k steps), so a short training averages over its last steps, not its random start.
+    """
+    if decay == 0.0:
+        return None
+    return ModelEmaV3(net, decay=decay, use_warmup=True, warmup_power=0.75)
 
 
 class EpochLoss:

@@ -497,12 +497,13 @@ class _Loop:
         step, main = self.step, self.dist.main
         progress = load_state(
             self.folder,
-            step.net,
+            step.evaluated,
             self.optimizer,
             self.scheduler,
             step.scaler,
             step.spec,
             self.model_dir if main else None,
+            step.load_resume_state,
         )
         if progress is None:
             return Progress()
@@ -519,13 +520,14 @@ class _Loop:
         outputs = [self.model_dir, self.last_dir] if improved else [self.last_dir]
         save_state(
             self.folder,
-            step.net,
+            step.evaluated,
             step.spec,
             outputs,
             self.optimizer,
             self.scheduler,
             step.scaler,
             progress,
+            step.resume_state(),
         )
 
     def losses(self, bar: tqdm) -> dict:

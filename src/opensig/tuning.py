@@ -15,7 +15,7 @@ from opensig.evaluation import score_rows
 from opensig.labels import UNKNOWN_LABEL
 from opensig.methods import get_method
 from opensig.model import ModelSpec
-from opensig.posthoc import FeatureScore, Scorer, fit_feature_score
+from opensig.posthoc import USES_UNKNOWN, FeatureScore, Scorer, fit_feature_score
 from opensig.thresholds import tune_thresholds
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,14 @@ def fit_decision(
     if feature_score == "none":
         (scores,) = score_rows(head, spec, val_rows, batch_size)
         return tune_thresholds(scores, val_labels, strategy, **options), None
-    train_known = train_rows[train_rows["label"] != UNKNOWN_LABEL]
+    is_unknown = train_rows["label"] == UNKNOWN_LABEL
+    train_known = train_rows[~is_unknown]
     _, train_features = score_rows(head, spec, train_known, batch_size, features=True)
+    unknown_features = None
+    if feature_score in USES_UNKNOWN and is_unknown.any():
+        _, unknown_features = score_rows(
+            head, spec, train_rows[is_unknown], batch_size, features=True
+        )
     val_head, val_features = score_rows(head, spec, val_rows, batch_size, features=True)
     fitted = fit_feature_score(
         feature_score,
@@ -62,6 +68,7 @@ def fit_decision(
         spec.num_classes,
         knn_k,
         feature_weight,
+        unknown_features,
     )
     with torch.no_grad():
         scores = fitted(torch.from_numpy(val_head), torch.from_numpy(val_features)).numpy()

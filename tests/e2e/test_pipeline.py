@@ -260,7 +260,7 @@ def test_served_model_decides_the_test_split_exactly_as_evaluate_did(
         assert answers[f"score_{name}"].to_numpy() == pytest.approx(evaluation.scores[:, k])
 
 
-@pytest.mark.parametrize("feature_score", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("feature_score", ["mahalanobis", "knn", "mahalanobis+ratio"])
 def test_onnx_graph_computes_the_feature_score_as_opensig_does(
     in_pipeline: Path, tmp_path: Path, feature_score: str
 ) -> None:

@@ -28,7 +28,8 @@ class BenchOptions:
         default=None,
         metadata={
             "option": "--feature-score",
-            "help": "repeat; default all (mahalanobis, mahalanobis++, rmd, knn, none)",
+            "help": "repeat; default all (mahalanobis, mahalanobis++, rmd, knn, "
+            "mahalanobis+ratio, none)",
         },
     )
     splits: int = field(
