@@ -17,6 +17,7 @@ from opensig.model import (
     WEIGHTS_FILE,
     ModelSpec,
     build_spec,
+    coarse_input_warning,
     create_model,
     load_model_dir,
     match_head_rows,
@@ -141,6 +142,27 @@ def test_pretrained_file_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"model\.pretrained_file") as info:
         create_model(BACKBONE, 3, pretrained_file=missing)
     assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "warned"),
+    [("resnet18", 32, True), ("resnet18", 33, False), ("vit_tiny_patch16_224", 32, False)],
+)
+def test_a_backbone_that_downsamples_the_image_to_one_pixel_is_warned_of(
+    backbone: str, size: int, warned: bool
+) -> None:
+    """resnet18 downsamples 32x: at 32 px its last map is 1x1 (checked by a forward pass),
+    at 33 px 2x2; a ViT says nothing of a reduction that would mean the same."""
+    net = create_model(backbone, 2, 1)
+    warning = coarse_input_warning(net, backbone, size)
+    assert (warning is not None) == warned
+    if backbone == "resnet18":
+        with torch.no_grad():
+            side = net.eval().forward_features(torch.zeros(1, 1, size, size)).shape[-1]
+        assert side == (1 if warned else 2)
+    if warned:
+        assert warning.startswith("model.image_size: 32 px is no larger than resnet18's")
+        assert "(32x)" in warning and "40 px" in warning
 
 
 def test_resolve_device() -> None:

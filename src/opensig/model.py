@@ -121,6 +121,25 @@ def check_input_size(model: torch.nn.Module, image_size: int, in_chans: int) -> 
         ) from None
 
 
+def coarse_input_warning(model: torch.nn.Module, backbone: str, image_size: int) -> str | None:
+    """A warning when the backbone downsamples the image to a single pixel: its last stage
+    then sees no layout at all. Small images (28 px Fashion-MNIST, 8 px digits) are
+    scored better upsampled past the backbone's downsampling (bench/README.md: Recipe
+    ablations); None when the size is past it or the backbone does not say (e.g. a ViT)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        reduction = int(info[-1]["reduction"])
+    except (TypeError, LookupError, ValueError):
+        return None
+    if image_size > reduction:
+        return None
+    return (
+        f"model.image_size: {image_size} px is no larger than {backbone}'s downsampling "
+        f"({reduction}x), so its last feature map is 1x1; small images score better "
+        f"upsampled past it, e.g. {reduction + 8} px (bench/README.md: Recipe ablations)"
+    )
+
+
 def save_model_dir(directory: Path, model: torch.nn.Module | Path, spec: ModelSpec) -> None:
     """Write weights and spec atomically, so a reader never sees a half-written model.
 

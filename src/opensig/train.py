@@ -54,6 +54,7 @@ from opensig.model import (
     ModelSpec,
     build_spec,
     check_input_size,
+    coarse_input_warning,
     create_model,
     resolve_device,
     save_model_dir,
@@ -365,6 +366,9 @@ def _train(
         BatchAugment(**train.augment.model_dump()),
     )
     check_input_size(net, spec.image_size, spec.in_chans)
+    coarse = coarse_input_warning(net, spec.backbone, spec.image_size)
+    if coarse and dist.main:
+        log.warning(coarse)
 
     from_weights = cfg.model.pretrained or cfg.model.pretrained_file is not None
     train_rows, val_rows = _split_rows(method, manifest, from_weights or init_from is not None)

@@ -175,10 +175,11 @@ def stop_in_epoch_2(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_stopped_run_resumes_with_loader_workers_and_restarts_on_new_params(
     project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """In-process (Ctrl-C at the start of epoch 2), with loader workers; stale temp files
-    are swept; changed params make the saved state stale."""
+    """In-process (Ctrl-C at the start of epoch 2), with loader workers and a moving average
+    of the weights (saved: the average; resumed: the trained weights and the step count too);
+    stale temp files are swept; changed params make the saved state stale."""
     caplog.set_level(logging.INFO, logger="opensig")
-    write_params(project, {"train": {"epochs": 2, "num_workers": 2}})
+    write_params(project, {"train": {"epochs": 2, "num_workers": 2, "ema_decay": 0.9}})
     cfg = load_config()
     ingest(cfg)
     train(cfg)
@@ -200,7 +201,7 @@ def test_stopped_run_resumes_with_loader_workers_and_restarts_on_new_params(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
     stop_in_epoch_2(cfg, monkeypatch)
-    write_params(project, {"train": {"epochs": 2, "num_workers": 2, "lr": 0.001}})
+    write_params(project, {"train": {"epochs": 2, "num_workers": 2, "ema_decay": 0.9, "lr": 1e-3}})
     caplog.clear()
     train(load_config())
     assert "params or data changed" in caplog.text and "resuming" not in caplog.text

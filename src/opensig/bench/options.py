@@ -42,7 +42,10 @@ class BenchOptions:
     )
     epochs: int = 8
     backbone: str = "resnet18"
-    image_size: int = 28
+    image_size: int = field(
+        default=40,
+        metadata={"help": "px; 28 px images upsampled past resnet18's 32x downsampling"},
+    )
     in_chans: int = 1
     batch_size: int = 128
     device: str = "auto"
