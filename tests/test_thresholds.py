@@ -250,17 +250,27 @@ def test_strategies_reject_out_of_range_labels() -> None:
         precision(np.zeros((2, 2)), np.array([-2, 0]))
 
 
-def test_f1_keeps_0_5_among_equally_good_thresholds_else_the_highest() -> None:
+def test_f1_keeps_the_highest_of_equally_good_thresholds() -> None:
     # Any class-0 threshold in (0.1, 0.8] and class-1 one in (0.2, 0.7] is perfect on this
-    # validation set: 0.5, the calibrated boundary, is among them and stays.
+    # validation set: the top of each range, the lowest own score, is kept (0.5 is among
+    # them too, but validation has no novel unknowns and a lower threshold only lets more in).
     scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.9], [0.1, 0.7], [0.1, 0.1]])
     labels = np.array([0, 0, 1, 1, UNKNOWN])
-    assert f1(scores, labels) == pytest.approx([0.5, 0.5])
-    # One class: perfect in (0.6, 0.8] (no 0.5 there), then in (0.1, 0.45]: the top of the
-    # range, the lowest positive score (conservative: validation has no novel unknowns).
+    assert f1(scores, labels) == pytest.approx([0.8, 0.7])
+    # One class: perfect in (0.6, 0.8], then in (0.1, 0.45]: the top of the range.
     one = np.array([0, 0, UNKNOWN, UNKNOWN])
     assert f1(np.array([[0.9], [0.8], [0.1], [0.6]]), one) == pytest.approx([0.8])
     assert f1(np.array([[0.45], [0.5], [0.1], [0.05]]), one) == pytest.approx([0.45])
+    # Not separable: class 0's best macro-F1 is reached by every threshold in (0.3, 0.6]
+    # (one unknown at 0.7 always passes, the one at 0.3 never should): the sweep keeps 0.6.
+    scores = np.array([[0.9], [0.6], [0.7], [0.3], [0.05]])
+    labels = np.array([0, 0, UNKNOWN, UNKNOWN, UNKNOWN])
+    assert f1(scores, labels) == pytest.approx([0.6])
+    # Multi-hot labels take the one-vs-rest thresholds, with the same rule.
+    multi = np.array([[1, 0], [1, 1], [0, 1], [0, 0], [0, 0]])
+    assert f1(np.array([[0.9, 0.1], [0.8, 0.9], [0.2, 0.7], [0.1, 0.1], [0.3, 0.2]]), multi) == (
+        pytest.approx([0.8, 0.7])
+    )
 
 
 def test_doc_by_hand() -> None:
