@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as tvf
 
 from opensig.config import AugmentConfig
-from opensig.data.augment import BatchAugment
+from opensig.data.augment import TRIVIAL_OPS, BatchAugment, trivial_augment
 
 N = 4000  # draws per check: a probability of 1/2 lands in [0.45, 0.55] (6 sigma)
 
@@ -147,3 +148,87 @@ def test_erasing_replaces_pixels_by_noise_and_off_changes_nothing() -> None:
     assert mask.any(dim=(1, 2, 3)).all()  # probability 1: every image
     torch.testing.assert_close(out[~mask], images[~mask])
     assert (out[mask] != 100.0).float().mean() > 0.99 and out[mask].std() > 50  # noise
+
+
+def _trivial_config(**update: object) -> AugmentConfig:
+    plain = AugmentConfig(rotate=0.0, brightness_contrast=0.0, scale_min=1.0)
+    return plain.model_copy(update={"trivial": True, **update})
+
+
+def test_trivial_augment_draws_every_op_and_magnitude_within_its_range() -> None:
+    augment = BatchAugment(**_trivial_config().model_dump(), seed=0)
+    op, magnitude = augment.trivial_params(N * 4)
+    counts = torch.bincount(op, minlength=len(TRIVIAL_OPS)).double() / op.numel()
+    assert counts.min() > 0.8 / len(TRIVIAL_OPS) and counts.max() < 1.2 / len(TRIVIAL_OPS)
+    limits = {"shear_x": 0.99, "rotate": 135.0, "translate_y": 1 / 7, "contrast": 0.99}
+    for name, top in limits.items():
+        drawn = magnitude[op == TRIVIAL_OPS.index(name)].double()
+        assert drawn.abs().max() == pytest.approx(top, rel=1e-6)  # the top bin is reached
+        assert 0.4 < (drawn > 0).double().mean() < 0.6  # signed: either way
+        assert len(torch.unique(drawn.abs())) == 31  # 31 bins
+    bits = magnitude[op == TRIVIAL_OPS.index("posterize")]
+    assert set(bits.tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}
+    threshold = magnitude[op == TRIVIAL_OPS.index("solarize")]
+    assert threshold.min() == 0.0 and threshold.max() == 255.0
+
+
+@pytest.mark.parametrize(
+    ("name", "magnitude", "reference"),
+    [
+        ("brightness", 0.5, lambda x: tvf.adjust_brightness(x, 1.5)),
+        ("brightness", -0.7, lambda x: tvf.adjust_brightness(x, 0.3)),
+        ("color", 0.8, lambda x: tvf.adjust_saturation(x, 1.8)),
+        ("contrast", -0.6, lambda x: tvf.adjust_contrast(x, 0.4)),
+        ("sharpness", 0.9, lambda x: tvf.adjust_sharpness(x, 1.9)),
+        ("posterize", 3.0, lambda x: tvf.posterize(x, 3)),
+        ("solarize", 100.0, lambda x: tvf.solarize(x, 100)),
+        ("autocontrast", 0.0, tvf.autocontrast),
+        ("equalize", 0.0, tvf.equalize),
+    ],
+)
+def test_trivial_photometric_ops_match_torchvision(name, magnitude, reference) -> None:
+    """Each image of the batch against torchvision on that image alone: within 1.5 grey
+    levels, since torchvision truncates its uint8 results (and a grey image's mean)."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = (torch.rand(5, 3, 12, 12, generator=generator) * 180 + 30).round().to(torch.uint8)
+    op = torch.full((5,), TRIVIAL_OPS.index(name))
+    out = trivial_augment(pixels.float(), op, torch.full((5,), magnitude))
+    for image, got in zip(pixels, out, strict=True):
+        expected = reference(image.unsqueeze(0)).float()[0]
+        assert (got - expected).abs().max() <= 1.5, name
+
+
+def test_trivial_geometric_ops_move_content_as_asked() -> None:
+    image = torch.zeros(1, 1, 21, 21)
+    image[0, 0, 10, 10] = 255.0  # one bright pixel in the centre
+    image[0, 0, 10, 14] = 255.0  # and one 4 px right of it
+    ops = ["identity", "translate_x", "translate_y", "rotate", "shear_y"]
+    batch = image.repeat(len(ops), 1, 1, 1)
+    op = torch.tensor([TRIVIAL_OPS.index(name) for name in ops])
+    out = trivial_augment(batch, op, torch.tensor([0.0, 3 / 21, 3 / 21, 90.0, 0.5]))
+
+    def brightest(index: int) -> set[tuple[int, int]]:
+        spots = (out[index, 0] > 200).nonzero().tolist()
+        return {tuple(spot) for spot in spots}
+
+    assert brightest(0) == {(10, 10), (10, 14)}  # identity
+    assert brightest(1) == {(10, 13), (10, 17)}  # 3 px right
+    assert brightest(2) == {(13, 10), (13, 14)}  # 3 px down
+    assert (10, 10) in brightest(3) and (10, 14) not in brightest(3)  # rotated about the centre
+    assert out[3, 0, :, 14].max() < 200  # the right-hand pixel left its column
+    assert (10, 10) in brightest(4) and (10, 14) not in brightest(4)  # sheared vertically
+
+
+def test_trivial_augment_comes_last_and_changes_the_images_not_drawn_identity() -> None:
+    images = torch.rand(N, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 255
+    before = BatchAugment(**_trivial_config(trivial=False).model_dump(), seed=5)(images)
+    on = BatchAugment(**_trivial_config().model_dump(), seed=5)
+    out = on(images)
+    on.seed(5)
+    on.params(N, 8, 8)  # the draws before TrivialAugment's, in the call's order
+    op, _ = on.trivial_params(N)
+    identity = op == 0
+    torch.testing.assert_close(out[identity], before[identity])  # same draws before it
+    changed = (out - before).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert changed[~identity].double().mean() > 0.9  # a few are no-ops (magnitude 0, grey)
+    assert out.min() >= 0 and out.max() <= 255

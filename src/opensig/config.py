@@ -84,6 +84,7 @@ class AugmentConfig(_Section):
     hflip: bool = False
     brightness_contrast: float = Field(0.1, ge=0.0, le=1.0)
     erase: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
+    trivial: bool = Field(False, description="TrivialAugment: one random op of 14 per image")
 
 
 class ModelConfig(_Section):
