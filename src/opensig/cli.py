@@ -387,6 +387,50 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
+@app.command("choose-score")
+def choose_score(
+    params: ParamsOption = DEFAULT_PARAMS,
+    work: Annotated[
+        Path, typer.Option(help="where the held-out networks are trained (one folder each)")
+    ] = Path("artifacts/choose-score"),
+    out: Annotated[Path, typer.Option(help="the report (JSON)")] = Path(
+        "reports/choose_score.json"
+    ),
+) -> None:
+    """Choose tune.feature_score and tune.feature_weight on novelty imitated by validation
+    data: train once per unknown source without it (after `opensig ingest`), score its val
+    images as novel, rank every candidate by mean AUROC. Costs one training per source."""
+    from opensig.io import write_json
+    from opensig.score_choice import choose_score as choose
+    from opensig.stages import HERE
+
+    cfg = load_config(params)
+    report = choose(cfg, HERE.manifest, work)
+    write_json(out, report)
+    best, current = report["best"], report["current"]
+    for row in report["candidates"][:5]:
+        log.info(
+            "%s @ %.2f: mean AUROC %.3f",
+            row["feature_score"],
+            row["feature_weight"],
+            row["mean_auroc"],
+        )
+    log.info(
+        "best: tune.feature_score: %s, tune.feature_weight: %s (mean AUROC %.3f on sources "
+        "%s, against %.3f for params.yaml's); adopt it in %s or try it with `dvc exp run -S "
+        "tune.feature_score=%s -S tune.feature_weight=%s`; the whole ranking: %s",
+        best["feature_score"],
+        best["feature_weight"],
+        best["mean_auroc"],
+        ", ".join(report["sources"]),
+        current["mean_auroc"],
+        params,
+        best["feature_score"],
+        best["feature_weight"],
+        out,
+    )
+
+
 @app.command()
 def export(
     model: ModelOption,
