@@ -157,8 +157,8 @@ def features_of(
     model, spec = load_model_dir(model_dir, resolve_device(device))
     scorer = Scorer(model, get_method(spec.method))
     held = manifest["source"] == source
-    train = split_rows(without_source(manifest, source), "train")
-    val = split_rows(without_source(manifest, source), "val")
+    trained_on = without_source(manifest, source)
+    train, val = split_rows(trained_on, "train"), split_rows(trained_on, "val")
     is_unknown = train["label"] == UNKNOWN_LABEL
     _, train_features = score_rows(scorer, spec, train[~is_unknown], batch, features=True)
     _, unknown_features = score_rows(scorer, spec, train[is_unknown], batch, features=True)

@@ -63,8 +63,8 @@ TRIVIAL_OPS = (  # TrivialAugmentWide's operations, in torchvision's order
     "equalize",
 )
 _BINS = 31  # magnitude bins (torchvision's default)
-_SIGNED = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate"}
-_SIGNED |= {"brightness", "color", "contrast", "sharpness"}
+_GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+# The signed operations' largest magnitude (their sign is drawn too):
 _TOP = {"shear_x": 0.99, "shear_y": 0.99, "translate_x": 1 / 7, "translate_y": 1 / 7}
 _TOP |= {"rotate": 135.0, "brightness": 0.99, "color": 0.99, "contrast": 0.99}
 _TOP |= {"sharpness": 0.99}
@@ -229,7 +229,7 @@ def _apply(images: torch.Tensor, name: str, magnitude: torch.Tensor) -> torch.Te
     """One TrivialAugment operation on a float NCHW batch (0-255), a magnitude per image."""
     from torchvision.transforms.v2 import functional as tvf
 
-    if name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
+    if name in _GEOMETRIC:
         return _geometric(images, name, magnitude)
     if name == "brightness":
         return _blend(images, torch.zeros_like(images), 1.0 + magnitude)
