@@ -161,8 +161,9 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(tmp_path: Path) -> Non
         "Energy",
         "MaxLogit",
         "GEN",
+        "fDBD",
     }
-    assert len(saved["cross_check"]) == 7 * len(METHODS)
+    assert len(saved["cross_check"]) == 8 * len(METHODS)
     assert "| sigmoid_bce | pytorch-ood " in table and "(best on val)" in table
     assert all(0.0 <= run["val_auroc"] <= 1.0 for run in saved["runs"])
     runs = pd.read_parquet("bench/work/manifest.parquet")

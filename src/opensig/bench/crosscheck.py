@@ -51,6 +51,7 @@ def detectors(model: torch.nn.Module, n_train: int) -> dict[str, tuple[Callable,
         "Energy": (lambda: ood.EnergyBased(None), "logits"),
         "MaxLogit": (lambda: ood.MaxLogit(None), "logits"),
         "GEN": (lambda: ood.GEN(None), "logits"),
+        "fDBD": (lambda: ood.fDBD(None, layer), "features"),
     }
 
 
