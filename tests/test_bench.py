@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from typer.testing import CliRunner
 
 from opensig.bench import speed
@@ -17,6 +19,7 @@ from opensig.bench.openset import (
     PROTOCOL,
     checked,
     class_splits,
+    paired_differences,
     summarise,
     to_markdown,
 )
@@ -53,6 +56,23 @@ def test_summary_is_mean_and_spread_over_seeds_in_run_order() -> None:
     assert "| **sigmoid_bce** (opensig default) | mahalanobis | 0.950 ± 0.020 |" in table
     assert "| sigmoid_bce | none | 0.900 ± 0.020 |" in table
     assert table.splitlines()[0].count("|") == len(COLUMNS) + 3
+
+
+def test_paired_differences_are_per_split_and_seed_with_a_t_interval() -> None:
+    results = _results().assign(split=0)
+    results.loc[results["seed"] == 1, "macro_f1"] += np.where(
+        results.loc[results["seed"] == 1, "method"] == "softmax_msp", 0.03, 0.0
+    )
+    paired = paired_differences(results, ("sigmoid_bce", "mahalanobis"))
+    assert ("sigmoid_bce", "mahalanobis") not in paired.index
+    none = paired.loc[("sigmoid_bce", "none")]  # -0.05 on both seeds: no spread
+    assert none["pairs"] == 2 and none["novel.auroc"] == pytest.approx(-0.05)
+    assert none["novel.auroc_lo"] == pytest.approx(-0.05)
+    msp = paired.loc[("softmax_msp", "mahalanobis")]  # -0.2 and -0.17
+    diffs = np.array([-0.2, -0.17])
+    half = stats.t.ppf(0.975, 1) * stats.sem(diffs)
+    assert msp["macro_f1"] == pytest.approx(diffs.mean())
+    assert msp["macro_f1_hi"] == pytest.approx(diffs.mean() + half)
 
 
 def test_class_splits_are_seeded_disjoint_six_two_two() -> None:

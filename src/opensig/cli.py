@@ -783,6 +783,18 @@ def bench_openset(opts: BenchOptions, cfg: Config) -> None:
     typer.echo(table)
 
 
+@bench_app.command("compare")
+def bench_compare(
+    base: Annotated[Path, typer.Argument(help="the base recipe's openset_<dataset>*.json")],
+    candidate: Annotated[Path, typer.Argument(help="the candidate's, same protocol and seeds")],
+) -> None:
+    """Two `bench openset` results, paired by class split and seed: the candidate minus the
+    base, mean and 95% interval, and the settings that differ."""
+    from opensig.bench.compare import compare
+
+    typer.echo(compare(base, candidate))
+
+
 @bench_app.command("warm-start")
 @_options_command(WarmStartOptions)
 def bench_warm_start(opts: WarmStartOptions, cfg: Config) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -251,12 +252,32 @@ PAIRED = {  # result key -> header, for the paired comparison
 }
 
 
+def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval (lo, hi) of paired differences; NaN interval for one pair,
+    all NaN for none."""
+    from scipy import stats
+
+    values = values[~np.isnan(values)]
+    mean = float(values.mean()) if values.size else np.nan
+    half = np.nan
+    if values.size > 1:
+        half = float(stats.t.ppf(0.975, values.size - 1) * stats.sem(values))
+    return mean, mean - half, mean + half
+
+
+def interval_columns(diff: pd.DataFrame, keys: Iterable[str]) -> dict[str, float]:
+    """``key``, ``key_lo``, ``key_hi`` for each column of paired differences."""
+    row = {}
+    for key in keys:
+        mean, lo, hi = mean_interval(diff[key].to_numpy(dtype=float))
+        row |= {key: mean, f"{key}_lo": lo, f"{key}_hi": hi}
+    return row
+
+
 def paired_differences(results: pd.DataFrame, default: tuple[str, str]) -> pd.DataFrame:
     """Per (method, feature score), its result minus the default's on the same class split
     and seed: mean and 95% t-interval of the differences (the seeds and splits are what
-    varies, so they are the pairs). NaN intervals with a single pair."""
-    from scipy import stats
-
+    varies, so they are the pairs)."""
     keys = ["split", "seed"]
     base = results[(results["method"] == default[0]) & (results["feature_score"] == default[1])]
     base = base.set_index(keys)[list(PAIRED)]
@@ -265,27 +286,22 @@ def paired_differences(results: pd.DataFrame, default: tuple[str, str]) -> pd.Da
         if (method, score) == default:
             continue
         diff = group.set_index(keys)[list(PAIRED)] - base
-        row = {"method": method, "feature_score": score, "pairs": len(diff)}
-        for key in PAIRED:
-            values = diff[key].dropna().to_numpy(dtype=float)
-            mean = float(values.mean()) if values.size else np.nan
-            half = np.nan
-            if values.size > 1:
-                half = float(stats.t.ppf(0.975, values.size - 1) * stats.sem(values))
-            row |= {key: mean, f"{key}_lo": mean - half, f"{key}_hi": mean + half}
-        rows.append(row)
+        rows.append(
+            {"method": method, "feature_score": score, "pairs": len(diff)}
+            | interval_columns(diff, PAIRED)
+        )
     return pd.DataFrame(rows).set_index(ROW) if rows else pd.DataFrame()
 
 
-def paired_markdown(paired: pd.DataFrame) -> str:
-    """The paired differences as a table."""
+def paired_markdown(paired: pd.DataFrame, columns: dict[str, str] = PAIRED) -> str:
+    """The paired differences as a table, one column per ``columns`` key."""
     lines = [
-        "| method | feature score | pairs | " + " | ".join(PAIRED.values()) + " |",
-        "| --- | --- | ---: |" + " ---: |" * len(PAIRED),
+        "| method | feature score | pairs | " + " | ".join(columns.values()) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(columns),
     ]
     for (method, score), row in paired.iterrows():
         cells = []
-        for key in PAIRED:
+        for key in columns:
             text = f"{row[key]:+.3f}"
             if not np.isnan(row[f"{key}_lo"]):
                 text += f" [{row[f'{key}_lo']:+.3f}, {row[f'{key}_hi']:+.3f}]"
