@@ -40,7 +40,7 @@ class BenchOptions:
         default=False,
         metadata={"help": "novel classes nearest the known ones, far ones as training unknowns"},
     )
-    epochs: int = 8
+    epochs: int = 16  # params.yaml's default recipe (bench/README.md: Recipe ablations)
     backbone: str = "resnet18"
     image_size: int = field(
         default=40,
