@@ -97,6 +97,7 @@ def test_bench_options_are_checked_before_anything_runs(tmp_path: Path) -> None:
         ({"methods": ["softmax"]}, "--method"),
         ({"feature_scores": ["cosine"]}, "--feature-score"),
         ({"splits": -1}, "--splits"),
+        ({"first_seed": -1}, "--first-seed"),
         ({"near": True, "splits": 2}, "--near: one fixed split"),
         ({"near": True, "dataset": "digits"}, "--near: one fixed split, of \\['fashion-mnist'\\]"),
     ]:
@@ -110,11 +111,12 @@ def test_bench_on_two_random_class_splits_of_digits(tmp_path: Path) -> None:
     with each feature score, and the novel images are the split's novel classes."""
     args = ["bench", "openset", "--dataset", "digits", "--splits", "2", "--epochs", "1"]
     args += ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "64"]
-    args += ["--device", "cpu", "--method", "sigmoid_bce"]
+    args += ["--device", "cpu", "--method", "sigmoid_bce", "--first-seed", "3"]
     args += ["--feature-score", "mahalanobis", "--feature-score", "none"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     saved = json.loads(Path("bench/results/openset_digits_splits.json").read_text())
+    assert saved["meta"]["seeds"] == [3] and {r["seed"] for r in saved["runs"]} == {3}
     splits = saved["meta"]["class_splits"]
     assert len(splits) == 2 and len(saved["runs"]) == 2 * 2
     assert [(r["method"], r["feature_score"]) for r in saved["summary"]] == [

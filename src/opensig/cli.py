@@ -795,6 +795,20 @@ def bench_compare(
     typer.echo(compare(base, candidate))
 
 
+@bench_app.command("merge")
+def bench_merge(
+    results: Annotated[
+        list[Path], typer.Argument(help="openset_<dataset>*.json files of one protocol and recipe")
+    ],
+    out: Annotated[Path, typer.Option(help="folder for the joined result")] = Path("bench/results"),
+) -> None:
+    """`bench openset` results run apart (other methods or seeds), joined into the table one
+    run would have written: same protocol and settings, no run twice."""
+    from opensig.bench.merge import merge
+
+    typer.echo(merge(results, out))
+
+
 @bench_app.command("warm-start")
 @_options_command(WarmStartOptions)
 def bench_warm_start(opts: WarmStartOptions, cfg: Config) -> None:

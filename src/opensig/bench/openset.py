@@ -109,8 +109,8 @@ def checked(opts: BenchOptions) -> BenchOptions:
     bad_scores = sorted(set(scores) - set(FEATURE_SCORES))
     if bad_scores or not scores:
         raise ValueError(f"--feature-score: {bad_scores}; choose from {list(FEATURE_SCORES)}")
-    if opts.splits < 0 or opts.seeds < 1:
-        raise ValueError("--splits must be 0 or more and --seeds at least 1")
+    if opts.splits < 0 or opts.seeds < 1 or opts.first_seed < 0:
+        raise ValueError("--splits and --first-seed must be 0 or more and --seeds at least 1")
     return replace(opts, methods=methods, feature_scores=scores)
 
 
@@ -312,7 +312,8 @@ def paired_markdown(paired: pd.DataFrame, columns: dict[str, str] = PAIRED) -> s
 
 def cross_check_markdown(results: pd.DataFrame, checks: pd.DataFrame, score: str) -> str:
     """Per method: opensig's ``score`` beside the pytorch-ood detector with the best mean
-    validation AUROC (chosen on val, never on test), and the best of them on test."""
+    validation AUROC (chosen on val, never on test), and the best of them on test; methods
+    without a cross-check are left out."""
     lines = [
         "| method | score | val AUROC | novel AUROC | novel FPR95 | novel OSCR |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -323,6 +324,8 @@ def cross_check_markdown(results: pd.DataFrame, checks: pd.DataFrame, score: str
         found = checks[checks["method"] == method].rename(
             columns={"auroc": "novel.auroc", "fpr95": "novel.fpr95", "oscr": "novel.oscr"}
         )
+        if found.empty:  # run without the cross-check (a merged file may hold both)
+            continue
         means = found.groupby("detector")[columns].mean()
         chosen = means["val_auroc"].idxmax()
         best_test = means["novel.auroc"].idxmax()
@@ -374,7 +377,7 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
     opts = checked(opts)
     fixed = (NEAR_PROTOCOL if opts.near else PROTOCOL)[opts.dataset]
     splits = class_splits(ALL_CLASSES[opts.dataset], opts.splits) if opts.splits else [fixed]
-    seeds = list(range(opts.seeds))
+    seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
     rows: list[dict] = []
     checks: list[dict] = []
     for index, split in enumerate(splits):
@@ -401,10 +404,6 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
                 run = {"split": index, "method": method, "seed": seed}
                 rows += [{**run, **result} for result in scored]
                 checks += [{**run, **result} for result in detected]
-    results = pd.DataFrame(rows)
-    summary = summarise(results)
-    default = (base.train.method, base.tune.feature_score)
-    paired = paired_differences(results, default)
     meta = {
         "dataset": opts.dataset,
         "seeds": seeds,
@@ -424,8 +423,22 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
         "tune_defaults": base.model_dump(mode="json")["tune"],
         **environment(),
     }
-    suffix = "_splits" if opts.splits else "_near" if opts.near else ""
-    stem = opts.out / f"openset_{opts.dataset}{suffix}"
+    return write_results(opts.out, meta, pd.DataFrame(rows), pd.DataFrame(checks))
+
+
+def write_results(
+    out: Path, meta: dict, results: pd.DataFrame, checks: pd.DataFrame
+) -> tuple[pd.DataFrame, str]:
+    """``openset_<dataset>[_splits|_near].{json,md}`` under ``out`` from every run's results
+    (and pytorch-ood's, ``checks``): the summary, the paired differences from the default
+    (``meta``'s train method and tune feature score), the cross-check and the class splits.
+    Returns the summary and its Markdown."""
+    splits = [ClassSplit(**{k: tuple(v) for k, v in s.items()}) for s in meta["class_splits"]]
+    summary = summarise(results)
+    default = (meta["train_defaults"]["method"], meta["tune_defaults"]["feature_score"])
+    paired = paired_differences(results, default)
+    suffix = "_splits" if meta["random_splits"] else "_near" if meta["near"] else ""
+    stem = out / f"openset_{meta['dataset']}{suffix}"
     write_json(
         stem.with_suffix(".json"),
         {
@@ -433,17 +446,18 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
             "summary": summary.reset_index().replace({np.nan: None}).to_dict(orient="records"),
             "runs": results.replace({np.nan: None}).to_dict(orient="records"),
             "paired": paired.reset_index().replace({np.nan: None}).to_dict(orient="records"),
-            "cross_check": checks,
+            "cross_check": checks.to_dict(orient="records"),
         },
     )
-    table = to_markdown(summary, len(splits) * len(seeds), default)
+    runs = len(results[["split", "seed"]].drop_duplicates())
+    table = to_markdown(summary, runs, default)
     table += "\nPaired differences, each row minus the default (" + " + ".join(default) + "), "
     table += "over the same seeds and class splits: mean [95% interval]\n\n"
     table += paired_markdown(paired)
-    if checks:
+    if not checks.empty:
         table += "\nIndependent check (pytorch-ood 0.4.0 on the same networks):\n\n"
-        table += cross_check_markdown(results, pd.DataFrame(checks), default[1])
-    if opts.splits or opts.near:
+        table += cross_check_markdown(results, checks, default[1])
+    if meta["random_splits"] or meta["near"]:
         table += "\nClass splits:\n\n" + splits_markdown(splits)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     return summary, table

@@ -21,6 +21,9 @@ class BenchOptions:
 
     dataset: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist or digits"})
     seeds: int = field(default=1, metadata={"help": "number of seeds (0..n-1): mean ± std"})
+    first_seed: int = field(
+        default=0, metadata={"help": "start the seeds here (a part of a table: `bench merge`)"}
+    )
     methods: list[str] | None = field(  # None: every method
         default=None, metadata={"option": "--method", "help": "repeat; default all"}
     )
