@@ -75,6 +75,11 @@ def test_heads_run_apart_give_the_table_of_one_run(tmp_path: Path) -> None:
     assert "| softmax_kplus1 | mahalanobis | 2 | -0.050 [" in table
     assert "Class splits" in table
     assert (tmp_path / "out" / "openset_fashion-mnist_near.md").read_text() == table
+    eos = _write(tmp_path / "c.json", _meta([0, 1]), _runs("softmax_eos", {0: 0.6, 1: 0.7}))
+    merge([written, eos], tmp_path / "again")  # a merged file merges again, its parts kept
+    meta, runs = load_results(tmp_path / "again" / "openset_fashion-mnist_near.json")
+    assert len(runs) == 6
+    assert [Path(m["file"]).name for m in meta["merged_from"]] == ["a.json", "b.json", "c.json"]
 
 
 def test_refuses_another_protocol_another_recipe_and_a_run_twice(tmp_path: Path) -> None:

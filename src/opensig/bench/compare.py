@@ -27,7 +27,7 @@ COMPARED = {  # result key -> header
 }
 PAIR = ["split", "seed", *ROW]  # what one run is
 PROTOCOL_KEYS = ("dataset", "near", "random_splits", "class_splits", "per_class", "test_per_class")
-NOT_SETTINGS = {"date", "machine", "cpu_count", "gpu", "seeds", "feature_scores"}
+NOT_SETTINGS = {"date", "machine", "cpu_count", "gpu", "seeds", "feature_scores", "merged_from"}
 
 
 def load_results(path: Path) -> tuple[dict, pd.DataFrame]:

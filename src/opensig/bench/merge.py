@@ -63,9 +63,11 @@ def merge(paths: list[Path], out: Path) -> str:
     meta["feature_scores"] = (
         list(dict.fromkeys(score for m in metas for score in m.get("feature_scores") or [])) or None
     )
-    meta["merged_from"] = [
-        {"file": str(path), **{key: m.get(key) for key in ENVIRONMENT}}
+    meta["merged_from"] = [  # a merged file's own parts, or the file and where it ran
+        part
         for path, m in zip(paths, metas, strict=True)
+        for part in m.get("merged_from")
+        or [{"file": str(path), **{key: m.get(key) for key in ENVIRONMENT}}]
     ]
     _, table = write_results(
         out, meta, joined.drop(columns="from"), pd.concat(checks, ignore_index=True)
