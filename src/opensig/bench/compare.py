@@ -61,6 +61,16 @@ def _flat(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
+def check_protocol(first: Path, first_meta: dict, path: Path, meta: dict, verb: str) -> None:
+    """One clear error where two result files were measured on different protocols."""
+    for key in PROTOCOL_KEYS:
+        if meta.get(key) != first_meta.get(key):
+            raise ValueError(
+                f"{path}: {key} is {meta.get(key)!r}, {first} has {first_meta.get(key)!r}; "
+                f"{verb} runs of one protocol"
+            )
+
+
 def setting_changes(base: dict, candidate: dict) -> list[tuple[str, object, object]]:
     """(key, base value, candidate value) for every setting that differs, environment aside."""
     a, b = _flat(base), _flat(candidate)
@@ -91,12 +101,7 @@ def compare(base_path: Path, candidate_path: Path) -> str:
     """The Markdown comparison of two bench result files (candidate minus base)."""
     base_meta, base = load_results(base_path)
     cand_meta, candidate = load_results(candidate_path)
-    for key in PROTOCOL_KEYS:
-        if base_meta.get(key) != cand_meta.get(key):
-            raise ValueError(
-                f"{candidate_path}: {key} is {cand_meta.get(key)!r}, {base_path} has "
-                f"{base_meta.get(key)!r}; compare runs of one protocol"
-            )
+    check_protocol(base_path, base_meta, candidate_path, cand_meta, "compare")
     paired = compare_runs(base, candidate)
     if paired.empty:
         raise ValueError(

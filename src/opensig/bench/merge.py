@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from opensig.bench.compare import PAIR, PROTOCOL_KEYS, load_results, setting_changes
+from opensig.bench.compare import PAIR, check_protocol, load_results, setting_changes
 from opensig.bench.openset import write_results
 from opensig.io import read_json
 
@@ -35,12 +35,7 @@ def merge(paths: list[Path], out: Path) -> str:
         checks.append(pd.DataFrame(read_json(Path(path)).get("cross_check", [])))
     first = paths[0]
     for path, meta in zip(paths[1:], metas[1:], strict=True):
-        for key in PROTOCOL_KEYS:
-            if meta.get(key) != metas[0].get(key):
-                raise ValueError(
-                    f"{path}: {key} is {meta.get(key)!r}, {first} has {metas[0].get(key)!r}; "
-                    "merge runs of one protocol"
-                )
+        check_protocol(first, metas[0], path, meta, "merge")
         changes = setting_changes(metas[0], meta)
         if changes:
             key, old, new = changes[0]
