@@ -136,6 +136,10 @@ def test_bench_on_two_random_class_splits_of_digits(tmp_path: Path) -> None:
         assert row["novel.auroc"] == pytest.approx(mean)
     table = Path("bench/results/openset_digits_splits.md").read_text()
     assert "| **sigmoid_bce** (opensig default) | mahalanobis |" in table
+    # pictures by default, one set per feature score
+    for score in ("mahalanobis", "none"):
+        plots = Path(f"bench/work/split0/runs/sigmoid_bce-seed3/score-{score}/plots")
+        assert (plots / "confusion.png").is_file() and (plots / "roc.png").is_file()
     assert f"| 0 | {', '.join(splits[0]['known'])} |" in table
 
 
@@ -163,9 +167,11 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(tmp_path: Path) -> Non
             "32",
             "--device",
             "cpu",
+            "--no-pictures",  # drawing 36 evaluations' pictures was two thirds of this test
         ],
     )
     assert result.exit_code == 0, result.output
+    assert not list(Path("bench/work/runs").glob("*/score-*/plots/*.png"))
     saved = json.loads(Path("bench/results/openset_fashion-mnist.json").read_text())
     rows = [(row["method"], row["feature_score"]) for row in saved["summary"]]
     assert rows == [(m, s) for m in METHODS for s in FEATURE_SCORES]

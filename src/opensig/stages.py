@@ -195,8 +195,9 @@ def tune(cfg: Config, at: Layout = HERE) -> dict:
     }
 
 
-def evaluate(cfg: Config, at: Layout = HERE) -> dict:
-    """Open-set metrics and plots on the test split (known, unknown and novel unknown images)."""
+def evaluate(cfg: Config, at: Layout = HERE, pictures: bool = True) -> dict:
+    """Open-set metrics and plots on the test split (known, unknown and novel unknown images);
+    ``pictures=False`` skips the PNGs and CSVs (the bench's quick runs: most of their time)."""
     from opensig.evaluation import evaluate_bundle
     from opensig.plots import write_pictures
     from opensig.predict import Bundle
@@ -208,7 +209,8 @@ def evaluate(cfg: Config, at: Layout = HERE) -> dict:
     for warning in small_test_warnings(rows):
         log.warning(warning)
     result = evaluate_bundle(bundle, rows, cfg.evaluate.batch_size, multi_label)
-    write_pictures(result, at.plots)
+    if pictures:
+        write_pictures(result, at.plots)
     write_json(at.metrics, result.metrics)
     log.info("evaluate: %s", {k: v for k, v in result.metrics.items() if k != "novel"})
     return result.metrics

@@ -191,10 +191,12 @@ def run_one(
     feature_scores: list[str],
     tags: dict[str, str],
     cross_check: bool = False,
+    pictures: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """Train once; then tune on val and evaluate on test with each feature score, each
-    logged as an MLflow run (the first into the training's own run). Flat results, one per
-    feature score, and with ``cross_check`` one per pytorch-ood detector."""
+    logged as an MLflow run (the first into the training's own run), with its pictures
+    unless ``pictures`` is off. Flat results, one per feature score, and with
+    ``cross_check`` one per pytorch-ood detector."""
     from opensig.tracking.runs import RunSpec, flatten, logged_run
     from opensig.tracking.store import tracking_uri
 
@@ -219,7 +221,7 @@ def run_one(
             plots=folder / "plots",
         )
         tuned = list(tune(scored, variant)["thresholds"].values())
-        metrics = evaluate(scored, variant)
+        metrics = evaluate(scored, variant, pictures)
         metrics["val_auroc"] = validation_auroc(scored, variant)
         metrics["train_seconds"] = report["seconds"]
         metrics["threshold_min"], metrics["threshold_max"] = min(tuned), max(tuned)
@@ -400,6 +402,7 @@ def run_openset(base: Config, opts: BenchOptions) -> tuple[pd.DataFrame, str]:
                     opts.feature_scores,
                     tags,
                     opts.cross_check,
+                    opts.pictures,
                 )
                 run = {"split": index, "method": method, "seed": seed}
                 rows += [{**run, **result} for result in scored]

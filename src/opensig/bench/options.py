@@ -58,6 +58,10 @@ class BenchOptions:
         default=True,
         metadata={"help": "also score each network with pytorch-ood's detectors ([bench] extra)"},
     )
+    pictures: bool = field(
+        default=True,
+        metadata={"help": "draw each evaluation's pictures for MLflow (most of a tiny run's time)"},
+    )
     out: Path = Path("bench/results")
     work: Path = Path("bench/work")
 
