@@ -44,10 +44,10 @@ class BenchOptions:
         metadata={"help": "novel classes nearest the known ones, far ones as training unknowns"},
     )
     epochs: int = 16  # params.yaml's default recipe (bench/README.md: Recipe ablations)
-    backbone: str = "resnet18"
+    backbone: str = "resnet18d"  # params.yaml's too
     image_size: int = field(
         default=40,
-        metadata={"help": "px; 28 px images upsampled past resnet18's 32x downsampling"},
+        metadata={"help": "px; 28 px images upsampled past resnet18d's 32x downsampling"},
     )
     in_chans: int = 1
     batch_size: int = 128
