@@ -167,7 +167,7 @@ def test_bench_command_runs_every_method_on_a_tiny_sample(tmp_path: Path) -> Non
             "32",
             "--device",
             "cpu",
-            "--no-pictures",  # drawing 36 evaluations' pictures was two thirds of this test
+            "--no-pictures",  # drawing 36 evaluations' pictures was three quarters of this test
         ],
     )
     assert result.exit_code == 0, result.output
