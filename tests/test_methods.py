@@ -13,6 +13,7 @@ from opensig.methods import (
     Method,
     get_method,
     mix_unknowns,
+    rotate_unknowns,
     sample_weights,
     sigmoid_targets,
     softmax_targets,
@@ -281,3 +282,31 @@ def test_mixed_unknowns_off_and_for_multi_hot_labels() -> None:
     # a batch of one class has no pair to blend: nothing changes
     _, single = mix_unknowns(images, torch.zeros(4, dtype=torch.long), share=0.5)
     assert (single == 0).all()
+
+
+def test_rotated_unknowns_turn_known_images_by_a_quarter_or_more_by_hand() -> None:
+    # distinct pixels, so a turned image is one of the three rot90 of its own original
+    images = torch.arange(6 * 9, dtype=torch.float32).view(6, 1, 3, 3)
+    labels = torch.tensor([0, 1, 2, 0, UNKNOWN, 1])
+    torch.manual_seed(0)
+    turned, targets = rotate_unknowns(images, labels, share=0.5)
+    changed = (targets != labels).nonzero().flatten().tolist()
+    assert len(changed) == 3 and 4 not in changed and (targets[changed] == UNKNOWN).all()
+    for i in changed:
+        turns = [torch.rot90(images[i], k, dims=(-2, -1)) for k in (1, 2, 3)]
+        assert any(torch.equal(turned[i], t) for t in turns), i
+    untouched = [i for i in range(6) if i not in changed]
+    assert torch.equal(turned[untouched], images[untouched])
+    assert torch.equal(labels, torch.tensor([0, 1, 2, 0, UNKNOWN, 1]))  # inputs left alone
+
+
+def test_rotated_unknowns_off_multi_hot_and_square_images_only() -> None:
+    images = torch.rand(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 0, 1])
+    same, kept = rotate_unknowns(images, labels, share=0.0)
+    assert same is images and kept is labels
+    multi = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
+    _, targets = rotate_unknowns(images, multi, share=0.5)
+    assert (targets.sum(dim=1) == 0).sum() == 3  # the all-zero row, plus two turned
+    with pytest.raises(ValueError, match=r"train.rotated_unknowns.*square.*\(2, 3\)"):
+        rotate_unknowns(torch.rand(4, 1, 2, 3), labels, share=0.5)

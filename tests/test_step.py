@@ -137,12 +137,13 @@ def test_synthetic_unknowns_are_blended_in_training_only_and_for_methods_with_un
         ("sigmoid_bce", False, False),
         ("sigmoid_bce_known_only", True, False),
     ]:
-        step = _step(method, mixed_unknowns=0.5).train(mode)
-        images, targets = step.prepare(_batch(labels))
-        with torch.no_grad():
-            out = step(images, targets)
-        assert (out["labels"] == UNKNOWN).any().item() is blended, (method, mode)
-        assert torch.equal(targets, torch.tensor(labels))  # the inputs are left as they are
+        for kind in ("mixed_unknowns", "rotated_unknowns"):
+            step = _step(method, **{kind: 0.5}).train(mode)
+            images, targets = step.prepare(_batch(labels))
+            with torch.no_grad():
+                out = step(images, targets)
+            assert (out["labels"] == UNKNOWN).any().item() is blended, (method, mode, kind)
+            assert torch.equal(targets, torch.tensor(labels))  # the inputs are left as they are
 
 
 def test_a_batch_with_an_unreadable_image_stops_training() -> None:

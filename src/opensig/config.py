@@ -135,6 +135,12 @@ class TrainConfig(_Section):
     mixed_unknowns: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of each batch replaced by blends of 2 classes"
     )
+    rotated_unknowns: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each batch replaced by known images turned 90/180/270 degrees",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: NonNegativeInt | Literal["auto"] = Field(

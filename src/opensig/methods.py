@@ -102,6 +102,39 @@ def mix_unknowns(
     return images, labels
 
 
+def rotate_unknowns(
+    images: torch.Tensor, labels: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic unknown images: ``share`` of the batch replaced by known images turned by
+    90, 180 or 270 degrees (uniformly), labelled unknown.
+
+    Why: where every image shows its object upright (products, garments, digits), a turned
+    known image is unlike every class in shape, not in texture, so the network has to
+    encode the shape's layout to reject it: the detail that tells a novel class from the
+    known one it resembles (a shift of the input, as in Tack et al. 2020, "CSI"). Only for
+    upright data: turned images of data without an up (aerial, microscopy) are known ones.
+    Needs square images. Draws from torch's global RNG; returns new tensors.
+    """
+    if share <= 0:
+        return images, labels
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(
+            f"train.rotated_unknowns turns images by 90 degrees and needs square ones, got "
+            f"{tuple(images.shape[-2:])}; set it to 0"
+        )
+    known = labels.sum(dim=1) > 0 if labels.ndim == 2 else labels != UNKNOWN
+    chosen = torch.nonzero(known).flatten()
+    chosen = chosen[torch.randperm(chosen.numel(), device=chosen.device)]
+    chosen = chosen[: round(share * labels.shape[0])]
+    turns = torch.randint(1, 4, (chosen.numel(),), device=chosen.device)
+    images, labels = images.clone(), labels.clone()
+    for k in (1, 2, 3):
+        picked = chosen[turns == k]
+        images[picked] = torch.rot90(images[picked], k, dims=(-2, -1))
+    labels[chosen] = 0 if labels.ndim == 2 else UNKNOWN
+    return images, labels
+
+
 def _weighted_mean(per_image: torch.Tensor, labels: torch.Tensor, unknown_weight: float):
     weights = sample_weights(labels, unknown_weight)
     return (per_image * weights).sum() / weights.sum().clamp_min(1e-12)

@@ -15,8 +15,9 @@ in-memory limit all run (modelled on timm's ``task/classification.py``, whose
   memory layout (channels-last or contiguous) of the model and its input;
 - the augmentation (``opensig.data.augment``): applied to a whole batch, on the device, in
   training mode only;
-- the synthetic unknowns (``train.mixed_unknowns``): blended into a batch in training mode
-  only, and only for methods that train on unknown images.
+- the synthetic unknowns (``train.mixed_unknowns``: blends of two classes;
+  ``train.rotated_unknowns``: known images turned by 90 degrees or more): put into a batch
+  in training mode only, and only for methods that train on unknown images.
 
 Losses are averaged one way, in training and in validation alike: the weighted mean per
 unit of weight over every image of the epoch, ``sum_i(loss_i * w_i) / sum_i(w_i)``, where
@@ -37,14 +38,14 @@ from timm.utils.model_ema import ModelEmaV3
 from opensig.config import TrainConfig
 from opensig.data.augment import BatchAugment
 from opensig.data.dataset import model_input
-from opensig.methods import Method, mix_unknowns, sample_weights
+from opensig.methods import Method, mix_unknowns, rotate_unknowns, sample_weights
 from opensig.model import ModelSpec
 
 
 @dataclass(frozen=True)
 class StepOptions:
     """The train params a step uses (``train.amp``, ``channels_last``, ``label_smoothing``,
-    ``unknown_weight``, ``mixed_unknowns``, ``ema_decay``)."""
+    ``unknown_weight``, ``mixed_unknowns``, ``ema_decay``, ``rotated_unknowns``)."""
 
     amp: bool = True
     channels_last: bool = True
@@ -52,6 +53,7 @@ class StepOptions:
     unknown_weight: float = 1.0
     mixed_unknowns: float = 0.0
     ema_decay: float = 0.0
+    rotated_unknowns: float = 0.0
 
     @property
     def layout(self) -> str:
@@ -67,6 +69,7 @@ class StepOptions:
             train.unknown_weight,
             train.mixed_unknowns,
             train.ema_decay,
+            train.rotated_unknowns,
         )
 
 
@@ -154,6 +157,7 @@ class TrainingStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and self.method.uses_unknown:
             images, labels = mix_unknowns(images, labels, self.options.mixed_unknowns)
+            images, labels = rotate_unknowns(images, labels, self.options.rotated_unknowns)
         with self.autocast:
             logits = (self.model if self.training else self.evaluated)(images)
         loss = self.method.loss(
