@@ -108,11 +108,12 @@ def rotate_unknowns(
     """Synthetic unknown images: ``share`` of the batch replaced by known images turned by
     90, 180 or 270 degrees (uniformly), labelled unknown.
 
-    Why: where every image shows its object upright (products, garments, digits), a turned
-    known image is unlike every class in shape, not in texture, so the network has to
-    encode the shape's layout to reject it: the detail that tells a novel class from the
-    known one it resembles (a shift of the input, as in Tack et al. 2020, "CSI"). Only for
-    upright data: turned images of data without an up (aerial, microscopy) are known ones.
+    Why: where every image shows its object upright (products, garments), a turned known
+    image is unlike every class in shape, not in texture, so the network has to encode the
+    shape's layout to reject it: the detail that tells a novel class from the known one it
+    resembles (a shift of the input, as in Tack et al. 2020, "CSI"). Only for upright data
+    whose classes do not look alike turned (not aerial or microscope images; not 0, 1, or
+    bags, which a half turn leaves much the same: bench/README.md, Recipe ablations).
     Needs square images. Draws from torch's global RNG; returns new tensors.
     """
     if share <= 0:
