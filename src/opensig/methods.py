@@ -61,10 +61,14 @@ def softmax_targets(
     return targets * (1.0 - smoothing) + smoothing / width
 
 
+def is_unknown(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) which images are unknown: label UNKNOWN, or an all-zero multi-hot row."""
+    return labels.sum(dim=1) == 0 if labels.ndim == 2 else labels == UNKNOWN
+
+
 def sample_weights(labels: torch.Tensor, unknown_weight: float) -> torch.Tensor:
-    """Per-image loss weight: 1 for known images, ``unknown_weight`` for unknown ones
-    (label UNKNOWN, or an all-zero multi-hot row)."""
-    unknown = labels.sum(dim=1) == 0 if labels.ndim == 2 else labels == UNKNOWN
+    """Per-image loss weight: 1 for known images, ``unknown_weight`` for unknown ones."""
+    unknown = is_unknown(labels)
     weights = torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
     weights[unknown] = unknown_weight
     return weights
@@ -83,7 +87,7 @@ def mix_unknowns(
     """
     if share <= 0:
         return images, labels
-    known = labels.sum(dim=1) > 0 if labels.ndim == 2 else labels != UNKNOWN
+    known = ~is_unknown(labels)
     first = torch.nonzero(known).flatten()
     first = first[torch.randperm(first.numel(), device=first.device)]
     second = first.roll(1)  # each image's partner: the next in a random order, never itself
@@ -123,7 +127,7 @@ def rotate_unknowns(
             f"train.rotated_unknowns turns images by 90 degrees and needs square ones, got "
             f"{tuple(images.shape[-2:])}; set it to 0"
         )
-    known = labels.sum(dim=1) > 0 if labels.ndim == 2 else labels != UNKNOWN
+    known = ~is_unknown(labels)
     chosen = torch.nonzero(known).flatten()
     chosen = chosen[torch.randperm(chosen.numel(), device=chosen.device)]
     chosen = chosen[: round(share * labels.shape[0])]
