@@ -284,8 +284,9 @@ def test_mixed_unknowns_off_and_for_multi_hot_labels() -> None:
     assert (single == 0).all()
 
 
-def test_rotated_unknowns_turn_known_images_by_a_quarter_or_more_by_hand() -> None:
-    # distinct pixels, so a turned image is one of the three rot90 of its own original
+def test_rotated_unknowns_turn_known_images_a_quarter_turn_by_hand() -> None:
+    # distinct pixels, so a turned image is one of the two quarter turns of its own original
+    # (never the half turn, which leaves symmetric objects the same)
     images = torch.arange(6 * 9, dtype=torch.float32).view(6, 1, 3, 3)
     labels = torch.tensor([0, 1, 2, 0, UNKNOWN, 1])
     torch.manual_seed(0)
@@ -293,11 +294,19 @@ def test_rotated_unknowns_turn_known_images_by_a_quarter_or_more_by_hand() -> No
     changed = (targets != labels).nonzero().flatten().tolist()
     assert len(changed) == 3 and 4 not in changed and (targets[changed] == UNKNOWN).all()
     for i in changed:
-        turns = [torch.rot90(images[i], k, dims=(-2, -1)) for k in (1, 2, 3)]
+        turns = [torch.rot90(images[i], k, dims=(-2, -1)) for k in (1, 3)]
         assert any(torch.equal(turned[i], t) for t in turns), i
     untouched = [i for i in range(6) if i not in changed]
     assert torch.equal(turned[untouched], images[untouched])
     assert torch.equal(labels, torch.tensor([0, 1, 2, 0, UNKNOWN, 1]))  # inputs left alone
+    # every image of a batch turned: a quarter turn each, both ways, never the half turn
+    many = torch.arange(40 * 9, dtype=torch.float32).view(40, 1, 3, 3)
+    turned, _ = rotate_unknowns(many, torch.zeros(40, dtype=torch.long), share=1.0)
+    same_as = {
+        k: (turned == torch.rot90(many, k, dims=(-2, -1))).flatten(1).all(1) for k in (1, 2, 3)
+    }
+    assert (same_as[1] | same_as[3]).all() and same_as[1].any() and same_as[3].any()
+    assert not same_as[2].any()
 
 
 def test_rotated_unknowns_off_multi_hot_and_square_images_only() -> None:

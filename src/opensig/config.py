@@ -139,7 +139,7 @@ class TrainConfig(_Section):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="share of each batch replaced by known images turned 90/180/270 degrees",
+        description="share of each batch replaced by known images turned 90 or 270 degrees",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

@@ -16,7 +16,7 @@ in-memory limit all run (modelled on timm's ``task/classification.py``, whose
 - the augmentation (``opensig.data.augment``): applied to a whole batch, on the device, in
   training mode only;
 - the synthetic unknowns (``train.mixed_unknowns``: blends of two classes;
-  ``train.rotated_unknowns``: known images turned by 90 degrees or more): put into a batch
+  ``train.rotated_unknowns``: known images turned a quarter turn): put into a batch
   in training mode only, and only for methods that train on unknown images.
 
 Losses are averaged one way, in training and in validation alike: the weighted mean per
