@@ -32,8 +32,10 @@ prefect-server: install  ## a local Prefect server for scheduled runs (then: exp
 	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
+# Files go out in collection order (tests/e2e first: the slowest), not xdist's default of the
+# most tests first, which left the one-test e2e files for last on one worker (bench/README.md)
 test: install  ## whole test files spread over TEST_WORKERS processes (pytest-xdist); lists the 15 slowest
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations 15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations 15
 
 # Opt-in, not part of `make test` (which skips it): a fresh venv gets only a registered
 # model's requirements.txt (about 4 GB from PyPI: torch and its CUDA libraries), then loads
