@@ -141,6 +141,13 @@ class TrainConfig(_Section):
         lt=1.0,
         description="share of each batch replaced by known images turned 90 or 270 degrees",
     )
+    rotation_loss: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="weight of the self-supervised rotation task (a head, dropped after "
+        "training, learns the turn of turned copies of half of each batch); 0: off",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: NonNegativeInt | Literal["auto"] = Field(

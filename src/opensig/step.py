@@ -17,13 +17,17 @@ in-memory limit all run (modelled on timm's ``task/classification.py``, whose
   training mode only;
 - the synthetic unknowns (``train.mixed_unknowns``: blends of two classes;
   ``train.rotated_unknowns``: known images turned a quarter turn): put into a batch
-  in training mode only, and only for methods that train on unknown images.
+  in training mode only, and only for methods that train on unknown images;
+- the rotation task (``train.rotation_loss``, ``opensig.rotation_task``): in training mode,
+  turned copies of half the batch and a head that learns their turn, its loss added to the
+  method's with that weight.
 
 Losses are averaged one way, in training and in validation alike: the weighted mean per
 unit of weight over every image of the epoch, ``sum_i(loss_i * w_i) / sum_i(w_i)``, where
 ``w_i`` is 1 for a known image and ``train.unknown_weight`` for an unknown one (what each
 batch's loss already is, accumulated over the epoch by ``EpochLoss``). The train and val
-curves in train_history.csv, loss.png and MLflow are thus the same quantity.
+curves in train_history.csv, loss.png and MLflow are thus the same quantity: the method's
+loss, without the rotation task's.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ from opensig.data.augment import BatchAugment
 from opensig.data.dataset import model_input
 from opensig.methods import Method, mix_unknowns, rotate_unknowns, sample_weights
 from opensig.model import ModelSpec
+from opensig.rotation_task import WithRotationHead, rotation_loss, turned_copies
 
 
 @dataclass(frozen=True)
 class StepOptions:
     """The train params a step uses (``train.amp``, ``channels_last``, ``label_smoothing``,
-    ``unknown_weight``, ``mixed_unknowns``, ``ema_decay``, ``rotated_unknowns``)."""
+    ``unknown_weight``, ``mixed_unknowns``, ``ema_decay``, ``rotated_unknowns``,
+    ``rotation_loss``)."""
 
     amp: bool = True
     channels_last: bool = True
@@ -54,6 +60,7 @@ class StepOptions:
     mixed_unknowns: float = 0.0
     ema_decay: float = 0.0
     rotated_unknowns: float = 0.0
+    rotation_loss: float = 0.0
 
     @property
     def layout(self) -> str:
@@ -70,6 +77,7 @@ class StepOptions:
             train.mixed_unknowns,
             train.ema_decay,
             train.rotated_unknowns,
+            train.rotation_loss,
         )
 
 
@@ -88,14 +96,16 @@ class TrainingStep:
     """Forward and loss of one batch, the same in training and validation.
 
     ``step(images, labels)`` takes the model's input (``prepare`` makes it from a loader
-    batch) and returns a dict: ``loss`` (the batch's weighted mean, what backward needs),
-    ``weight`` (the batch's sum of sample weights), ``logits`` and ``labels`` (after any
-    synthetic unknowns). ``update`` runs backward and the optimizer step through the grad
+    batch) and returns a dict: ``loss`` (what backward needs: ``class_loss`` plus, in
+    training, the rotation task's), ``class_loss`` (the method's loss, the batch's weighted
+    mean), ``weight`` (the batch's sum of sample weights), ``logits`` and ``labels`` (after
+    any synthetic unknowns). ``update`` runs backward and the optimizer step through the grad
     scaler. ``train()`` / ``eval()`` switch the mode: training runs ``model``, blends
     synthetic unknowns and needs gradients; validation runs ``net`` (under ``no_grad``, the
     caller's).
 
-    The net is moved to ``device`` in the step's memory layout; ``wrap`` (DDP,
+    The net is moved to ``device`` in the step's memory layout; ``trained`` is what the
+    optimizer updates (the net, with the rotation head if there is one); ``wrap`` (DDP,
     ``torch.compile``) then gives the module the training forward runs through. ``augment``
     transforms training batches in ``prepare`` (its draws are seeded by the caller).
     """
@@ -115,7 +125,10 @@ class TrainingStep:
             torch.channels_last if options.channels_last else torch.contiguous_format
         )
         self.net = net.to(device, memory_format=self.memory_format)
-        self.model = wrap(self.net) if wrap is not None else self.net
+        self.trained = (
+            WithRotationHead(self.net).to(device) if options.rotation_loss > 0 else self.net
+        )
+        self.model = wrap(self.trained) if wrap is not None else self.trained
         self.autocast, self.scaler = _autocast(device, options.amp)
         self.augment = augment
         self.training = True
@@ -155,19 +168,36 @@ class TrainingStep:
         return images, batch["label"].to(self.device, non_blocking=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        rotation = self.training and self.options.rotation_loss > 0
+        if rotation:  # copies of the images as they came: upright, before synthetic unknowns
+            copies, turns = turned_copies(images)
         if self.training and self.method.uses_unknown:
             images, labels = mix_unknowns(images, labels, self.options.mixed_unknowns)
             images, labels = rotate_unknowns(images, labels, self.options.rotated_unknowns)
         with self.autocast:
-            logits = (self.model if self.training else self.evaluated)(images)
-        loss = self.method.loss(
+            if rotation:
+                logits, turn_logits = self.model(
+                    images, copies.contiguous(memory_format=self.memory_format)
+                )
+            else:
+                logits = (self.model if self.training else self.evaluated)(images)
+        class_loss = self.method.loss(
             logits,
             labels,
             smoothing=self.options.label_smoothing,
             unknown_weight=self.options.unknown_weight,
         )
+        loss = class_loss
+        if rotation:
+            loss = class_loss + self.options.rotation_loss * rotation_loss(turn_logits, turns)
         weight = sample_weights(labels, self.options.unknown_weight).sum()
-        return {"loss": loss, "weight": weight, "logits": logits, "labels": labels}
+        return {
+            "loss": loss,
+            "class_loss": class_loss,
+            "weight": weight,
+            "logits": logits,
+            "labels": labels,
+        }
 
     def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Backward and optimizer step, through the fp16 grad scaler when there is one."""
@@ -185,16 +215,22 @@ class TrainingStep:
 
     def resume_state(self) -> dict:
         """What a resumed training needs besides the saved (``evaluated``) weights: with an
-        EMA, the trained weights themselves and the step count its decay warms up with."""
-        if self.ema is None:
-            return {}
-        return {"trained": self.net.state_dict(), "updates": self.updates}
+        EMA, the trained weights themselves and the step count its decay warms up with; with
+        the rotation task, its head."""
+        state = {}
+        if self.ema is not None:
+            state |= {"trained": self.net.state_dict(), "updates": self.updates}
+        if isinstance(self.trained, WithRotationHead):
+            state["rotation_head"] = self.trained.head.state_dict()
+        return state
 
     def load_resume_state(self, state: dict) -> None:
         """Put back what ``resume_state`` gave (the saved weights are loaded by the caller)."""
         if self.ema is not None:
             self.net.load_state_dict(state["trained"])
             self.updates = state["updates"]
+        if isinstance(self.trained, WithRotationHead):
+            self.trained.head.load_state_dict(state["rotation_head"])
 
 
 def _average(net: torch.nn.Module, decay: float) -> ModelEmaV3 | None:
@@ -217,7 +253,7 @@ class EpochLoss:
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
         """Add a step's output: its mean loss times its weight is its weighted loss sum."""
-        self.sums[0] += out["loss"].detach() * out["weight"]
+        self.sums[0] += out["class_loss"].detach() * out["weight"]
         self.sums[1] += out["weight"]
         self.sums[2] += len(out["labels"])
 

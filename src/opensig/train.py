@@ -162,10 +162,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
 
 
 def _optimizer(
-    net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int
+    trained: torch.nn.Module, train: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with the warm-up/cosine schedule, stepped once per training step."""
-    optimizer = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    """AdamW over ``trained`` (the net, and the rotation head when there is one) with the
+    warm-up/cosine schedule, stepped once per training step."""
+    optimizer = torch.optim.AdamW(
+        trained.parameters(), lr=train.lr, weight_decay=train.weight_decay
+    )
     steps = train.epochs * steps_per_epoch
     warmup = round(train.warmup_epochs * steps_per_epoch)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
@@ -379,7 +382,7 @@ def _train(
     train_dl = _loader(images.dataset(train_rows), train, True, device, dist)
     val_dl = _loader(images.dataset(val_rows), train, False, device, dist)
     decode_seconds = time.perf_counter() - start
-    optimizer, scheduler = _optimizer(net, train, len(train_dl))
+    optimizer, scheduler = _optimizer(step.trained, train, len(train_dl))
     log.info(
         "training %s (%s) on %s%s: %d train / %d val images, %d classes, %d loader workers",
         spec.backbone,
