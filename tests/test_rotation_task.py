@@ -3,19 +3,26 @@ its loss, and how the training step trains it and leaves it out of what it saves
 
 from __future__ import annotations
 
+import math
+import shutil
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from opensig.config import TrainConfig
+from opensig.config import TrainConfig, load_config
+from opensig.data.manifest import read_manifest
 from opensig.methods import get_method
-from opensig.model import ModelSpec
+from opensig.model import ModelSpec, load_model_dir
 from opensig.rotation_task import WithRotationHead, rotation_loss, turned_copies
+from opensig.stages import HERE, ingest
 from opensig.step import StepOptions, TrainingStep
 from opensig.thresholds import UNKNOWN
-from opensig.train import _optimizer, _train_epoch
+from opensig.train import _optimizer, _train_epoch, train_model
+from tests.conftest import write_params
 
 SIZE, CLASSES = 32, 3
 
@@ -131,3 +138,29 @@ def test_training_updates_the_head_and_saves_and_resumes_it_but_not_in_the_model
         assert torch.equal(a, b)
     plain = _step(0.0)  # off: the optimizer trains the net alone, nothing more to resume
     assert plain.trained is plain.net and plain.resume_state() == {}
+
+
+def test_a_training_with_the_rotation_task_saves_the_plain_network(
+    tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole training loop with the task on: the optimizer trains the head, and the saved
+    model is the network alone, loaded strictly as predict, serving and ONNX load it."""
+    for folder in sorted(p for p in digits_data.glob("*/*") if p.is_dir()):
+        target = tmp_path / "data" / folder.relative_to(digits_data)
+        target.mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:8]:
+            shutil.copy(image, target / image.name)
+    write_params(
+        tmp_path, {"model": {"image_size": 32}, "train": {"epochs": 2, "rotation_loss": 0.5}}
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    ingest(cfg)
+    result = train_model(
+        cfg, read_manifest(HERE.manifest, cfg.data.root), HERE.model_dir, HERE.last_dir
+    )
+    assert len(result.history) == 2
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    model, spec = load_model_dir(HERE.model_dir, torch.device("cpu"))  # strict: no head keys
+    assert not any(key.startswith("head.") for key in model.state_dict())
+    assert model(torch.rand(2, spec.in_chans, 32, 32)).shape == (2, spec.num_classes)
