@@ -32,6 +32,8 @@ def _meta(seeds: list[int], **changes: object) -> dict:
         "tune_defaults": {"feature_score": "mahalanobis"},
         "torch": "2.14.1",
         "machine": "one machine",
+        "cpu_capability": "AVX2",
+        "threads": 2,
         "date": "2026-12-06T00:00:00+00:00",
     }
     return meta | changes
@@ -56,7 +58,13 @@ def test_heads_run_apart_give_the_table_of_one_run(tmp_path: Path) -> None:
     check = {"split": 0, "seed": 0, "method": "softmax_kplus1", "detector": "Energy"}
     theirs = _write(
         tmp_path / "b.json",
-        _meta([0, 1], machine="another", date="2026-12-07T00:00:00+00:00"),
+        _meta(
+            [0, 1],
+            machine="another",
+            cpu_capability="AVX512",  # other kernels: another network per seed, same recipe
+            threads=8,
+            date="2026-12-07T00:00:00+00:00",
+        ),
         _runs("softmax_kplus1", {0: 0.70, 1: 0.90}),
         [check | {"val_auroc": 0.9, "auroc": 0.8, "fpr95": 0.5, "oscr": 0.7}],
     )
@@ -65,7 +73,11 @@ def test_heads_run_apart_give_the_table_of_one_run(tmp_path: Path) -> None:
     meta, runs = load_results(written)
     assert len(runs) == 4 and meta["seeds"] == [0, 1] and meta["near"] is True
     assert [m["machine"] for m in meta["merged_from"]] == ["one machine", "another"]
-    assert "machine" not in meta and "date" not in meta  # per file, not one merged value
+    assert [(m["cpu_capability"], m["threads"]) for m in meta["merged_from"]] == [
+        ("AVX2", 2),
+        ("AVX512", 8),
+    ]
+    assert not {"machine", "cpu_capability", "threads", "date"} & meta.keys()  # per file
     saved = json.loads(written.read_text())
     paired = saved["paired"][0]
     assert (paired["method"], paired["pairs"]) == ("softmax_kplus1", 2)

@@ -17,7 +17,8 @@ carried from one epoch to the next: every epoch reseeds python, numpy and torch,
 order and the augmentation (``opensig.data.augment``: batched in the training process, the
 loader workers draw nothing) from (train.seed, epoch, rank). Epoch k thus draws the same
 numbers after a restart as after epoch k-1, and on CPU a resumed run ends with the
-uninterrupted run's weights.
+uninterrupted run's weights, on a machine that runs the same kernels (``opensig.numerics``,
+in the report).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from opensig.model import (
     save_model_dir,
     warm_start,
 )
+from opensig.numerics import numerics
 from opensig.progress import image_bar
 from opensig.resume import (
     Progress,
@@ -86,6 +88,7 @@ class TrainResult:
     world_size: int = 1
     decode_seconds: float = 0.0
     images_per_s: float = 0.0  # training steps only, after the first epoch's warm-up
+    numerics: dict = field(default_factory=dict)  # what repeats it bit for bit (opensig.numerics)
     history: list[dict] = field(default_factory=list)
 
 
@@ -422,6 +425,7 @@ def _train(
         world_size=dist.world,
         decode_seconds=decode_seconds,
         images_per_s=float(np.mean([row["images_per_s"] for row in steady])),
+        numerics=numerics(device),
         history=progress.history,
     )
 

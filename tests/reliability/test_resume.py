@@ -60,6 +60,11 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
     return load_file(str(root / HERE.model_dir / "weights.safetensors"))
 
 
+def numerics(root: Path) -> dict:
+    """What the train report says decided the floating-point path (opensig.numerics)."""
+    return json.loads((root / HERE.train_report).read_text())["numerics"]
+
+
 def history(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / HERE.train_plots / "train_history.csv")
 
@@ -155,6 +160,15 @@ def test_killed_training_resumes_and_ends_as_uninterrupted(
     assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert not list((ingested / STATES).iterdir()), "state kept after a finished run"
+    # bitwise because both ran the same kernels on as many threads, as the reports say
+    same_path = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": int(ENV["OMP_NUM_THREADS"]),  # tests/conftest.py: cores / workers
+        "gpu": None,
+        "cudnn": None,
+    }
+    assert numerics(ingested) == numerics(reference) == same_path
 
 
 def stop_in_epoch_2(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ import torch
 
 import opensig
 from opensig.config import Config
+from opensig.numerics import numerics
 
 
 def budget_params(base: Config, opts: Any) -> dict:
@@ -44,15 +45,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Where and when a result ran, not what ran: kept per file by `bench merge`, never a
+# setting `bench compare` or `merge` holds two results to.
+MACHINE_KEYS = ("machine", "cpu_count", "gpu", "cpu_capability", "threads", "date")
+
+
 def environment(device: torch.device | None = None) -> dict:
-    """Machine, accelerator and versions: what a figure needs beside it to mean anything."""
-    gpu = (
-        torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
-    )
+    """Machine, accelerator and versions: what a figure needs beside it to mean anything,
+    and the kernels and threads it ran on (the same seed elsewhere is another network)."""
+    path = numerics(device or torch.device("cpu"))
     return {
         "machine": f"{_cpu_model()} ({platform.machine()}, {platform.system()})",
         "cpu_count": os.cpu_count(),
-        "gpu": gpu,
+        "gpu": path["gpu"],
+        "cpu_capability": path["cpu_capability"],
+        "threads": path["threads"],
         "opensig": opensig.__version__,
         "torch": version("torch"),
         "torchvision": version("torchvision"),

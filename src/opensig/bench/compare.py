@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from opensig.bench.common import MACHINE_KEYS
 from opensig.bench.openset import ROW, interval_columns, paired_markdown
 from opensig.io import read_json
 
@@ -27,7 +28,7 @@ COMPARED = {  # result key -> header
 }
 PAIR = ["split", "seed", *ROW]  # what one run is
 PROTOCOL_KEYS = ("dataset", "near", "random_splits", "class_splits", "per_class", "test_per_class")
-NOT_SETTINGS = {"date", "machine", "cpu_count", "gpu", "seeds", "feature_scores", "merged_from"}
+NOT_SETTINGS = {*MACHINE_KEYS, "seeds", "feature_scores", "merged_from"}
 
 
 def load_results(path: Path) -> tuple[dict, pd.DataFrame]:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from opensig.bench.common import MACHINE_KEYS
 from opensig.bench.compare import PAIR, check_protocol, load_results, setting_changes
 from opensig.bench.openset import write_results
 from opensig.io import read_json
-
-ENVIRONMENT = ("machine", "cpu_count", "gpu", "date")  # kept per file, not compared
 
 
 def merge(paths: list[Path], out: Path) -> str:
@@ -53,7 +52,7 @@ def merge(paths: list[Path], out: Path) -> str:
             f"{run['feature_score']} is in {' and '.join(where)}; merge files of other "
             "methods or seeds, or leave one of them out"
         )
-    meta = {key: value for key, value in metas[0].items() if key not in ENVIRONMENT}
+    meta = {key: value for key, value in metas[0].items() if key not in MACHINE_KEYS}
     meta["seeds"] = sorted({seed for m in metas for seed in m.get("seeds", [])})
     meta["feature_scores"] = (
         list(dict.fromkeys(score for m in metas for score in m.get("feature_scores") or [])) or None
@@ -62,7 +61,7 @@ def merge(paths: list[Path], out: Path) -> str:
         part
         for path, m in zip(paths, metas, strict=True)
         for part in m.get("merged_from")
-        or [{"file": str(path), **{key: m.get(key) for key in ENVIRONMENT}}]
+        or [{"file": str(path), **{key: m.get(key) for key in MACHINE_KEYS}}]
     ]
     _, table = write_results(
         out, meta, joined.drop(columns="from"), pd.concat(checks, ignore_index=True)
