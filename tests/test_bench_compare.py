@@ -101,3 +101,20 @@ def test_command_prints_the_table_or_one_line(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("bench failed: ")
     assert "x.json: not found" in errors[0] and "Traceback" not in result.output
+
+
+def test_says_where_each_ran_and_when_the_pairs_share_little(tmp_path: Path) -> None:
+    here = {"machine": "EPYC", "cpu_capability": "AVX2", "threads": 2}
+    base = _write(tmp_path / "base.json", _meta(**here), _runs({0: 0.90, 1: 0.80}))
+    same = _write(tmp_path / "same.json", _meta(**here), _runs({0: 0.91, 1: 0.82}))
+    text = compare(base, same)
+    assert "Ran on: base EPYC, AVX2, 2 threads; candidate EPYC, AVX2, 2 threads." in text
+    assert "share little" not in text  # one path: nothing to warn about
+    parts = [here | {"file": "a.json"}, here | {"file": "b.json", "cpu_capability": "AVX512"}]
+    merged = _write(tmp_path / "merged.json", _meta(merged_from=parts), _runs({0: 0.9, 1: 0.8}))
+    text = compare(base, merged)
+    assert "candidate EPYC, AVX2, 2 threads; EPYC, AVX512, 2 threads." in text
+    assert "a pair shares little" in text
+    old = _write(tmp_path / "old.json", _meta(machine="EPYC"), _runs({0: 0.9, 1: 0.8}))
+    text = compare(old, same)
+    assert "base EPYC, kernels and threads not recorded" in text and "shares little" in text

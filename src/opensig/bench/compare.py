@@ -5,7 +5,9 @@ the bench twice, once per recipe, on the same protocol and seeds. Each (class sp
 method, feature score) run of the candidate is paired with the same run of the base, so the
 differences are measured on the same class split and training seed, and the table gives the
 mean and 95% t-interval of the candidate minus the base. The protocol, the data budget and
-the seeds must match; the settings that differ (what is being compared) are listed.
+the seeds must match; the settings that differ (what is being compared) are listed, and
+where each ran: the same seed on other CPU kernels or threads is another network
+(bench/README.md, *Same seed, another machine*), so pairs from two paths share little.
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ def compare_runs(base: pd.DataFrame, candidate: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(ROW) if rows else pd.DataFrame()
 
 
+def ran_on(meta: dict) -> list[str]:
+    """The floating-point paths (machine, CPU kernels, threads) a result ran on: a merged
+    file's parts', each once, in order; ``not recorded`` for results older than the record."""
+    parts = meta.get("merged_from") or [meta]
+    described = (
+        f"{part.get('machine')}, {part['cpu_capability']}, {part.get('threads')} threads"
+        if part.get("cpu_capability")
+        else f"{part.get('machine')}, kernels and threads not recorded"
+        for part in parts
+    )
+    return list(dict.fromkeys(described))
+
+
 def compare(base_path: Path, candidate_path: Path) -> str:
     """The Markdown comparison of two bench result files (candidate minus base)."""
     base_meta, base = load_results(base_path)
@@ -113,5 +128,13 @@ def compare(base_path: Path, candidate_path: Path) -> str:
     lines = [f"Candidate {candidate_path} minus base {base_path}, paired by class split and seed."]
     lines += ["", "Settings that differ (base -> candidate):", ""]
     lines += [f"- `{key}`: {old!r} -> {new!r}" for key, old, new in changes] or ["- none"]
+    base_paths, cand_paths = ran_on(base_meta), ran_on(cand_meta)
+    lines += ["", f"Ran on: base {'; '.join(base_paths)}; candidate {'; '.join(cand_paths)}."]
+    paths = {*base_paths, *cand_paths}
+    if len(paths) > 1 or any(path.endswith("not recorded") for path in paths):
+        lines += [
+            "Not one recorded floating-point path: a seed trained elsewhere is another "
+            "network, so a pair shares little; read an interval that barely misses zero as level."
+        ]
     lines += ["", "Paired differences: mean [95% interval]", ""]
     return "\n".join(lines) + "\n" + paired_markdown(paired, COMPARED)
